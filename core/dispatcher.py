@@ -1,0 +1,348 @@
+"""The per-call path: bind -> verify -> dispatch key -> cached choice -> kernel.
+
+``dispatcher.<op>(...)`` (one function per op, generated from the specs) and ``dispatcher.call(op,
+...)`` are the same path. On a warm key the work is the spec's cheap verify, the key, and one dict
+lookup; everything else (loading plugins, validating, timing, the cache file) happens on the miss
+path in ``core.tuning``, once per dispatch key and process.
+
+Resolution order: a backend forced by ``use_backend`` or ``SWITCHYARD_BACKEND``; else this process's
+choice for the key; else the tuning cache's winner; else tune now (``SWITCHYARD_AUTOTUNE=lazy``, the
+default) or take the highest-priority candidate that passes validation (``SWITCHYARD_AUTOTUNE=off``).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from core import tuning
+from core.cache import TuningCache, fingerprint
+from core.errors import InvalidInput, Unsupported, ValidationError
+from core.ops import all_specs, get_spec
+from core.spec import OpSpec, Sample, describe_call
+from registry import loader
+from registry.kernel import Variant
+
+ENV_BACKEND = "SWITCHYARD_BACKEND"
+ENV_AUTOTUNE = "SWITCHYARD_AUTOTUNE"
+ENV_VALIDATE = "SWITCHYARD_VALIDATE"
+ENV_BUDGET = "SWITCHYARD_TUNE_BUDGET"
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("switchyard_backend", default=None)
+
+# os.environ.get costs microseconds on the hot path; its backing dict costs nanoseconds and is kept
+# in step by os.environ's own setters (monkeypatch.setenv included).
+_ENV_DATA: Any = getattr(os.environ, "_data", None)
+_ENCODE: Any = getattr(os.environ, "encodekey", None)
+if _ENV_DATA is not None and _ENCODE is not None:
+    _K_BACKEND, _K_VALIDATE = _ENCODE(ENV_BACKEND), _ENCODE(ENV_VALIDATE)
+
+    def _slow_env() -> bool:
+        return _K_BACKEND in _ENV_DATA or _K_VALIDATE in _ENV_DATA
+else:  # pragma: no cover - non-CPython
+    def _slow_env() -> bool:
+        return ENV_BACKEND in os.environ or ENV_VALIDATE in os.environ
+
+
+class DispatchWarning(UserWarning):
+    """A chosen kernel raised on a caller's data; it was quarantined and the call fell back."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Choice:
+    fn: Any
+    name: str
+
+
+class _State:
+    """Everything the dispatcher remembers; replaced whole by ``reset``."""
+
+    def __init__(self) -> None:
+        self.choices: dict[tuple[str, tuple[Any, ...]], _Choice] = {}
+        self.quarantined: set[tuple[str, tuple[Any, ...], str]] = set()
+        self.lock = threading.RLock()
+        self._tuner: tuning.Tuner | None = None
+
+    @property
+    def tuner(self) -> tuning.Tuner:
+        if self._tuner is None:
+            with self.lock:
+                if self._tuner is None:
+                    reg = loader.get_registry()
+                    use_cache = os.environ.get("SWITCHYARD_NO_CACHE", "") not in ("1", "true")
+                    cache = TuningCache(None, fingerprint(reg.versions())) if use_cache else None
+                    self._tuner = tuning.Tuner(reg, cache)
+        return self._tuner
+
+
+_state = _State()
+_SPECS: dict[str, OpSpec] = all_specs()
+
+
+def reset() -> None:
+    """Forget every choice, verdict and quarantine of this process (the cache file stays)."""
+    global _state
+    _state = _State()
+
+
+loader.on_reload(reset)
+
+
+def tuner() -> tuning.Tuner:
+    """The tuner behind this process's dispatcher (the CLI and ``explain`` read it)."""
+    return _state.tuner
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend (or a variant such as ``fused[bucket_mb=4]``) for calls in this context."""
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _needs_grad(spec: OpSpec, args: tuple[Any, ...]) -> bool:
+    return bool(spec.grad_inputs) and torch.is_grad_enabled() and any(
+        getattr(args[i], "requires_grad", False) for i in spec.grad_inputs)
+
+
+def _dispatch(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any:
+    args, attrs = spec.bind(args, attrs)
+    spec.verify(args, attrs)
+    key = spec.key(args, attrs)
+    if spec.grad_inputs and _needs_grad(spec, args):
+        key = (*key, "grad")
+    if _slow_env() or _forced.get() is not None:
+        return _call_special(spec, key, args, attrs)
+    state = _state
+    choice = state.choices.get((spec.name, key))
+    if choice is None:
+        choice = _resolve(state, spec, key, args, attrs)
+    try:
+        return choice.fn(*args, **attrs)
+    except InvalidInput:
+        raise
+    except Exception as e:
+        return _fall_back(state, spec, key, args, attrs, choice, e)
+
+
+def call(op: str, *args: Any, **attrs: Any) -> Any:
+    """Run ``op`` on these inputs with the kernel chosen for their dispatch key."""
+    spec = _SPECS.get(op)
+    if spec is None:
+        spec = get_spec(op)
+    return _dispatch(spec, args, attrs)
+
+
+def _make_entry(spec: OpSpec) -> Any:
+    def entry(*args: Any, **attrs: Any) -> Any:
+        return _dispatch(spec, args, attrs)
+
+    entry.__name__ = entry.__qualname__ = spec.name
+    entry.__doc__ = f"{spec.summary}.\n\nInputs: {', '.join(spec.inputs)}; attributes: " + ", ".join(
+        f"{a.name}={a.default!r}" for a in spec.attrs)
+    return entry
+
+
+for _name, _spec in _SPECS.items():
+    globals()[_name] = _make_entry(_spec)
+
+
+# -- the miss path ---------------------------------------------------------------------------------
+
+def _mode() -> str:
+    mode = os.environ.get(ENV_AUTOTUNE, "lazy").strip().lower() or "lazy"
+    if mode not in ("lazy", "off"):
+        raise InvalidInput(f"{ENV_AUTOTUNE}: expected 'lazy' or 'off', got {mode!r}")
+    return mode
+
+
+def _budget() -> float:
+    try:
+        return float(os.environ.get(ENV_BUDGET, tuning.DEFAULT_LAZY_BUDGET))
+    except ValueError:
+        raise InvalidInput(f"{ENV_BUDGET}: expected seconds as a number, got {os.environ[ENV_BUDGET]!r}") from None
+
+
+def _decision(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...], attrs: Mapping[str, Any]) -> tuning.Decision:
+    tuner = state.tuner
+    decision = tuner.decisions.get((spec.name, key))
+    if decision is None:
+        decision = tuner.decide(spec, key, args, attrs, needs_grad=key[-1:] == ("grad",), mode=_mode(), budget=_budget())
+    return decision
+
+
+def _resolve(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...], attrs: Mapping[str, Any]) -> _Choice:
+    with state.lock:
+        choice = state.choices.get((spec.name, key))
+        if choice is not None:
+            return choice
+        decision = _decision(state, spec, key, args, attrs)
+        for name in decision.fallbacks():
+            if (spec.name, key, name) in state.quarantined:
+                continue
+            variant = state.tuner.variant(spec.name, name)
+            if variant is not None:
+                choice = _Choice(variant.fn, name)
+                state.choices[(spec.name, key)] = choice
+                return choice
+        raise _no_kernel(state, spec, key, args, attrs, decision)
+
+
+def _no_kernel(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...], attrs: Mapping[str, Any],
+               decision: tuning.Decision) -> Unsupported:
+    lines = [f"No kernel can serve {describe_call(spec, args, attrs)}:"]
+    for row in decision.rows:
+        why = row.reason or row.status
+        if (spec.name, key, row.backend) in state.quarantined:
+            why = f"quarantined after raising on a call: {why}"
+        lines.append(f"  `{row.backend}` is not usable because: {why}")
+    if not decision.rows:
+        lines.append("  no backend declares a kernel for this op")
+    for rec in loader.get_registry().failed():
+        lines.append(f"  (plugin {rec.name!r} failed to load: {rec.error})")
+    return Unsupported("\n".join(lines))
+
+
+def _fall_back(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...], attrs: Mapping[str, Any],
+               failed: _Choice, error: Exception) -> Any:
+    """A chosen kernel raised on the caller's data: quarantine it for this key and try the next."""
+    with state.lock:
+        marker = (spec.name, key, failed.name)
+        if marker not in state.quarantined:
+            state.quarantined.add(marker)
+            warnings.warn(
+                f"switchyard: kernel {failed.name!r} for {spec.name} raised {type(error).__name__}: {error}; "
+                f"quarantined for dispatch key {key} and falling back to the next validated kernel",
+                DispatchWarning, stacklevel=4)
+        if state.choices.get((spec.name, key)) is failed:
+            del state.choices[(spec.name, key)]
+        try:
+            choice = _resolve(state, spec, key, args, attrs)
+        except Unsupported:
+            raise error
+    try:
+        return choice.fn(*args, **attrs)
+    except InvalidInput:
+        raise
+    except Exception as e:
+        return _fall_back(state, spec, key, args, attrs, choice, e)
+
+
+# -- forced backends and shadow validation ----------------------------------------------------------
+
+def _forced_variant(spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...], attrs: Mapping[str, Any], name: str) -> Variant:
+    tuner = _state.tuner
+    matches = [v for v in tuner.variants(spec.name) if v.name == name]
+    if not matches:
+        matches = [v for v in tuner.variants(spec.name) if v.kernel.backend == name]
+        decided = tuner.decisions.get((spec.name, key))
+        if decided is not None and len(matches) > 1:
+            best = [v for v in matches if v.name in decided.fallbacks()]
+            matches = sorted(best, key=lambda v: decided.fallbacks().index(v.name)) or matches
+    if not matches:
+        known = sorted({v.kernel.backend for v in tuner.variants(spec.name)})
+        raise Unsupported(f"{spec.name}: forced backend {name!r} has no kernel for this op; backends with one: {known}")
+    variant = matches[0]
+    reasons = tuner.reasons(spec, variant.kernel, args, attrs, key[-1:] == ("grad",))
+    if reasons:
+        raise Unsupported(f"{spec.name}: forced backend {name!r} cannot serve {describe_call(spec, args, attrs)}: "
+                          + "; ".join(reasons))
+    return variant
+
+
+def _call_special(spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...], attrs: dict[str, Any]) -> Any:
+    forced = _forced.get() or os.environ.get(ENV_BACKEND) or None
+    if forced:
+        fn, name = _forced_variant(spec, key, args, attrs, forced).fn, forced
+    else:
+        state = _state
+        choice = state.choices.get((spec.name, key)) or _resolve(state, spec, key, args, attrs)
+        fn, name = choice.fn, choice.name
+    out = fn(*args, **attrs)
+    mode = os.environ.get(ENV_VALIDATE, "").strip().lower()
+    if mode == "always":
+        _shadow_check(spec, args, attrs, out, name)
+    elif mode not in ("", "never", "off"):
+        raise InvalidInput(f"{ENV_VALIDATE}: expected 'always' or 'never', got {mode!r}")
+    return out
+
+
+def _shadow_check(spec: OpSpec, args: tuple[Any, ...], attrs: Mapping[str, Any], out: Any, name: str) -> None:
+    reference = loader.get_registry().reference(spec.name)
+    if reference is None:
+        raise ValidationError(f"{spec.name}: {ENV_VALIDATE}=always but no reference kernel is loaded")
+    sample = Sample(args=args, attrs=dict(attrs))
+    oracle = spec.oracle(sample)
+    with torch.no_grad():
+        ref = reference.fn(*oracle.args, **oracle.attrs)
+        verdict = tuning.judge(spec, out, ref, sample)
+    if not verdict.ok:
+        raise ValidationError(
+            f"{spec.name}: kernel {name!r} disagreed with the reference on {describe_call(spec, args, attrs)}: "
+            f"{verdict.reason} (max error {verdict.max_error:.3g})")
+
+
+# -- explain ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Explanation:
+    """For one call: every kernel's support, verdict and time, and which one is chosen and why."""
+
+    op: str
+    call: str
+    key: tuple[Any, ...]
+    chosen: str | None
+    why: str
+    rows: tuple[tuning.Row, ...]
+    failed_plugins: tuple[str, ...] = ()
+
+    def table(self) -> str:
+        from tabulate import tabulate
+
+        body = [[r.backend, r.status, r.priority, _ms(r.median_ms), _err(r.max_error), r.reason] for r in self.rows]
+        return tabulate(body, headers=["backend", "status", "priority", "median ms", "max error", "reason"])
+
+    def __str__(self) -> str:
+        lines = [self.call, f"dispatch key: {self.key}", f"chosen: {self.chosen} ({self.why})", self.table()]
+        lines += [f"failed plugin: {p}" for p in self.failed_plugins]
+        return "\n".join(lines)
+
+
+def _ms(v: float | None) -> str:
+    return "" if v is None else f"{v:.4g}"
+
+
+def _err(v: float | None) -> str:
+    return "" if v is None else f"{v:.3g}"
+
+
+def explain(op: str, *args: Any, **attrs: Any) -> Explanation:
+    """What dispatch does for these inputs, resolving the key (tuning it if needed) without running it."""
+    spec = get_spec(op)
+    args, full = spec.prepare(args, attrs)
+    key = spec.key(args, full)
+    if _needs_grad(spec, args):
+        key = (*key, "grad")
+    state = _state
+    forced = _forced.get() or os.environ.get(ENV_BACKEND) or None
+    with state.lock:
+        decision = _decision(state, spec, key, args, full)
+        chosen, why = decision.winner, decision.why
+        if forced:
+            chosen, why = _forced_variant(spec, key, args, full, forced).name, f"forced to {forced!r}"
+        elif (spec.name, key) in state.choices:
+            current = state.choices[(spec.name, key)].name
+            if current != chosen:
+                chosen, why = current, f"{decision.winner!r} was quarantined after raising on a call; next validated"
+    failed = tuple(f"{p.name}: {p.error}" for p in loader.get_registry().failed())
+    return Explanation(op=op, call=describe_call(spec, args, full), key=key, chosen=chosen, why=why,
+                       rows=decision.rows, failed_plugins=failed)

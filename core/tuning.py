@@ -1,0 +1,419 @@
+"""The miss path: candidates -> validate against the reference -> time -> decide.
+
+Used by the dispatcher when a dispatch key is seen for the first time, and by ``python -m
+core.autotune``. A candidate is chosen only after it matched the reference on a sample of the same
+kind as the call (the trust rule); timing runs on fresh synthetic inputs of the call's dispatch key,
+never on the caller's tensors. For collectives (an op whose spec names a process group of several
+ranks) every step runs in lockstep on every rank: verdicts and times are combined across ranks (the
+slowest rank's time counts), rank 0 decides and broadcasts, and every rank records the same winner.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from core.cache import TuningCache
+from core.spec import OpSpec, Sample, TensorMeta, Verdict
+from registry.kernel import Kernel, Variant
+from registry.loader import Registry
+
+STATUSES = ("chosen", "ok", "wrong", "failed", "unsupported")
+DEFAULT_LAZY_BUDGET = 0.1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Row:
+    """One candidate's fate for one dispatch key."""
+
+    backend: str
+    status: str
+    median_ms: float | None = None
+    spread_ms: float | None = None
+    max_error: float | None = None
+    reason: str = ""
+    priority: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Decision:
+    """What the tuner decided for one (op, dispatch key), with every row that justified it."""
+
+    op: str
+    key: tuple[Any, ...]
+    winner: str | None
+    rows: tuple[Row, ...]
+    why: str
+    source: str  # "tuned", "priority" or "cache"
+
+    def fallbacks(self) -> list[str]:
+        """Validated candidates in the order to try them: fastest first, then by priority."""
+        ok = [r for r in self.rows if r.status in ("chosen", "ok")]
+        ok.sort(key=lambda r: (r.median_ms is None, r.median_ms or 0.0, -r.priority))
+        return [r.backend for r in ok]
+
+    def row(self, name: str) -> Row | None:
+        return next((r for r in self.rows if r.backend == name), None)
+
+
+def _describe_error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, (tuple, list)):
+        return [leaf for item in tree for leaf in _leaves(item)]
+    return [tree]
+
+
+def structure_problem(out: Any, meta: Any, path: str = "output") -> str | None:
+    """Why ``out`` does not have the structure, shapes and dtypes ``meta`` describes, or None."""
+    if meta is None:
+        return None
+    if isinstance(meta, TensorMeta):
+        if not isinstance(out, torch.Tensor):
+            return f"{path}: expected a tensor, got {type(out).__name__}"
+        if tuple(out.shape) != tuple(meta.shape):
+            return f"{path}: expected shape {tuple(meta.shape)}, got {tuple(out.shape)}"
+        if out.dtype != meta.dtype:
+            return f"{path}: expected dtype {meta.dtype}, got {out.dtype}"
+        return None
+    if isinstance(meta, (tuple, list)):
+        if not isinstance(out, (tuple, list)) or len(out) != len(meta):
+            got = f"{type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list)) else type(out).__name__
+            return f"{path}: expected a sequence of {len(meta)}, got {got}"
+        for i, (o, m) in enumerate(zip(out, meta)):
+            problem = structure_problem(o, m, f"{path}[{i}]")
+            if problem:
+                return problem
+    return None
+
+
+def nan_problem(out: Any, ref: Any) -> str | None:
+    """NaN in the kernel's output where the reference has none."""
+    for i, (o, r) in enumerate(zip(_leaves(out), _leaves(ref))):
+        if isinstance(o, torch.Tensor) and isinstance(r, torch.Tensor) and o.is_floating_point() and o.shape == r.shape:
+            bad = torch.isnan(o.detach().cpu()) & ~torch.isnan(r.detach().cpu().to(o.dtype if o.dtype != torch.float64 else r.dtype))
+            if bool(bad.any()):
+                return f"output[{i}] has {int(bad.sum())} NaN where the reference has none"
+    return None
+
+
+def judge(spec: OpSpec, out: Any, ref: Any, sample: Sample) -> Verdict:
+    """The whole validation of one output: structure, NaN, then the op's compare rule."""
+    problem = structure_problem(out, spec.infer(sample.args, sample.attrs))
+    if problem is None:
+        problem = nan_problem(out, ref)
+    if problem is not None:
+        return Verdict(ok=False, max_error=float("inf"), reason=problem)
+    return spec.compare(out, ref, sample)
+
+
+class Lockstep:
+    """Agreement across the ranks of a process group: every call is a collective on every rank."""
+
+    def __init__(self, group: Any) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.root = dist.get_global_rank(group, 0) if hasattr(dist, "get_global_rank") else 0
+        backend = str(dist.get_backend(group)).lower()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+    def _reduce(self, values: Sequence[float], op: Any) -> list[float]:
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(t, op=op, group=self.group)
+        return t.cpu().tolist()
+
+    def max(self, *values: float) -> list[float]:
+        return self._reduce(values, self.dist.ReduceOp.MAX)
+
+    def all(self, *flags: bool) -> list[bool]:
+        return [v > 0.5 for v in self._reduce([1.0 if f else 0.0 for f in flags], self.dist.ReduceOp.MIN)]
+
+    def broadcast(self, obj: Any) -> Any:
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=self.root, group=self.group)
+        return box[0]
+
+
+def lockstep_for(spec: OpSpec, args: tuple[Any, ...], attrs: Mapping[str, Any]) -> Lockstep | None:
+    group = spec.group(args, attrs)
+    if group is None:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) <= 1:
+        return None
+    return Lockstep(group)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class Tuner:
+    """Validates, times and decides; keeps every verdict and decision in memory and in the cache."""
+
+    def __init__(self, registry: Registry, cache: TuningCache | None, *, seed: int | None = None) -> None:
+        self.registry = registry
+        self.cache = cache
+        self.decisions: dict[tuple[str, tuple[Any, ...]], Decision] = {}
+        self._seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+        self._count = 0
+        self._lock = threading.RLock()
+
+    def variants(self, op: str) -> list[Variant]:
+        return [v for k in self.registry.kernels_for(op) for v in k.variants()]
+
+    def variant(self, op: str, name: str) -> Variant | None:
+        for v in self.variants(op):
+            if v.name == name:
+                return v
+        return None
+
+    def _generator(self, agree: Lockstep | None) -> torch.Generator:
+        self._count += 1
+        rank = agree.rank if agree is not None else 0
+        return torch.Generator().manual_seed((self._seed * 1_000_003 + self._count * 7919 + rank) % (2**63))
+
+    def reasons(self, spec: OpSpec, kernel: Kernel, args: tuple[Any, ...], attrs: Mapping[str, Any], needs_grad: bool) -> list[str]:
+        reasons = kernel.reasons_for(spec, args, attrs)
+        if needs_grad and not kernel.differentiable:
+            reasons.append("it is not differentiable and the inputs require grad")
+        return reasons
+
+    # -- the whole miss path -------------------------------------------------------------------------
+    def decide(
+        self,
+        spec: OpSpec,
+        key: tuple[Any, ...],
+        args: tuple[Any, ...],
+        attrs: Mapping[str, Any],
+        *,
+        needs_grad: bool = False,
+        mode: str = "lazy",
+        budget: float = DEFAULT_LAZY_BUDGET,
+        backends: Iterable[str] | None = None,
+        time_reference: bool = False,
+        timing_sample: Sample | None = None,
+        use_cache: bool = True,
+        progress: Callable[[str], None] | None = None,
+    ) -> Decision:
+        """Decide the kernel for one dispatch key (or take the cached decision of this environment)."""
+        with self._lock:
+            agree = lockstep_for(spec, args, attrs)
+            wanted = set(backends) if backends is not None else None
+            if use_cache and wanted is None:
+                cached = self._from_cache(spec, key, agree)
+                if cached is not None:
+                    self.decisions[(spec.name, key)] = cached
+                    return cached
+            decision = self._tune(spec, key, args, attrs, needs_grad, mode, budget, wanted, time_reference,
+                                  timing_sample, agree, progress or (lambda s: None))
+            self.decisions[(spec.name, key)] = decision
+            if use_cache and self.cache is not None and wanted is None and decision.winner is not None:
+                self.cache.store(spec.name, key, {
+                    "winner": decision.winner,
+                    "why": decision.why,
+                    "rows": [r.to_json() for r in decision.rows],
+                })
+            return decision
+
+    def _from_cache(self, spec: OpSpec, key: tuple[Any, ...], agree: Lockstep | None) -> Decision | None:
+        entry = self.cache.lookup(spec.name, key) if self.cache is not None else None
+        if agree is not None:
+            entry = agree.broadcast(entry if agree.rank == 0 else None)
+        if not entry or self.variant(spec.name, entry.get("winner", "")) is None:
+            return None
+        try:
+            rows = tuple(Row(**r) for r in entry["rows"])
+        except (TypeError, KeyError):
+            return None
+        return Decision(op=spec.name, key=key, winner=entry["winner"], rows=rows,
+                        why=f"from the tuning cache ({entry.get('why', '')})", source="cache")
+
+    def _tune(self, spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...], attrs: Mapping[str, Any],
+              needs_grad: bool, mode: str, budget: float, wanted: set[str] | None, time_reference: bool,
+              timing_sample: Sample | None, agree: Lockstep | None, progress: Callable[[str], None]) -> Decision:
+        gen = self._generator(agree)
+        variants = [v for v in self.variants(spec.name) if wanted is None or v.name in wanted or v.kernel.backend in wanted]
+        rows: dict[str, Row] = {}
+        supported: list[Variant] = []
+        for v in variants:
+            reasons = self.reasons(spec, v.kernel, args, attrs, needs_grad)
+            if agree is not None:
+                (everywhere,) = agree.all(not reasons)
+                if not everywhere and not reasons:
+                    reasons = ["not supported on another rank"]
+            if reasons:
+                rows[v.name] = Row(backend=v.name, status="unsupported", reason="; ".join(reasons), priority=v.kernel.priority)
+            else:
+                supported.append(v)
+
+        validator = _Validator(self, spec, args, attrs, needs_grad, gen, agree)
+        validated: list[Variant] = []
+        for v in supported:
+            progress(f"validating {v.name}")
+            verdict, status = validator.run(v)
+            if agree is not None:
+                (ok_everywhere,) = agree.all(status == "ok")
+                (err,) = agree.max(verdict.max_error if verdict.max_error == verdict.max_error else float("inf"))
+                if status == "ok" and not ok_everywhere:
+                    status, verdict = "wrong", replace(verdict, ok=False, reason="disagreed with the reference on another rank")
+                verdict = replace(verdict, max_error=err)
+            rows[v.name] = Row(backend=v.name, status=status, max_error=verdict.max_error, reason=verdict.reason,
+                               priority=v.kernel.priority)
+            if status == "ok":
+                validated.append(v)
+
+        timed = [v for v in validated if time_reference or v.kernel.backend != "reference"] or validated
+        winner: Variant | None = None
+        why = ""
+        if mode == "off":
+            if validated:
+                winner = max(validated, key=lambda v: v.kernel.priority)
+                why = f"highest priority ({winner.kernel.priority}) of {len(validated)} validated candidates; autotuning is off"
+            source = "priority"
+        else:
+            sample = timing_sample or spec.synthesize(args, attrs, gen)
+            times: dict[str, tuple[float, float]] = {}
+            for v in timed:
+                progress(f"timing {v.name}")
+                try:
+                    times[v.name] = _measure(v.fn, sample, needs_grad, spec, budget, agree, gen)
+                except Exception as e:
+                    rows[v.name] = replace(rows[v.name], status="failed", reason=f"raised while timed: {_describe_error(e)}")
+                    continue
+                rows[v.name] = replace(rows[v.name], median_ms=times[v.name][0], spread_ms=times[v.name][1])
+            if times:
+                order = sorted(times, key=lambda n: times[n][0])
+                name = order[0]
+                if agree is not None:
+                    name = agree.broadcast(name if agree.rank == 0 else None)
+                winner = next(v for v in timed if v.name == name)
+                runner = f", next {order[1]} at {times[order[1]][0]:.3g} ms" if len(order) > 1 else ""
+                why = f"fastest of {len(times)} validated candidates ({times[name][0]:.3g} ms{runner})"
+            source = "tuned"
+        if winner is not None:
+            rows[winner.name] = replace(rows[winner.name], status="chosen")
+        else:
+            why = "no candidate both supports these inputs and matched the reference"
+        ordered = tuple(rows[v.name] for v in variants)
+        return Decision(op=spec.name, key=key, winner=winner.name if winner else None, rows=ordered, why=why, source=source)
+
+
+class _Validator:
+    """Runs candidates on one shared validation sample and judges them against the reference."""
+
+    def __init__(self, tuner: Tuner, spec: OpSpec, args: tuple[Any, ...], attrs: Mapping[str, Any], needs_grad: bool,
+                 gen: torch.Generator, agree: Lockstep | None) -> None:
+        self.tuner, self.spec, self.args, self.attrs = tuner, spec, args, attrs
+        self.needs_grad, self.gen, self.agree = needs_grad, gen, agree
+        self.reference = tuner.registry.reference(spec.name)
+        self._refs: dict[str, tuple[Sample, Any, Any]] = {}
+
+    def _reference_for(self, which: str) -> tuple[Sample, Any, Any]:
+        """(sample, reference output, reference gradients or None) for the small or the full sample."""
+        if which not in self._refs:
+            if which == "small":
+                sample = self.spec.shrink(self.args, self.attrs, self.gen)
+            else:
+                sample = self.spec.synthesize(self.args, self.attrs, self.gen)
+            assert self.reference is not None
+            oracle = self.spec.oracle(sample)
+            ref = self.reference.fn(*oracle.args, **oracle.attrs)
+            ref_grads = None
+            gouts = None
+            if self.needs_grad and self.spec.grad_outputs is not None and self.reference.backward is not None:
+                gouts = self.spec.grad_outputs(ref, self.gen)
+                ref_grads = self.reference.backward(oracle.args, oracle.attrs, gouts)
+            self._refs[which] = (sample, ref, (gouts, ref_grads))
+        return self._refs[which]
+
+    def run(self, v: Variant) -> tuple[Verdict, str]:
+        if self.reference is None:
+            return Verdict(ok=False, reason="no reference kernel is loaded for this op, so nothing can be validated"), "failed"
+        if v.kernel is self.reference:
+            return Verdict(ok=True, max_error=0.0), "ok"
+        try:
+            sample, ref, (gouts, ref_grads) = self._reference_for("small")
+            if self.tuner.reasons(self.spec, v.kernel, sample.args, sample.attrs, self.needs_grad):
+                sample, ref, (gouts, ref_grads) = self._reference_for("full")
+        except Exception as e:
+            return Verdict(ok=False, reason=f"the reference raised {_describe_error(e)}, so nothing can be validated"), "failed"
+        try:
+            verdict = self._check(v, sample, ref, gouts, ref_grads)
+        except Exception as e:
+            return Verdict(ok=False, max_error=float("inf"), reason=f"raised {_describe_error(e)}"), "failed"
+        return verdict, "ok" if verdict.ok else "wrong"
+
+    def _check(self, v: Variant, sample: Sample, ref: Any, gouts: Any, ref_grads: Any) -> Verdict:
+        if not self.needs_grad or ref_grads is None:
+            with torch.no_grad():
+                out = v.fn(*sample.args, **sample.attrs)
+            return judge(self.spec, out, ref, sample)
+        idx = self.spec.grad_inputs
+        inputs = [a.detach().clone().requires_grad_(True) if i in idx else a for i, a in enumerate(sample.args)]
+        out = v.fn(*inputs, **sample.attrs)
+        verdict = judge(self.spec, out, ref, sample)
+        if not verdict.ok:
+            return verdict
+        pairs = [(o, g) for o, g in zip(_leaves(out), _leaves(gouts)) if g is not None]
+        grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in idx],
+                                    [g.to(o.dtype) for o, g in pairs], allow_unused=True)
+        assert self.spec.compare_grads is not None
+        gverdict = self.spec.compare_grads(grads, ref_grads, sample, gouts)
+        if not gverdict.ok:
+            return replace(gverdict, reason=f"gradients: {gverdict.reason}")
+        return replace(verdict, max_error=max(verdict.max_error, gverdict.max_error))
+
+
+def _measure(fn: Callable[..., Any], sample: Sample, needs_grad: bool, spec: OpSpec, budget: float,
+             agree: Lockstep | None, gen: torch.Generator) -> tuple[float, float]:
+    """(median, interquartile spread) in milliseconds; with lockstep, the slowest rank's figures."""
+    device = spec.device(sample.args, sample.attrs)
+    args = sample.args
+    if needs_grad:
+        args = tuple(a.detach().requires_grad_(True) if i in spec.grad_inputs else a for i, a in enumerate(args))
+
+    def once() -> None:
+        out = fn(*args, **sample.attrs)
+        if needs_grad and spec.grad_outputs is not None:
+            pairs = [(o, g) for o, g in zip(_leaves(out), _leaves(spec.grad_outputs(out, gen))) if g is not None]
+            torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
+
+    ctx = torch.enable_grad() if needs_grad else torch.no_grad()
+    with ctx:
+        t0 = time.perf_counter()
+        once()
+        _sync(device)
+        first = time.perf_counter() - t0
+        if agree is not None:
+            (first,) = agree.max(first)
+        reps = 1 if first >= budget else max(3, min(200, int(budget / max(first, 1e-7))))
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            once()
+            _sync(device)
+            samples.append((time.perf_counter() - t0) * 1e3)
+    median = statistics.median(samples)
+    q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [median, median, median]
+    spread = q[2] - q[0]
+    if agree is not None:
+        median, spread = agree.max(median, spread)
+    return median, spread

@@ -1,0 +1,1 @@
+"""Switchyard's built-in backends: one package per backend, one module per op inside it."""
