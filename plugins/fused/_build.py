@@ -50,8 +50,16 @@ def unavailable_reason(op: str | None = None) -> str | None:
     return None
 
 
+def build_root() -> Path:
+    """``SWITCHYARD_BUILD_DIR``, else ``build/`` in the cache directory."""
+    from core.cache import cache_dir
+
+    env = os.environ.get("SWITCHYARD_BUILD_DIR")
+    return Path(env).expanduser() if env else cache_dir() / "build"
+
+
 def _build_dir(op: str, sources: list[Path]) -> Path:
-    from core.cache import cache_dir, cpu_model
+    from core.cache import cpu_model
     import torch
 
     h = hashlib.sha256()
@@ -59,7 +67,7 @@ def _build_dir(op: str, sources: list[Path]) -> Path:
         h.update(src.read_bytes())
     h.update(" ".join(CFLAGS + LDFLAGS).encode())
     h.update(f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}|{cpu_model()}".encode())
-    return cache_dir() / "build" / f"{op}-{h.hexdigest()[:16]}"
+    return build_root() / f"{op}-{h.hexdigest()[:16]}"
 
 
 def library(op: str) -> Any:

@@ -1,0 +1,27 @@
+"""Test-wide settings: Triton kernels run in the interpreter on CPU tensors, and every test session
+tunes into its own empty cache directory (compiled C++ kernels stay in the user's build cache, so a
+second run does not recompile)."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+if "SWITCHYARD_BUILD_DIR" not in os.environ:
+    import platformdirs
+
+    os.environ["SWITCHYARD_BUILD_DIR"] = os.path.join(platformdirs.user_cache_dir("switchyard"), "build")
+os.environ["SWITCHYARD_CACHE_DIR"] = tempfile.mkdtemp(prefix="switchyard-test-cache-")
+for _var in ("SWITCHYARD_BACKEND", "SWITCHYARD_VALIDATE", "SWITCHYARD_AUTOTUNE", "SWITCHYARD_BLOCK"):
+    os.environ.pop(_var, None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A freshly seeded generator: every test draws new random inputs, reproducibly per seed."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"generator seed {seed}")
+    return torch.Generator().manual_seed(seed)
