@@ -102,7 +102,7 @@ def nan_problem(out: Any, ref: Any) -> str | None:
     """NaN in the kernel's output where the reference has none."""
     for i, (o, r) in enumerate(zip(_leaves(out), _leaves(ref))):
         if isinstance(o, torch.Tensor) and isinstance(r, torch.Tensor) and o.is_floating_point() and o.shape == r.shape:
-            bad = torch.isnan(o.detach().cpu()) & ~torch.isnan(r.detach().cpu().to(o.dtype if o.dtype != torch.float64 else r.dtype))
+            bad = torch.isnan(o.detach().cpu().double()) & ~torch.isnan(r.detach().cpu().double())
             if bool(bad.any()):
                 return f"output[{i}] has {int(bad.sum())} NaN where the reference has none"
     return None
