@@ -73,7 +73,7 @@ def fingerprint_id(fp: Mapping[str, Any]) -> str:
 
 
 def entry_key(op: str, key: tuple[Any, ...]) -> str:
-    return op + "|" + json.dumps(list(key), separators=(",", ":"))
+    return op + "|" + json.dumps(list(key), separators=(",", ":"), default=str)
 
 
 class TuningCache:

@@ -16,7 +16,7 @@ import contextvars
 import os
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -65,7 +65,7 @@ class _State:
 
     def __init__(self) -> None:
         self.choices: dict[tuple[str, tuple[Any, ...]], _Choice] = {}
-        self.quarantined: set[tuple[str, tuple[Any, ...], str]] = set()
+        self.quarantined: dict[tuple[str, tuple[Any, ...], str], str] = {}
         self.lock = threading.RLock()
         self._tuner: tuning.Tuner | None = None
 
@@ -110,8 +110,12 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def _needs_grad(spec: OpSpec, args: tuple[Any, ...]) -> bool:
-    return bool(spec.grad_inputs) and torch.is_grad_enabled() and any(
-        getattr(args[i], "requires_grad", False) for i in spec.grad_inputs)
+    if not torch.is_grad_enabled():
+        return False
+    for i in spec.grad_inputs:
+        if getattr(args[i], "requires_grad", False):
+            return True
+    return False
 
 
 def _dispatch(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any:
@@ -203,7 +207,7 @@ def _no_kernel(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[An
     for row in decision.rows:
         why = row.reason or row.status
         if (spec.name, key, row.backend) in state.quarantined:
-            why = f"quarantined after raising on a call: {why}"
+            why = f"quarantined after raising on a call: {state.quarantined[(spec.name, key, row.backend)]}"
         lines.append(f"  `{row.backend}` is not usable because: {why}")
     if not decision.rows:
         lines.append("  no backend declares a kernel for this op")
@@ -218,7 +222,7 @@ def _fall_back(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[An
     with state.lock:
         marker = (spec.name, key, failed.name)
         if marker not in state.quarantined:
-            state.quarantined.add(marker)
+            state.quarantined[marker] = f"{type(error).__name__}: {error}"
             warnings.warn(
                 f"switchyard: kernel {failed.name!r} for {spec.name} raised {type(error).__name__}: {error}; "
                 f"quarantined for dispatch key {key} and falling back to the next validated kernel",
@@ -337,12 +341,17 @@ def explain(op: str, *args: Any, **attrs: Any) -> Explanation:
     with state.lock:
         decision = _decision(state, spec, key, args, full)
         chosen, why = decision.winner, decision.why
+        rows = list(decision.rows)
+        for i, row in enumerate(rows):
+            error = state.quarantined.get((spec.name, key, row.backend))
+            if error is not None:
+                rows[i] = replace(row, status="failed", reason=f"quarantined after raising on a call: {error}")
         if forced:
             chosen, why = _forced_variant(spec, key, args, full, forced).name, f"forced to {forced!r}"
         elif (spec.name, key) in state.choices:
             current = state.choices[(spec.name, key)].name
             if current != chosen:
-                chosen, why = current, f"{decision.winner!r} was quarantined after raising on a call; next validated"
+                chosen, why = current, f"next validated candidate after {decision.winner!r} was quarantined"
     failed = tuple(f"{p.name}: {p.error}" for p in loader.get_registry().failed())
     return Explanation(op=op, call=describe_call(spec, args, full), key=key, chosen=chosen, why=why,
-                       rows=decision.rows, failed_plugins=failed)
+                       rows=tuple(rows), failed_plugins=failed)

@@ -83,8 +83,9 @@ class OpSpec:
     - ``verify(args, attrs)``: raise ``InvalidInput`` for bad input; may resolve derived defaults by
       writing into ``attrs`` (attention fills ``scale``). Cheap: reads no tensor data unless the
       contract demands it.
-    - ``key(args, attrs)``: the dispatch key, a tuple of JSON-able scalars (device, dtypes, bucketed
-      shapes, the attributes that change the kernel).
+    - ``key(args, attrs)``: the dispatch key, a hashable tuple (device, dtypes, bucketed shapes, the
+      attributes that change the kernel) of JSON scalars or objects whose ``str`` is stable (a
+      ``torch.device``, a ``torch.dtype``): the cache stores it as JSON through ``str``.
     - ``device(args, attrs)`` / ``dtypes(args, attrs)``: what a kernel's declared devices and dtypes
       are checked against.
     - ``infer(args, attrs)``: a pytree (tuple / list / namedtuple) of ``TensorMeta`` the output must

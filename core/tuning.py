@@ -211,9 +211,15 @@ class Tuner:
         time_reference: bool = False,
         timing_sample: Sample | None = None,
         use_cache: bool = True,
+        store: bool | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> Decision:
-        """Decide the kernel for one dispatch key (or take the cached decision of this environment)."""
+        """Decide the kernel for one dispatch key (or take the cached decision of this environment).
+
+        ``use_cache`` reads the cache first; ``store`` (default: ``use_cache``) writes the decision.
+        A decision restricted to some ``backends`` is never stored.
+        """
+        store = use_cache if store is None else store
         with self._lock:
             agree = lockstep_for(spec, args, attrs)
             wanted = set(backends) if backends is not None else None
@@ -225,7 +231,7 @@ class Tuner:
             decision = self._tune(spec, key, args, attrs, needs_grad, mode, budget, wanted, time_reference,
                                   timing_sample, agree, progress or (lambda s: None))
             self.decisions[(spec.name, key)] = decision
-            if use_cache and self.cache is not None and wanted is None and decision.winner is not None:
+            if store and self.cache is not None and wanted is None and decision.winner is not None:
                 self.cache.store(spec.name, key, {
                     "winner": decision.winner,
                     "why": decision.why,
@@ -316,6 +322,61 @@ class Tuner:
         return Decision(op=spec.name, key=key, winner=winner.name if winner else None, rows=ordered, why=why, source=source)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Expected:
+    """The reference's answer for one sample: what a candidate is judged against."""
+
+    sample: Sample
+    ref: Any
+    grad_outputs: Any = None
+    ref_grads: Any = None
+
+
+def expected(spec: OpSpec, reference: Kernel, sample: Sample, needs_grad: bool, gen: torch.Generator) -> Expected:
+    """Run the reference (on ``spec.oracle(sample)``), and its gradient oracle when grads are checked."""
+    oracle = spec.oracle(sample)
+    with torch.no_grad():
+        ref = reference.fn(*oracle.args, **oracle.attrs)
+    if needs_grad and spec.grad_outputs is not None and reference.backward is not None:
+        gouts = spec.grad_outputs(ref, gen)
+        return Expected(sample=sample, ref=ref, grad_outputs=gouts,
+                        ref_grads=reference.backward(oracle.args, oracle.attrs, gouts))
+    return Expected(sample=sample, ref=ref)
+
+
+def check(spec: OpSpec, fn: Callable[..., Any], exp: Expected) -> Verdict:
+    """Run ``fn`` on the sample and judge it (gradients too when ``exp`` has them). Kernel errors propagate."""
+    sample = exp.sample
+    if exp.ref_grads is None:
+        with torch.no_grad():
+            out = fn(*sample.args, **sample.attrs)
+        return judge(spec, out, exp.ref, sample)
+    idx = spec.grad_inputs
+    inputs = [a.detach().clone().requires_grad_(True) if i in idx else a for i, a in enumerate(sample.args)]
+    with torch.enable_grad():
+        out = fn(*inputs, **sample.attrs)
+    verdict = judge(spec, out, exp.ref, sample)
+    if not verdict.ok:
+        return verdict
+    pairs = [(o, g) for o, g in zip(_leaves(out), _leaves(exp.grad_outputs)) if g is not None]
+    grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in idx],
+                                [g.to(device=o.device, dtype=o.dtype) for o, g in pairs], allow_unused=True)
+    assert spec.compare_grads is not None
+    gverdict = spec.compare_grads(grads, exp.ref_grads, sample, exp.grad_outputs)
+    if not gverdict.ok:
+        return replace(gverdict, reason=f"gradients: {gverdict.reason}")
+    return replace(verdict, max_error=max(verdict.max_error, gverdict.max_error))
+
+
+def check_status(spec: OpSpec, fn: Callable[..., Any], exp: Expected) -> tuple[Verdict, str]:
+    """``check`` with the kernel's exceptions turned into a ``failed`` verdict: (verdict, status)."""
+    try:
+        verdict = check(spec, fn, exp)
+    except Exception as e:
+        return Verdict(ok=False, max_error=float("inf"), reason=f"raised {_describe_error(e)}"), "failed"
+    return verdict, "ok" if verdict.ok else "wrong"
+
+
 class _Validator:
     """Runs candidates on one shared validation sample and judges them against the reference."""
 
@@ -324,25 +385,16 @@ class _Validator:
         self.tuner, self.spec, self.args, self.attrs = tuner, spec, args, attrs
         self.needs_grad, self.gen, self.agree = needs_grad, gen, agree
         self.reference = tuner.registry.reference(spec.name)
-        self._refs: dict[str, tuple[Sample, Any, Any]] = {}
+        self._expected: dict[str, Expected] = {}
 
-    def _reference_for(self, which: str) -> tuple[Sample, Any, Any]:
-        """(sample, reference output, reference gradients or None) for the small or the full sample."""
-        if which not in self._refs:
-            if which == "small":
-                sample = self.spec.shrink(self.args, self.attrs, self.gen)
-            else:
-                sample = self.spec.synthesize(self.args, self.attrs, self.gen)
+    def _expected_for(self, which: str) -> Expected:
+        """The reference's answer on the small sample (or, failing support there, a full-size one)."""
+        if which not in self._expected:
+            make = self.spec.shrink if which == "small" else self.spec.synthesize
             assert self.reference is not None
-            oracle = self.spec.oracle(sample)
-            ref = self.reference.fn(*oracle.args, **oracle.attrs)
-            ref_grads = None
-            gouts = None
-            if self.needs_grad and self.spec.grad_outputs is not None and self.reference.backward is not None:
-                gouts = self.spec.grad_outputs(ref, self.gen)
-                ref_grads = self.reference.backward(oracle.args, oracle.attrs, gouts)
-            self._refs[which] = (sample, ref, (gouts, ref_grads))
-        return self._refs[which]
+            self._expected[which] = expected(self.spec, self.reference, make(self.args, self.attrs, self.gen),
+                                             self.needs_grad, self.gen)
+        return self._expected[which]
 
     def run(self, v: Variant) -> tuple[Verdict, str]:
         if self.reference is None:
@@ -350,36 +402,12 @@ class _Validator:
         if v.kernel is self.reference:
             return Verdict(ok=True, max_error=0.0), "ok"
         try:
-            sample, ref, (gouts, ref_grads) = self._reference_for("small")
-            if self.tuner.reasons(self.spec, v.kernel, sample.args, sample.attrs, self.needs_grad):
-                sample, ref, (gouts, ref_grads) = self._reference_for("full")
+            exp = self._expected_for("small")
+            if self.tuner.reasons(self.spec, v.kernel, exp.sample.args, exp.sample.attrs, self.needs_grad):
+                exp = self._expected_for("full")
         except Exception as e:
             return Verdict(ok=False, reason=f"the reference raised {_describe_error(e)}, so nothing can be validated"), "failed"
-        try:
-            verdict = self._check(v, sample, ref, gouts, ref_grads)
-        except Exception as e:
-            return Verdict(ok=False, max_error=float("inf"), reason=f"raised {_describe_error(e)}"), "failed"
-        return verdict, "ok" if verdict.ok else "wrong"
-
-    def _check(self, v: Variant, sample: Sample, ref: Any, gouts: Any, ref_grads: Any) -> Verdict:
-        if not self.needs_grad or ref_grads is None:
-            with torch.no_grad():
-                out = v.fn(*sample.args, **sample.attrs)
-            return judge(self.spec, out, ref, sample)
-        idx = self.spec.grad_inputs
-        inputs = [a.detach().clone().requires_grad_(True) if i in idx else a for i, a in enumerate(sample.args)]
-        out = v.fn(*inputs, **sample.attrs)
-        verdict = judge(self.spec, out, ref, sample)
-        if not verdict.ok:
-            return verdict
-        pairs = [(o, g) for o, g in zip(_leaves(out), _leaves(gouts)) if g is not None]
-        grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in idx],
-                                    [g.to(o.dtype) for o, g in pairs], allow_unused=True)
-        assert self.spec.compare_grads is not None
-        gverdict = self.spec.compare_grads(grads, ref_grads, sample, gouts)
-        if not gverdict.ok:
-            return replace(gverdict, reason=f"gradients: {gverdict.reason}")
-        return replace(verdict, max_error=max(verdict.max_error, gverdict.max_error))
+        return check_status(self.spec, v.fn, exp)
 
 
 def _measure(fn: Callable[..., Any], sample: Sample, needs_grad: bool, spec: OpSpec, budget: float,

@@ -17,15 +17,44 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from core.errors import InvalidInput
-from core.spec import Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, dtype_name, require_tensor
+from core.spec import Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, describe, dtype_name, require_tensor
 
 NAME = "attention"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FWD_FACTOR, GRAD_FACTOR = 2.0, 3.0
 
 
+_DTYPE_SET = frozenset(DTYPES)
+
+
 def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> None:
+    """The happy path in one expression (this runs on every call); any doubt goes to the full check."""
     q, k, v = args
+    try:
+        qs, ks, vs, dt, dev = q.shape, k.shape, v.shape, q.dtype, q.device
+        fine = (len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and dt in _DTYPE_SET and k.dtype is dt
+                and v.dtype is dt and k.device == dev and v.device == dev and qs[0] == ks[0] == vs[0]
+                and ks[3] == qs[3] > 0 and vs[1] == ks[1] and vs[2] == ks[2] and ks[1] > 0 and qs[1] % ks[1] == 0
+                and attrs["causal"].__class__ is bool and attrs["return_lse"].__class__ is bool
+                and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor))
+    except (AttributeError, TypeError, IndexError):
+        fine = False
+    if not fine:
+        _verify_tensors(q, k, v, attrs)
+    scale = attrs["scale"]
+    if scale is None:
+        attrs["scale"] = 1.0 / math.sqrt(qs[3])
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InvalidInput(f"{NAME}: argument 'scale': expected a finite float or None, got {scale!r}")
+    else:
+        attrs["scale"] = float(scale)
+    mask = attrs["attn_mask"]
+    if mask is not None:
+        _verify_mask(mask, q, (qs[0], qs[1], qs[2], ks[2]))
+
+
+def _verify_tensors(q: Any, k: Any, v: Any, attrs: Mapping[str, Any]) -> None:
+    """Find the first broken rule and raise with a message that names it."""
     for arg, t in (("q", q), ("k", k), ("v", v)):
         require_tensor(NAME, arg, t)
         if t.dim() != 4:
@@ -55,16 +84,7 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> None:
         raise InvalidInput(f"{NAME}: argument 'causal': expected a bool, got {causal!r}")
     if not isinstance(attrs["return_lse"], bool):
         raise InvalidInput(f"{NAME}: argument 'return_lse': expected a bool, got {attrs['return_lse']!r}")
-    scale = attrs["scale"]
-    if scale is None:
-        attrs["scale"] = 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise InvalidInput(f"{NAME}: argument 'scale': expected a finite float or None, got {scale!r}")
-    else:
-        attrs["scale"] = float(scale)
-    mask = attrs["attn_mask"]
-    if mask is not None:
-        _verify_mask(mask, q, (B, Hq, Lq, k.shape[2]))
+    raise InvalidInput(f"{NAME}: inputs {describe(q)}, {describe(k)}, {describe(v)} break the contract")  # pragma: no cover
 
 
 def _verify_mask(mask: Any, q: torch.Tensor, full: tuple[int, int, int, int]) -> None:
@@ -89,8 +109,9 @@ def _mask_kind(mask: torch.Tensor | None) -> str:
 def _key(args: tuple[Any, ...], attrs: Mapping[str, Any]) -> tuple[Any, ...]:
     q, k, v = args
     B, Hq, Lq, D = q.shape
-    return (q.device.type, str(q.dtype), bucket(B), Hq, k.shape[1], bucket(Lq), bucket(k.shape[2]), D, v.shape[3],
-            attrs["causal"], _mask_kind(attrs["attn_mask"]), attrs["return_lse"])
+    mask = attrs["attn_mask"]
+    return (q.device, q.dtype, bucket(B), Hq, k.shape[1], bucket(Lq), bucket(k.shape[2]), D, v.shape[3],
+            attrs["causal"], "none" if mask is None else _mask_kind(mask), attrs["return_lse"])
 
 
 def _device(args: tuple[Any, ...], attrs: Mapping[str, Any]) -> str:

@@ -17,15 +17,18 @@ def _grouped(q: torch.Tensor, Hkv: int) -> torch.Tensor:
 
 
 def _dense_nonfinite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact masking when k or v hold inf/NaN: every product is selected by ``allowed`` before the sum,
-    so a non-finite value at a masked position cannot reach the output. Costs an [Lq, Lk, Dv] temporary."""
+    """Exact masking when k or v hold inf/NaN: every key and value is selected per (query, key) by
+    ``allowed`` before any product, so a non-finite value at a masked position reaches neither the
+    output nor the gradients. Costs [Lq, Lk, D] and [Lq, Lk, Dv] temporaries."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = torch.where(allowed, (q @ k.transpose(-1, -2)) * scale, float("-inf"))
+    sel = allowed[..., None]
+    ks = torch.where(sel, k[:, :, None, :, :], 0)  # [B, H, Lq, Lk, D]
+    s = torch.where(allowed, (q[:, :, :, None, :] * ks).sum(-1) * scale, float("-inf"))
     lse = torch.logsumexp(s.float(), dim=-1)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0) if s.numel() else s
-    terms = torch.where(allowed[..., None], p[..., None] * v[:, :, None, :, :], 0)
-    return terms.sum(-2), lse
+    vs = torch.where(sel, v[:, :, None, :, :], 0)  # [B, H, Lq, Lk, Dv]
+    return (p[..., None] * vs).sum(-2), lse
 
 
 def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,

@@ -1,0 +1,64 @@
+"""The JSON tuning cache: fingerprints, atomic merge-on-write across processes, corrupt files."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+
+import pytest
+
+from core.cache import FILE_NAME, CacheWarning, TuningCache, fingerprint
+
+FP = {"python": "3.11", "torch": "2.13.0", "plugins": {"torch": "0.1.0"}, "device": "cpu", "cpu": "test", "threads": 2}
+
+
+def _writer(directory: str, worker: int, count: int) -> None:
+    cache = TuningCache(__import__("pathlib").Path(directory), FP)
+    for i in range(count):
+        cache.store("attention", ("cpu", worker, i), {"winner": f"w{worker}-{i}", "rows": []})
+
+
+def test_roundtrip_and_other_fingerprint_not_used(tmp_path):
+    a = TuningCache(tmp_path, FP)
+    a.store("attention", ("cpu", 1), {"winner": "torch", "rows": []})
+    assert TuningCache(tmp_path, FP).lookup("attention", ("cpu", 1))["winner"] == "torch"
+    other = dict(FP, torch="9.9.9")
+    b = TuningCache(tmp_path, other)
+    assert b.lookup("attention", ("cpu", 1)) is None
+    b.store("attention", ("cpu", 1), {"winner": "reference", "rows": []})
+    assert TuningCache(tmp_path, FP).lookup("attention", ("cpu", 1))["winner"] == "torch"  # kept apart
+    data = json.loads((tmp_path / FILE_NAME).read_text())
+    assert data["schema"] == 1 and len(data["environments"]) == 2
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), w, 15)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    entries = TuningCache(tmp_path, FP).entries()
+    assert len(entries) == 60
+    assert {e["winner"] for e in entries.values()} == {f"w{w}-{i}" for w in range(4) for i in range(15)}
+    json.loads((tmp_path / FILE_NAME).read_text())  # never torn
+    assert not list(tmp_path.glob(".tuning-cache-*.tmp"))
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"schema": 99, "environments": {}}), "[]"])
+def test_corrupt_or_foreign_file_is_moved_aside(tmp_path, content):
+    (tmp_path / FILE_NAME).write_text(content)
+    cache = TuningCache(tmp_path, FP)
+    with pytest.warns(CacheWarning, match="moved it to"):
+        assert cache.lookup("attention", ("cpu",)) is None
+    aside = list(tmp_path.glob(f"{FILE_NAME}.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_text() == content
+    cache.store("attention", ("cpu",), {"winner": "torch", "rows": []})
+    assert TuningCache(tmp_path, FP).lookup("attention", ("cpu",))["winner"] == "torch"
+
+
+def test_fingerprint_fields():
+    fp = fingerprint({"torch": "0.1.0"})
+    for field in ("python", "torch", "plugins", "device", "cpu", "threads"):
+        assert field in fp
+    assert fp["plugins"] == {"torch": "0.1.0"}

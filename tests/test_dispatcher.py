@@ -1,0 +1,229 @@
+"""The dispatcher's contract: trust rule, fallbacks, forced backends, shadow mode, autograd, threads."""
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+
+import pytest
+import torch
+
+import bad_kernels
+from core import dispatcher
+from core.errors import InvalidInput, Unsupported, ValidationError
+from core.ops.attention import make_inputs
+from plugins.reference.attention import attention as reference_attention
+from registry import loader
+
+BAD = ("bad-values", "bad-raises", "bad-shape", "bad-nan", "bad-scale")
+
+
+@pytest.fixture
+def plugin():
+    """Register an in-process plugin for one test; unregistered (and dispatch state reset) after."""
+    added = []
+
+    def add(obj, name):
+        added.append(name)
+        loader.add_plugin(obj, name)
+
+    yield add
+    for name in added:
+        loader.remove_plugin(name)
+    dispatcher.reset()
+
+
+@pytest.fixture(autouse=True)
+def fresh_dispatch(monkeypatch, tmp_path):
+    monkeypatch.setenv("SWITCHYARD_CACHE_DIR", str(tmp_path / "cache"))
+    dispatcher.reset()
+    yield
+    dispatcher.reset()
+
+
+def _max_err(a, b):
+    return float((a.double() - b.double()).abs().max())
+
+
+def _inputs(gen, Lq=48, Lk=64, D=32, Hq=4, Hkv=2, B=2):
+    return make_inputs(gen, "cpu", torch.float32, B, Hq, Hkv, Lq, Lk, D)
+
+
+def test_attention_entry_and_call_agree_with_reference(gen):
+    q, k, v = _inputs(gen)
+    out = dispatcher.attention(q, k, v, causal=True)
+    via_call = dispatcher.call("attention", q, k, v, causal=True)
+    ref = reference_attention(q.double(), k.double(), v.double(), causal=True, scale=1 / math.sqrt(32),
+                              attn_mask=None, return_lse=False)
+    assert out.shape == (2, 4, 48, 32) and out.dtype == torch.float32
+    assert _max_err(out, ref) < 1e-5
+    assert _max_err(via_call, ref) < 1e-5
+
+
+def test_inputs_by_keyword(gen):
+    q, k, v = _inputs(gen)
+    assert _max_err(dispatcher.attention(q=q, k=k, v=v), dispatcher.attention(q, k, v)) == 0.0
+
+
+def test_bad_kernels_are_never_chosen(gen, plugin):
+    plugin(bad_kernels.BadPlugin(), "bad")
+    q, k, v = _inputs(gen)
+    out = dispatcher.attention(q, k, v)
+    exp = dispatcher.explain("attention", q, k, v)
+    assert exp.chosen not in BAD
+    rows = {r.backend: r for r in exp.rows}
+    assert rows["bad-values"].status == "wrong"
+    assert rows["bad-raises"].status == "failed" and "always raises" in rows["bad-raises"].reason
+    assert rows["bad-shape"].status == "wrong" and "shape" in rows["bad-shape"].reason
+    assert rows["bad-nan"].status == "wrong" and "NaN" in rows["bad-nan"].reason
+    assert rows["bad-scale"].status == "wrong"
+    ref = reference_attention(q.double(), k.double(), v.double(), causal=False, scale=1 / math.sqrt(32),
+                              attn_mask=None, return_lse=False)
+    assert _max_err(out, ref) < 1e-5
+    assert "bad-values" in str(exp) and "chosen" in exp.table()
+
+
+def test_bad_kernels_lose_with_autotune_off(gen, plugin, monkeypatch):
+    monkeypatch.setenv("SWITCHYARD_AUTOTUNE", "off")
+    plugin(bad_kernels.BadPlugin(), "bad")
+    q, k, v = _inputs(gen)
+    dispatcher.attention(q, k, v)
+    exp = dispatcher.explain("attention", q, k, v)
+    validated = [r for r in exp.rows if r.status in ("ok", "chosen")]
+    assert exp.chosen == max(validated, key=lambda r: r.priority).backend  # the highest priority that passed
+    assert exp.chosen not in BAD and "autotuning is off" in exp.why
+    assert all(r.median_ms is None for r in exp.rows)
+
+
+def test_raise_on_user_data_quarantines_and_falls_back(gen, plugin, monkeypatch):
+    monkeypatch.setenv("SWITCHYARD_AUTOTUNE", "off")  # the marker kernel has the highest priority: it is chosen
+    plugin(bad_kernels.MarkerPlugin(), "marker")
+    q, k, v = _inputs(gen)
+    dispatcher.attention(q, k, v)
+    assert dispatcher.explain("attention", q, k, v).chosen == "marker"
+    q2 = q.clone()
+    q2[0, 0, 0, 0] = bad_kernels.MARKER
+    with pytest.warns(dispatcher.DispatchWarning, match="marker"):
+        out = dispatcher.attention(q2, k, v)
+    ref = reference_attention(q2.double(), k.double(), v.double(), causal=False, scale=1 / math.sqrt(32),
+                              attn_mask=None, return_lse=False)
+    assert _max_err(out, ref) < 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: the next calls go straight to the fallback
+        dispatcher.attention(q2, k, v)
+        dispatcher.attention(q, k, v)
+    exp = dispatcher.explain("attention", q2, k, v)
+    assert exp.chosen != "marker" and "quarantined" in exp.why
+    marker = next(r for r in exp.rows if r.backend == "marker")
+    assert marker.status == "failed" and "marker seen" in marker.reason
+
+
+def test_forced_backend_context_and_env(gen, monkeypatch):
+    q, k, v = _inputs(gen)
+    with dispatcher.use_backend("reference"):
+        a = dispatcher.attention(q, k, v)
+        assert dispatcher.explain("attention", q, k, v).chosen == "reference"
+    monkeypatch.setenv("SWITCHYARD_BACKEND", "torch")
+    b = dispatcher.attention(q, k, v)
+    assert dispatcher.explain("attention", q, k, v).chosen == "torch"
+    assert _max_err(a, b) < 1e-5
+
+
+def test_forced_unsupported_backend_raises_with_reasons(gen):
+    q, k, v = _inputs(gen)
+    with dispatcher.use_backend("torch-sdpa"), pytest.raises(Unsupported, match="return_lse=True"):
+        dispatcher.attention(q, k, v, return_lse=True)
+    with dispatcher.use_backend("nonexistent"), pytest.raises(Unsupported, match="nonexistent"):
+        dispatcher.attention(q, k, v)
+
+
+def test_shadow_validation_raises_on_mismatch(gen, plugin, monkeypatch):
+    plugin(bad_kernels.BadPlugin(), "bad")
+    q, k, v = _inputs(gen)
+    monkeypatch.setenv("SWITCHYARD_VALIDATE", "always")
+    dispatcher.attention(q, k, v)  # the chosen kernel is right: no error
+    with dispatcher.use_backend("bad-scale"), pytest.raises(ValidationError, match="bad-scale"):
+        dispatcher.attention(q, k, v)
+
+
+def test_no_kernel_lists_every_backend(gen, monkeypatch):
+    q, k, v = _inputs(gen)
+    q, k, v = q.half(), k.half(), v.half()
+    monkeypatch.setenv("SWITCHYARD_BLOCK", "torch,reference")
+    loader.reload()
+    try:
+        with pytest.raises(Unsupported) as info:
+            dispatcher.attention(q, k, v, return_lse=True)
+    finally:
+        monkeypatch.delenv("SWITCHYARD_BLOCK")
+        loader.reload()
+    text = str(info.value)
+    assert "No kernel can serve attention(" in text and "float16" in text
+    assert "torch-sdpa" not in text  # blocked: not loaded at all
+
+
+def test_autograd_uses_differentiable_kernels_with_validated_gradients(gen, plugin):
+    plugin(bad_kernels.WrongGradPlugin(), "wronggrad")
+    q, k, v = (t.requires_grad_(True) for t in _inputs(gen, Lq=16, Lk=16, D=8))
+    out = dispatcher.attention(q, k, v, causal=True)
+    exp = dispatcher.explain("attention", q, k, v, causal=True)
+    rows = {r.backend: r for r in exp.rows}
+    assert exp.key[-1] == "grad"
+    assert rows["reference"].status == "unsupported" and "differentiable" in rows["reference"].reason
+    assert rows["wrong-grad"].status == "wrong" and "gradients" in rows["wrong-grad"].reason
+    assert exp.chosen in ("torch", "torch-sdpa")
+    g = torch.randn(out.shape, generator=gen)
+    out.backward(g)
+    q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    from plugins.torch_backend.attention import attention as torch_attention
+
+    ref = torch_attention(q2, k2, v2, causal=True, scale=1 / math.sqrt(8), attn_mask=None, return_lse=False)
+    ref.backward(g.double())
+    for a, b in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        assert _max_err(a, b) < 1e-4
+    with torch.no_grad():  # without grad the same shapes are a different key
+        dispatcher.attention(q, k, v, causal=True)
+    assert dispatcher.explain("attention", q.detach(), k.detach(), v.detach(), causal=True).key[-1] != "grad"
+
+
+def test_threads_share_one_decision(gen):
+    q, k, v = _inputs(gen, Lq=33, Lk=40)
+    ref = reference_attention(q.double(), k.double(), v.double(), causal=False, scale=1 / math.sqrt(32),
+                              attn_mask=None, return_lse=False)
+    errors, results = [], []
+
+    def work():
+        try:
+            for _ in range(5):
+                results.append(_max_err(dispatcher.attention(q, k, v), ref))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert len(results) == 30 and max(results) < 1e-5
+    assert sum(1 for (op, _) in dispatcher.tuner().decisions if op == "attention") == 1
+
+
+def test_cache_hit_in_a_new_process_state(gen):
+    q, k, v = _inputs(gen)
+    dispatcher.attention(q, k, v)
+    first = dispatcher.explain("attention", q, k, v)
+    assert first.why.startswith("fastest")
+    dispatcher.reset()  # a fresh process would see the same file
+    second = dispatcher.explain("attention", q, k, v)
+    assert second.why.startswith("from the tuning cache")
+    assert second.chosen == first.chosen
+
+
+def test_unknown_op_and_bad_env(gen, monkeypatch):
+    with pytest.raises(InvalidInput, match="unknown op 'nope'"):
+        dispatcher.call("nope", 1)
+    q, k, v = _inputs(gen)
+    monkeypatch.setenv("SWITCHYARD_AUTOTUNE", "sometimes")
+    with pytest.raises(InvalidInput, match="SWITCHYARD_AUTOTUNE"):
+        dispatcher.attention(q, k, v)
