@@ -209,6 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank0 = _is_rank0()
     progress = _Progress(rank0)
     started = time.perf_counter()
+    if args.device == "cpu" and (options["backends"] is None or "fused" in options["backends"]):
+        from plugins.fused import _build
+
+        missing = [op for op in ops if (_build.CSRC / f"{op}.cpp").exists() and not _build.is_built(op)]
+        if missing:
+            progress(f"compiling the fused C++ kernels of {', '.join(missing)} (first run only)")
+            _build.prebuild(missing)
     all_rows: list[dict[str, Any]] = []
     for name in ops:
         spec = specs[name]

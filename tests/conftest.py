@@ -19,6 +19,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Compile the fused C++ kernels that have no cached build yet, all at once (one compiler per core),
+    instead of one after another at first use inside the tests."""
+    from plugins.fused import _build
+
+    for op, reason in _build.prebuild().items():
+        if reason:
+            print(f"fused {op}: not built: {reason}")
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     """A freshly seeded generator: every test draws new random inputs, reproducibly per seed."""
