@@ -135,10 +135,12 @@ def _dispatch(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any
     except InvalidInput:
         raise
     except Exception as e:
+        if spec.collective:  # one rank switching kernels alone would desynchronize the group
+            raise
         return _fall_back(state, spec, key, args, attrs, choice, e)
 
 
-def call(op: str, *args: Any, **attrs: Any) -> Any:
+def call(op: str, /, *args: Any, **attrs: Any) -> Any:
     """Run ``op`` on these inputs with the kernel chosen for their dispatch key."""
     spec = _SPECS.get(op)
     if spec is None:
@@ -329,7 +331,7 @@ def _err(v: float | None) -> str:
     return "" if v is None else f"{v:.3g}"
 
 
-def explain(op: str, *args: Any, **attrs: Any) -> Explanation:
+def explain(op: str, /, *args: Any, **attrs: Any) -> Explanation:
     """What dispatch does for these inputs, resolving the key (tuning it if needed) without running it."""
     spec = get_spec(op)
     args, full = spec.prepare(args, attrs)

@@ -425,23 +425,40 @@ def _measure(fn: Callable[..., Any], sample: Sample, needs_grad: bool, spec: OpS
             torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
 
     ctx = torch.enable_grad() if needs_grad else torch.no_grad()
+    # Under lockstep every rank makes the same collectives whatever happens locally: an error is
+    # held, signalled as an infinite time, and raised on every rank once all of them know.
+    error: Exception | None = None
+    samples: list[float] = []
     with ctx:
         t0 = time.perf_counter()
-        once()
-        _sync(device)
-        first = time.perf_counter() - t0
-        if agree is not None:
-            (first,) = agree.max(first)
-        reps = 1 if first >= budget else max(3, min(200, int(budget / max(first, 1e-7))))
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
+        try:
             once()
             _sync(device)
-            samples.append((time.perf_counter() - t0) * 1e3)
-    median = statistics.median(samples)
+            first = time.perf_counter() - t0
+        except Exception as e:
+            if agree is None:
+                raise
+            error, first = e, float("inf")
+        if agree is not None:
+            (first,) = agree.max(first)
+        if first != float("inf"):
+            reps = 1 if first >= budget else max(3, min(200, int(budget / max(first, 1e-7))))
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                try:
+                    once()
+                    _sync(device)
+                except Exception as e:
+                    if agree is None:
+                        raise
+                    error = e
+                    break
+                samples.append((time.perf_counter() - t0) * 1e3)
+    median = statistics.median(samples) if samples and error is None else float("inf")
     q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [median, median, median]
-    spread = q[2] - q[0]
+    spread = q[2] - q[0] if median != float("inf") else 0.0
     if agree is not None:
         median, spread = agree.max(median, spread)
+    if median == float("inf"):
+        raise error if error is not None else RuntimeError("raised on another rank while timed")
     return median, spread
