@@ -1,0 +1,1 @@
+"""Triton kernels of the fused backend, one module per op (imported only where triton is installed)."""
