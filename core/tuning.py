@@ -299,8 +299,10 @@ class Tuner:
             times: dict[str, tuple[float, float]] = {}
             for v in timed:
                 progress(f"timing {v.name}")
+                best = min((t[0] for t in times.values()), default=None)
                 try:
-                    times[v.name] = _measure(v.fn, sample, needs_grad, spec, budget, agree, gen)
+                    times[v.name] = _measure(v.fn, sample, needs_grad, spec, budget, agree, gen,
+                                             hopeless_s=None if best is None else 3e-3 * best)
                 except Exception as e:
                     rows[v.name] = replace(rows[v.name], status="failed", reason=f"raised while timed: {_describe_error(e)}")
                     continue
@@ -411,8 +413,11 @@ class _Validator:
 
 
 def _measure(fn: Callable[..., Any], sample: Sample, needs_grad: bool, spec: OpSpec, budget: float,
-             agree: Lockstep | None, gen: torch.Generator) -> tuple[float, float]:
-    """(median, interquartile spread) in milliseconds; with lockstep, the slowest rank's figures."""
+             agree: Lockstep | None, gen: torch.Generator, hopeless_s: float | None = None) -> tuple[float, float]:
+    """(median, interquartile spread) in milliseconds; with lockstep, the slowest rank's figures.
+
+    A candidate whose first run already takes longer than ``hopeless_s`` (three times the best
+    median so far) cannot win: that one run is its time, and it is not repeated."""
     device = spec.device(sample.args, sample.attrs)
     args = sample.args
     if needs_grad:
@@ -441,7 +446,9 @@ def _measure(fn: Callable[..., Any], sample: Sample, needs_grad: bool, spec: OpS
             error, first = e, float("inf")
         if agree is not None:
             (first,) = agree.max(first)
-        if first != float("inf"):
+        if hopeless_s is not None and first != float("inf") and first > hopeless_s:
+            samples.append(first * 1e3)
+        elif first != float("inf"):
             reps = 1 if first >= budget else max(3, min(200, int(budget / max(first, 1e-7))))
             for _ in range(reps):
                 t0 = time.perf_counter()
