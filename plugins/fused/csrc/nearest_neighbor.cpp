@@ -1,0 +1,632 @@
+// Exact k-nearest-neighbour search on the CPU: blocked brute force and a kd-tree.
+//
+// Both keep, per query, a bounded max-heap of the k best (value, index) pairs ordered by value and
+// then by index, so equal distances come out lower index first. Values are squared L2 distances, or
+// negated inner products for metric "ip" (smaller is better in both). Every value that reaches a
+// heap is the direct formula sum((q - x)^2) (or sum(q * x)) evaluated in double and rounded once to
+// the input type: a query equal to a database point gets exactly 0.
+//
+// Brute force follows FAISS's IndexFlat (Johnson, Douze, Jegou, "Billion-scale similarity search
+// with GPUs", 2017, sec. 3): a tile of queries times a tile of database points through BLAS, the
+// expansion |x|^2 - 2 q.x selecting candidates, one running heap per query. The expansion cancels
+// badly far from the origin, so (1) both sides are centred on the database mean first (distances do
+// not change), and (2) it only selects: a database point is re-ranked by the direct formula whenever
+// its expansion value is within a proven rounding bound (`l2_margin`) of the query's current k-th
+// best, so no true neighbour is lost to the product's rounding. In low dimension (D <= kDirectMaxD)
+// the direct formula is cheaper than the product and selects instead (bound `direct_slack`).
+// Extra memory: per thread one [kQueryBlock, kDbTile] tile, one centred database tile and the
+// centred query block; heaps of M x k (x the database splits, at most the thread count, when there
+// are fewer query blocks than threads). Never [M, N].
+//
+// The kd-tree (Friedman, Bentley, Finkel, "An algorithm for finding best matches in logarithmic
+// expected time", 1977) splits at the median along the dimension of largest spread down to leaves of
+// kLeafSize points, on a permuted copy of the database so leaves are contiguous. The search descends
+// the near side first and visits the far side only when the cell's distance to the query, kept
+// incrementally (Arya and Mount, "Algorithms for fast vector quantization", 1993), can still beat
+// the k-th best. Extra memory: the copy (N x D), one node per kLeafSize / 2 points, the M x k heaps.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+extern "C" void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+                       const double* beta, double* c, const int* ldc) __attribute__((weak));
+
+namespace {
+
+constexpr int64_t kQueryBlock = 256;   // queries per task (brute force)
+constexpr int64_t kDbTile = 1024;      // database points per tile (brute force)
+constexpr int64_t kDirectMaxD = 8;     // at or below this dimension the direct formula selects
+constexpr int64_t kLeafSize = 16;      // kd-tree leaf bucket
+constexpr int kFixedMaxD = 8;          // kd-trees of D <= this are compiled for their D
+constexpr int64_t kTaskMinPoints = 1 << 15;  // kd-tree subtrees built as separate OpenMP tasks
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+int threads() { return std::max(1, at::get_num_threads()); }
+
+template <typename T> constexpr double unit_roundoff();
+template <> constexpr double unit_roundoff<float>() { return 5.9604644775390625e-08; }   // 2^-24
+template <> constexpr double unit_roundoff<double>() { return 1.1102230246251565e-16; }  // 2^-53
+
+// Row-major C[m, n] = A[m, kk] . B[n, kk]^T (both row-major, leading dimension kk).
+template <typename T>
+void gemm_nt(int m, int n, int kk, const T* A, const T* B, T* C, int ldc) {
+  if (m == 0 || n == 0) return;
+  const T one = 1, zero = 0;
+  const char ta = 'T', tb = 'N';
+  // Column-major BLAS sees row-major matrices transposed: C^T[n, m] = B[n, kk] . A^T[kk, m].
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr) return sgemm_(&ta, &tb, &n, &m, &kk, &one, B, &kk, A, &kk, &zero, C, &ldc);
+  } else {
+    if (dgemm_ != nullptr) return dgemm_(&ta, &tb, &n, &m, &kk, &one, B, &kk, A, &kk, &zero, C, &ldc);
+  }
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      T s = 0;
+      for (int p = 0; p < kk; ++p) s += A[(int64_t)i * kk + p] * B[(int64_t)j * kk + p];
+      C[(int64_t)i * ldc + j] = s;
+    }
+}
+
+// The smallest T not below t (t itself when it is representable), so `value <= up<T>(t)` loses
+// nothing that `value <= t` would admit.
+template <typename T>
+T up(double t) {
+  if (!(t < kInf)) return std::numeric_limits<T>::infinity();
+  T r = static_cast<T>(t);
+  if (static_cast<double>(r) < t) r = std::nextafter(r, std::numeric_limits<T>::infinity());
+  return r;
+}
+
+template <typename T>
+double direct_l2(const T* a, const T* b, int64_t D) {
+  double s = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const double t = static_cast<double>(a[d]) - static_cast<double>(b[d]);
+    s += t * t;
+  }
+  return s;
+}
+
+template <typename T>
+double direct_neg_ip(const T* a, const T* b, int64_t D) {
+  double s = 0;
+  for (int64_t d = 0; d < D; ++d) s += static_cast<double>(a[d]) * static_cast<double>(b[d]);
+  return -s;
+}
+
+// A bounded max-heap of the k best (value, index) pairs: the worst pair, by value then index, at
+// the root. It lives in caller-owned arrays (an output row, or scratch).
+template <typename T>
+struct TopK {
+  T* val;
+  int64_t* idx;
+  int64_t k;
+  int64_t n = 0;
+
+  static bool before(T a, int64_t i, T b, int64_t j) { return a < b || (a == b && i < j); }
+
+  double worst() const { return n < k ? kInf : static_cast<double>(val[0]); }
+
+  void push(T a, int64_t i) {
+    if (n < k) {
+      int64_t c = n++;
+      while (c > 0) {
+        const int64_t p = (c - 1) / 2;
+        if (!before(val[p], idx[p], a, i)) break;
+        val[c] = val[p];
+        idx[c] = idx[p];
+        c = p;
+      }
+      val[c] = a;
+      idx[c] = i;
+    } else if (before(a, i, val[0], idx[0])) {
+      sift_down(a, i, n);
+    }
+  }
+
+  void sift_down(T a, int64_t i, int64_t size) {
+    int64_t c = 0;
+    for (;;) {
+      int64_t m = 2 * c + 1;
+      if (m >= size) break;
+      if (m + 1 < size && before(val[m], idx[m], val[m + 1], idx[m + 1])) ++m;
+      if (before(val[m], idx[m], a, i)) break;
+      val[c] = val[m];
+      idx[c] = idx[m];
+      c = m;
+    }
+    val[c] = a;
+    idx[c] = i;
+  }
+
+  // Heap sort in place: val/idx become ascending by (value, index).
+  void sort() {
+    for (int64_t size = n; size > 1; --size) {
+      const T a = val[size - 1];
+      const int64_t i = idx[size - 1];
+      val[size - 1] = val[0];
+      idx[size - 1] = idx[0];
+      sift_down(a, i, size - 1);
+    }
+  }
+};
+
+// The result rows: value -> distance (negated back for "ip"), heap order -> ascending.
+template <typename T>
+void finish(TopK<T>& h, bool ip, T* out_d, int64_t* out_i) {
+  h.sort();
+  for (int64_t r = 0; r < h.k; ++r) {
+    out_d[r] = ip ? -h.val[r] : h.val[r];
+    out_i[r] = h.idx[r];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Brute force
+//
+// Bound on |(|x_c|^2 - 2 q_c.x_c + |q_c|^2) - d| for the centred, rounded vectors q_c, x_c: centring
+// moves each coordinate by at most u |.|, which moves the distance by at most 2u(|q_c|+|x_c|)^2; the
+// product and norms in type T err by at most gamma_D (|q_c| + |x_c|)^2 and the final subtraction by
+// u(|x_c|^2 + 2|q_c||x_c|); rounding the re-ranked value costs u d <= u(|q_c|+|x_c|)^2. Together
+// (D + 6) u (|q_c| + |x_c|)^2 to first order; the margin doubles it.
+template <typename T>
+double l2_margin(int64_t D, double qnorm, double xnorm) {
+  const double s = qnorm + xnorm;
+  return 2.0 * (D + 6) * unit_roundoff<T>() * s * s;
+}
+
+// |fl(q.x) - q.x| <= gamma_D sum |q_i x_i| <= gamma_D |q||x|, plus the re-ranked value's rounding.
+template <typename T>
+double ip_margin(int64_t D, double qnorm, double xnorm) {
+  return 2.0 * (D + 4) * unit_roundoff<T>() * qnorm * xnorm;
+}
+
+// The direct formula in type T errs by at most (D + 3) u of the distance (all terms are positive).
+template <typename T>
+double direct_slack(int64_t D) {
+  return 2.0 * (D + 4) * unit_roundoff<T>();
+}
+
+// a[j] = the direct formula in T for one query against a transposed tile (xt[d * kDbTile + j]), with
+// the dimension fixed at compile time so each value stays in a register.
+template <typename T, int DD, bool IP>
+void direct_tile(const T* q, const T* xt, T* a, int64_t n) {
+  T qv[DD];
+  for (int d = 0; d < DD; ++d) qv[d] = q[d];
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    T s = 0;
+    for (int d = 0; d < DD; ++d) {
+      if constexpr (IP) {
+        s -= qv[d] * xt[d * kDbTile + j];
+      } else {
+        const T t = qv[d] - xt[d * kDbTile + j];
+        s += t * t;
+      }
+    }
+    a[j] = s;
+  }
+}
+
+template <typename T>
+using DirectFn = void (*)(const T*, const T*, T*, int64_t);
+
+template <typename T, int... Ds>
+DirectFn<T> pick_direct(int64_t D, bool ip, std::integer_sequence<int, Ds...>) {
+  DirectFn<T> fn = nullptr;
+  ((D == Ds + 1 ? (fn = ip ? &direct_tile<T, Ds + 1, true> : &direct_tile<T, Ds + 1, false>) : fn), ...);
+  return fn;
+}
+
+template <typename T>
+DirectFn<T> direct_values(int64_t D, bool ip) {
+  return pick_direct<T>(D, ip, std::make_integer_sequence<int, kDirectMaxD>{});
+}
+
+template <typename T>
+struct Brute {
+  const T* Q;
+  const T* X;
+  int64_t M, N, D, k;
+  bool ip;
+  std::vector<double> mean;  // the centre (l2 with the product); zeros otherwise
+  double xmax = 0;           // max |x - mean| over the database (the margin's |x_c| bound)
+
+  bool direct() const { return D <= kDirectMaxD; }
+
+  void prepare() {
+    mean.assign(D, 0.0);
+    if (!ip && !direct()) {
+      const int nt = threads();
+      std::vector<double> part(nt * D, 0.0);
+#pragma omp parallel num_threads(nt)
+      {
+        double* acc = part.data() + omp_get_thread_num() * D;
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < N; ++j)
+          for (int64_t d = 0; d < D; ++d) acc[d] += X[j * D + d];
+      }
+      for (int t = 0; t < nt; ++t)
+        for (int64_t d = 0; d < D; ++d) mean[d] += part[t * D + d];
+      // Rounded to T: the centre is then exactly what the centred tiles subtract.
+      for (int64_t d = 0; d < D; ++d) mean[d] = static_cast<double>(static_cast<T>(mean[d] / N));
+    }
+    if (direct() && !ip) return;  // its bound is relative to the distance: no norms needed
+    double mx = 0;
+#pragma omp parallel for reduction(max : mx) num_threads(threads()) schedule(static)
+    for (int64_t j = 0; j < N; ++j) {
+      double s = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        const double c = static_cast<double>(static_cast<T>(X[j * D + d] - static_cast<T>(mean[d])));
+        s += c * c;
+      }
+      mx = std::max(mx, s);
+    }
+    // Inflated so the norm computed here in double over-covers the norm of the rounded vector.
+    xmax = std::sqrt(mx) * (1.0 + 4.0 * D * unit_roundoff<T>());
+  }
+
+  // One task: queries [q0, q0 + rows) against database tiles [t0, t1), into `heaps` (rows of k).
+  void run(int64_t q0, int64_t rows, int64_t t0, int64_t t1, T* hval, int64_t* hidx, int64_t* hcount, std::vector<T>& qc,
+           std::vector<T>& xc, std::vector<T>& xn, std::vector<T>& tile, std::vector<double>& qn,
+           std::vector<double>& qnorm) const {
+    std::vector<TopK<T>> heaps;
+    heaps.reserve(rows);
+    for (int64_t r = 0; r < rows; ++r) heaps.push_back(TopK<T>{hval + r * k, hidx + r * k, k});
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* q = Q + (q0 + r) * D;
+      double s = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        // l2: -2 (q - mean), so the product yields -2 q_c.x_c exactly scaled; ip: -q.
+        const T c = ip ? q[d] : static_cast<T>(q[d] - static_cast<T>(mean[d]));
+        s += static_cast<double>(c) * c;
+        qc[r * D + d] = direct() ? q[d] : (ip ? -c : static_cast<T>(-2) * c);
+      }
+      qn[r] = ip ? 0.0 : s;
+      qnorm[r] = std::sqrt(s) * (1.0 + 4.0 * D * unit_roundoff<T>());
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j0 = t * kDbTile, n = std::min(kDbTile, N - j0);
+      if (direct()) {
+        for (int64_t j = 0; j < n; ++j)  // transposed, so the distance loop runs along j
+          for (int64_t d = 0; d < D; ++d) xc[d * kDbTile + j] = X[(j0 + j) * D + d];
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          double s = 0;
+          for (int64_t d = 0; d < D; ++d) {
+            const T c = ip ? X[(j0 + j) * D + d] : static_cast<T>(X[(j0 + j) * D + d] - static_cast<T>(mean[d]));
+            xc[j * D + d] = c;
+            s += static_cast<double>(c) * c;
+          }
+          xn[j] = ip ? T(0) : static_cast<T>(s);
+        }
+        gemm_nt<T>(static_cast<int>(rows), static_cast<int>(n), static_cast<int>(D), qc.data(), xc.data(),
+                   tile.data(), static_cast<int>(kDbTile));
+      }
+      for (int64_t r = 0; r < rows; ++r) scan_row(heaps[r], Q + (q0 + r) * D, qc.data() + r * D, qn[r], qnorm[r],
+                                                 xc.data(), xn.data(), tile.data() + r * kDbTile, j0, n);
+    }
+    for (int64_t r = 0; r < rows; ++r) hcount[r] = heaps[r].n;
+  }
+
+  // The bound a row's selection value must not exceed to be re-ranked, given the current k-th best.
+  T threshold(double worst, double qn, double qnorm) const {
+    if (!(worst < kInf)) return std::numeric_limits<T>::infinity();
+    if (direct()) {
+      if (ip) return up<T>(worst + ip_margin<T>(D, qnorm, xmax));
+      return up<T>(worst * (1.0 + direct_slack<T>(D)) + std::numeric_limits<T>::denorm_min());
+    }
+    return up<T>(worst - qn + (ip ? ip_margin<T>(D, qnorm, xmax) : l2_margin<T>(D, qnorm, xmax)));
+  }
+
+  void scan_row(TopK<T>& h, const T* q, const T* qrow, double qn, double qnorm, const T* xc, const T* xn,
+                T* a, int64_t j0, int64_t n) const {
+    if (direct()) {
+      direct_values<T>(D, ip)(qrow, xc, a, n);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) a[j] += xn[j];
+    }
+    T thr = threshold(h.worst(), qn, qnorm);
+    constexpr int64_t W = 64;
+    for (int64_t c = 0; c < n; c += W) {
+      const int64_t e = std::min(n, c + W);
+      T low = std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(min : low)
+      for (int64_t j = c; j < e; ++j) low = a[j] < low ? a[j] : low;
+      if (!(low <= thr)) continue;
+      for (int64_t j = c; j < e; ++j) {
+        if (!(a[j] <= thr)) continue;
+        const T* x = X + (j0 + j) * D;
+        const T v = static_cast<T>(ip ? direct_neg_ip(q, x, D) : direct_l2(q, x, D));
+        h.push(v, j0 + j);
+        thr = threshold(h.worst(), qn, qnorm);
+      }
+    }
+  }
+
+  void search(T* out_d, int64_t* out_i) {
+    prepare();
+    const int nt = threads();
+    const int64_t nqb = (M + kQueryBlock - 1) / kQueryBlock;
+    const int64_t ntiles = (N + kDbTile - 1) / kDbTile;
+    // Fewer query blocks than threads: split the database too, one heap set per split, merged after.
+    const int64_t splits = nqb >= nt ? 1 : std::min<int64_t>(ntiles, (nt + nqb - 1) / nqb);
+    std::vector<T> hval(splits * M * k);
+    std::vector<int64_t> hidx(splits * M * k), hcount(splits * M);
+#pragma omp parallel num_threads(nt)
+    {
+      std::vector<T> qc(kQueryBlock * D), xc(kDbTile * D), xn(kDbTile), tile(kQueryBlock * kDbTile);
+      std::vector<double> qn(kQueryBlock), qnorm(kQueryBlock);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < nqb * splits; ++task) {
+        const int64_t b = task / splits, s = task % splits;
+        const int64_t q0 = b * kQueryBlock, rows = std::min(kQueryBlock, M - q0);
+        const int64_t t0 = ntiles * s / splits, t1 = ntiles * (s + 1) / splits;
+        const int64_t off = (s * M + q0) * k;
+        run(q0, rows, t0, t1, hval.data() + off, hidx.data() + off, hcount.data() + s * M + q0, qc, xc, xn, tile, qn,
+            qnorm);
+      }
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < M; ++i) {
+        TopK<T> h{hval.data() + i * k, hidx.data() + i * k, k};
+        h.n = hcount[i];  // a split with fewer than k points holds fewer than k pairs
+        for (int64_t s = 1; s < splits; ++s)
+          for (int64_t r = 0; r < hcount[s * M + i]; ++r) h.push(hval[(s * M + i) * k + r], hidx[(s * M + i) * k + r]);
+        finish(h, ip, out_d + i * k, out_i + i * k);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// kd-tree
+
+// DD > 0 fixes the dimension at compile time (row swaps and distances unroll); DD == 0 reads D.
+template <typename T, int DD>
+struct KdTree {
+  int64_t N, D;
+  std::vector<T> pts;        // the database, permuted so every node's points are contiguous
+  std::vector<int64_t> ids;  // original index of each permuted row
+  std::vector<T> split;      // per node: the median coordinate
+  std::vector<int32_t> dim;  // per node: the split dimension, -1 for a leaf
+
+  KdTree(const T* X, int64_t N_, int64_t D_) : N(N_), D(DD > 0 ? DD : D_), pts(X, X + N_ * D_), ids(N_) {
+    for (int64_t j = 0; j < N; ++j) ids[j] = j;
+    int64_t levels = 0;
+    for (int64_t s = N; s > kLeafSize; s = (s + 1) / 2) ++levels;
+    const int64_t nodes = (int64_t(2) << levels) - 1;
+    split.assign(nodes, T(0));
+    dim.assign(nodes, -1);
+#pragma omp parallel num_threads(threads())
+#pragma omp single
+    build(0, 0, N);
+  }
+
+  int64_t dims() const { return DD > 0 ? DD : D; }
+  T coord(int64_t row, int32_t d) const { return pts[row * dims() + d]; }
+
+  void swap_rows(int64_t a, int64_t b) {
+    T* pa = pts.data() + a * dims();
+    T* pb = pts.data() + b * dims();
+    for (int64_t d = 0; d < dims(); ++d) std::swap(pa[d], pb[d]);
+    std::swap(ids[a], ids[b]);
+  }
+
+  // Rows [lo, hi) with coordinate d below p (or, with `or_equal`, not above it) moved to the front, by a
+  // branchless Lomuto pass (random data mispredicts half of a branchy partition's comparisons);
+  // returns where the rest begins.
+  int64_t partition(int64_t lo, int64_t hi, int32_t d, T p, bool or_equal) {
+    int64_t j = lo;
+    for (int64_t i = lo; i < hi; ++i) {
+      const T v = coord(i, d);
+      const bool front = or_equal ? v <= p : v < p;
+      swap_rows(i, j);
+      j += front;
+    }
+    return j;
+  }
+
+  // Quickselect: afterwards rows [lo, kth) have coordinate d <= that of row kth, and rows (kth, hi)
+  // >= it. The pivot is the sample element of kth's rank among 63 evenly spaced rows, so one pass
+  // leaves a small range around kth; rows equal to the pivot are split off so duplicates end it.
+  void select(int64_t lo, int64_t hi, int64_t kth, int32_t d) {
+    constexpr int64_t S = 63;
+    while (hi - lo > 16) {
+      const int64_t n = hi - lo;
+      T sample[S];
+      const int64_t m = n > 2048 ? S : (n > 128 ? 15 : 3);
+      for (int64_t s = 0; s < m; ++s) sample[s] = coord(lo + (2 * s + 1) * n / (2 * m), d);
+      const int64_t r = std::min(m - 1, (kth - lo) * m / n);
+      std::nth_element(sample, sample + r, sample + m);
+      const T p = sample[r];
+      const int64_t below = partition(lo, hi, d, p, false);
+      if (kth < below) {
+        hi = below;
+        continue;
+      }
+      const int64_t above = partition(below, hi, d, p, true);
+      if (kth < above) return;  // rows [below, above) all equal p
+      lo = above;
+    }
+    for (int64_t i = lo + 1; i < hi; ++i)
+      for (int64_t j = i; j > lo && coord(j, d) < coord(j - 1, d); --j) swap_rows(j, j - 1);
+  }
+
+  // The dimension along which rows [lo, hi) spread most (the lowest on a tie), -1 if they are all equal.
+  int32_t widest_dimension(int64_t lo, int64_t hi) const {
+    int32_t best = -1;
+    T widest = 0;
+    auto consider = [&](int32_t d, T mn, T mx) {
+      if (mx - mn > widest) widest = mx - mn, best = d;
+    };
+    if constexpr (DD > 0) {  // every dimension's bounds in registers, one pass
+      T mn[DD], mx[DD];
+      for (int d = 0; d < DD; ++d) mn[d] = mx[d] = coord(lo, d);
+      for (int64_t r = lo + 1; r < hi; ++r)
+        for (int d = 0; d < DD; ++d) {
+          const T v = coord(r, d);
+          mn[d] = std::min(mn[d], v);
+          mx[d] = std::max(mx[d], v);
+        }
+      for (int d = 0; d < DD; ++d) consider(d, mn[d], mx[d]);
+    } else {
+      for (int32_t d = 0; d < D; ++d) {
+        T mn = coord(lo, d), mx = mn;
+        for (int64_t r = lo + 1; r < hi; ++r) {
+          const T v = coord(r, d);
+          mn = std::min(mn, v);
+          mx = std::max(mx, v);
+        }
+        consider(d, mn, mx);
+      }
+    }
+    return best;
+  }
+
+  void build(int64_t node, int64_t lo, int64_t hi) {
+    if (hi - lo <= kLeafSize) return;
+    const int32_t best = widest_dimension(lo, hi);
+    if (best < 0) return;  // every point identical: one leaf, nothing to split
+    const int64_t mid = lo + (hi - lo) / 2;
+    select(lo, hi, mid, best);
+    split[node] = coord(mid, best);
+    dim[node] = best;
+    if (hi - lo >= kTaskMinPoints) {
+#pragma omp task
+      build(2 * node + 1, lo, mid);
+#pragma omp task
+      build(2 * node + 2, mid, hi);
+#pragma omp taskwait
+    } else {
+      build(2 * node + 1, lo, mid);
+      build(2 * node + 2, mid, hi);
+    }
+  }
+
+  struct Query {
+    const T* q;
+    TopK<T>& heap;
+    double* off;   // per dimension: the query's offset from the current cell (0 inside it)
+    double slack;  // relative: admits cells whose computed distance rounds just above the k-th best
+  };
+
+  double distance(const T* q, const T* x) const {
+    double s = 0;
+    for (int64_t d = 0; d < dims(); ++d) {
+      const double t = static_cast<double>(q[d]) - static_cast<double>(x[d]);
+      s += t * t;
+    }
+    return s;
+  }
+
+  void search(const Query& s, int64_t node, int64_t lo, int64_t hi, double rd) const {
+    if (dim[node] < 0) {
+      for (int64_t r = lo; r < hi; ++r) s.heap.push(static_cast<T>(distance(s.q, &pts[r * dims()])), ids[r]);
+      return;
+    }
+    const int64_t mid = lo + (hi - lo) / 2;
+    const int32_t d = dim[node];
+    const double diff = static_cast<double>(s.q[d]) - static_cast<double>(split[node]);
+    // Left holds coordinates <= split, right >= split.
+    const bool left_first = diff < 0;
+    if (left_first) search(s, 2 * node + 1, lo, mid, rd);
+    else search(s, 2 * node + 2, mid, hi, rd);
+    const double old = s.off[d];
+    const double far = rd - old * old + diff * diff;
+    if (far <= s.heap.worst() * (1.0 + s.slack)) {
+      s.off[d] = diff;
+      if (left_first) search(s, 2 * node + 2, mid, hi, far);
+      else search(s, 2 * node + 1, lo, mid, far);
+      s.off[d] = old;
+    }
+  }
+};
+
+template <typename T, int DD>
+void kdtree_search(const T* Q, const T* X, int64_t M, int64_t N, int64_t D, int64_t k, T* out_d, int64_t* out_i) {
+  const KdTree<T, DD> tree(X, N, D);
+  // Covers the incremental cell distance's rounding and a value that rounds to the k-th best in T.
+  const double slack = 8.0 * (D + 2) * unit_roundoff<T>();
+#pragma omp parallel num_threads(threads())
+  {
+    std::vector<double> off(D);
+#pragma omp for schedule(dynamic, 32)
+    for (int64_t i = 0; i < M; ++i) {
+      std::fill(off.begin(), off.end(), 0.0);
+      TopK<T> h{out_d + i * k, out_i + i * k, k};
+      typename KdTree<T, DD>::Query s{Q + i * D, h, off.data(), slack};
+      tree.search(s, 0, 0, N, 0.0);
+      finish(h, false, out_d + i * k, out_i + i * k);
+    }
+  }
+}
+
+// The kd-tree with the dimension fixed at compile time where it is small.
+template <typename T, int... Ds>
+void kdtree_dispatch(const T* Q, const T* X, int64_t M, int64_t N, int64_t D, int64_t k, T* out_d, int64_t* out_i,
+                     std::integer_sequence<int, Ds...>) {
+  const bool fixed = ((D == Ds + 1 ? (kdtree_search<T, Ds + 1>(Q, X, M, N, D, k, out_d, out_i), true) : false) || ...);
+  if (!fixed) kdtree_search<T, 0>(Q, X, M, N, D, k, out_d, out_i);
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(q.dim() == 2 && x.dim() == 2 && q.size(1) == x.size(1), "nearest_neighbor: expected [M, D] and [N, D]");
+  TORCH_CHECK(q.scalar_type() == x.scalar_type(), "nearest_neighbor: queries and database differ in dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, "nearest_neighbor: float32 or float64");
+  TORCH_CHECK(k >= 1 && k <= x.size(0), "nearest_neighbor: expected 1 <= k <= N");
+  TORCH_CHECK(q.device().is_cpu() && x.device().is_cpu(), "nearest_neighbor: CPU tensors");
+}
+
+}  // namespace
+
+// Blocked brute force: (distances [M, k], indices [M, k] int64). metric "ip" when `ip`.
+std::tuple<at::Tensor, at::Tensor> nearest_neighbor_brute(const at::Tensor& queries, const at::Tensor& database,
+                                                          int64_t k, bool ip) {
+  check_inputs(queries, database, k);
+  const at::Tensor q = queries.contiguous(), x = database.contiguous();
+  const int64_t M = q.size(0), N = x.size(0), D = q.size(1);
+  at::Tensor dist = at::empty({M, k}, q.options());
+  at::Tensor idx = at::empty({M, k}, q.options().dtype(at::kLong));
+  if (M == 0) return {dist, idx};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nearest_neighbor_brute", [&] {
+    Brute<scalar_t> b{q.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), M, N, D, k, ip};
+    b.search(dist.data_ptr<scalar_t>(), idx.data_ptr<int64_t>());
+  });
+  return {dist, idx};
+}
+
+// kd-tree, squared L2 only: build and search in one call.
+std::tuple<at::Tensor, at::Tensor> nearest_neighbor_kdtree(const at::Tensor& queries, const at::Tensor& database,
+                                                           int64_t k) {
+  check_inputs(queries, database, k);
+  const at::Tensor q = queries.contiguous(), x = database.contiguous();
+  const int64_t M = q.size(0), N = x.size(0), D = q.size(1);
+  at::Tensor dist = at::empty({M, k}, q.options());
+  at::Tensor idx = at::empty({M, k}, q.options().dtype(at::kLong));
+  if (M == 0) return {dist, idx};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nearest_neighbor_kdtree", [&] {
+    kdtree_dispatch<scalar_t>(q.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), M, N, D, k, dist.data_ptr<scalar_t>(),
+                              idx.data_ptr<int64_t>(), std::make_integer_sequence<int, kFixedMaxD>{});
+  });
+  return {dist, idx};
+}
+
+TORCH_LIBRARY_FRAGMENT(switchyard, m) {
+  m.def("nearest_neighbor_brute", &nearest_neighbor_brute);
+  m.def("nearest_neighbor_kdtree", &nearest_neighbor_kdtree);
+}

@@ -1,0 +1,386 @@
+"""nearest_neighbor: the contract against an independent float64 brute force, ties, data far from the
+origin, bad input, the compare rule, the dispatcher, scipy's cKDTree and FAISS, bounded memory, and
+every built-in kernel through the conformance kit."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from core import dispatcher
+from core.errors import InvalidInput
+from core.ops.nearest_neighbor import SPEC, KnnResult, _group_problem, make_inputs, true_values
+from core.spec import Sample
+from core.tuning import judge
+from plugins.fused import _build
+from plugins.fused.nearest_neighbor import nearest_neighbor as fused, nearest_neighbor_kdtree as fused_kdtree
+from plugins.reference.nearest_neighbor import nearest_neighbor as reference, nearest_neighbor_kdtree as reference_kdtree
+from plugins.torch_backend.nearest_neighbor import candidates_per_query, nearest_neighbor as torch_knn
+from registry.conformance import check_case, conformance_cases
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERNELS = {"reference": reference, "reference-kdtree": reference_kdtree, "torch": torch_knn, "fused": fused,
+           "fused-kdtree": fused_kdtree}
+L2_ONLY = {"reference-kdtree", "fused-kdtree"}
+NO_CPP = _build.unavailable_reason("nearest_neighbor")
+
+
+def _kernels(metric: str = "l2") -> list[str]:
+    names = [n for n in KERNELS if metric == "l2" or n not in L2_ONLY]
+    if NO_CPP:  # recorded, not silent: the fused kernels declare this same reason and dispatch skips them
+        names = [n for n in names if not n.startswith("fused")]
+    return names
+
+
+def brute(q: torch.Tensor, x: torch.Tensor, k: int, metric: str) -> KnnResult:
+    """Independent of the plugins: every float64 distance, rounded to the dtype, then a stable sort."""
+    q64, x64 = q.double(), x.double()
+    if metric == "l2":
+        cost = (q64[:, None, :] - x64[None, :, :]).pow(2).sum(-1)
+    else:
+        cost = -(q64[:, None, :] * x64[None, :, :]).sum(-1)
+    cost = cost.to(q.dtype).double()
+    order = torch.sort(cost, dim=1, stable=True).indices[:, :k]
+    dist = cost.gather(1, order)
+    return KnnResult((dist if metric == "l2" else -dist).to(q.dtype), order)
+
+
+def _judge(out, q, x, k, metric, ref=None):
+    sample = Sample(args=(q, x), attrs={"k": k, "metric": metric})
+    return judge(SPEC, out, ref if ref is not None else brute(q, x, k, metric), sample)
+
+
+# -- the contract on random data -------------------------------------------------------------------
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("M,N,D,k,dtype", [
+    (13, 700, 5, 4, torch.float32),
+    (40, 1500, 33, 10, torch.float32),
+    (7, 300, 2, 7, torch.float64),
+    (3, 2100, 12, 1, torch.float32),
+])
+def test_every_kernel_matches_a_float64_brute_force(gen, metric, M, N, D, k, dtype):
+    q, x = make_inputs(gen, "cpu", dtype, M, N, D, hits=2)
+    want = brute(q, x, k, metric)
+    for name in _kernels(metric):
+        out = KERNELS[name](q, x, k=k, metric=metric)
+        assert isinstance(out, KnnResult), name
+        assert out.distances.dtype == dtype and out.indices.dtype == torch.int64, name
+        verdict = _judge(out, q, x, k, metric, want)
+        assert verdict.ok, f"{name}: {verdict.reason}"
+        # continuous random data has no ties: the very same neighbours, in the same order
+        assert torch.equal(out.indices, want.indices), name
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_ties_come_lower_index_first(gen, metric):
+    # Integer points in a small grid: exact float arithmetic and many equal distances.
+    q, x = make_inputs(gen, "cpu", torch.float32, 30, 400, 3, grid=3, hits=5)
+    want = brute(q, x, 9, metric)
+    assert bool((want.distances[:, 1:] == want.distances[:, :-1]).any()), "the data should hold ties"
+    for name in _kernels(metric):
+        out = KERNELS[name](q, x, k=9, metric=metric)
+        assert torch.equal(out.indices, want.indices), name
+        assert torch.equal(out.distances, want.distances), name
+
+
+def test_duplicated_points_and_equidistant_points(gen):
+    x = torch.randn(50, 4, generator=gen)
+    x = x / x.norm(dim=1, keepdim=True) * (2 + torch.rand(50, 1, generator=gen))  # norms in [2, 3)
+    x[[7, 21, 40]] = x[3].clone()  # four copies of one point
+    x[[45, 12, 30, 5]] = torch.tensor([[1.0, 0, 0, 0], [0, -1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, -1.0]])
+    q = torch.cat([x[21:22], torch.zeros(1, 4)])  # on a copy; at the centre of the unit points
+    for name in _kernels():
+        out = KERNELS[name](q, x, k=4, metric="l2")
+        assert out.indices[0].tolist() == [3, 7, 21, 40], name
+        assert out.distances[0].tolist() == [0.0] * 4, name
+        assert out.indices[1].tolist() == [5, 12, 30, 45], name
+        assert out.distances[1].tolist() == [1.0] * 4, name
+
+
+@pytest.mark.parametrize("D", [3, 16, 64])
+def test_far_from_the_origin_a_query_on_a_point_is_at_exactly_zero(gen, D):
+    q, x = make_inputs(gen, "cpu", torch.float32, 24, 3000, D, offset=1000.0)
+    rows = torch.randperm(3000, generator=gen)[:24]
+    q = x[rows].clone()
+    # The expansion in float32 really fails here, so the test means something.
+    expanded = (q * q).sum(1, keepdim=True) - 2 * q @ x.t() + (x * x).sum(1)[None, :]
+    assert float(expanded.gather(1, rows[:, None]).abs().max()) > 0
+    want = brute(q, x, 5, "l2")
+    for name in _kernels():
+        out = KERNELS[name](q, x, k=5, metric="l2")
+        assert torch.equal(out.indices[:, 0], rows), name
+        assert bool((out.distances[:, 0] == 0).all()), name
+        assert _judge(out, q, x, 5, "l2", want).ok, name
+
+
+def test_many_ties_beyond_the_candidate_count_are_certified_or_recomputed(gen):
+    # 100 copies of one point: more equal distances than the torch kernel keeps as candidates, so its
+    # certification must fail and the exact scan must take over.
+    x = torch.randn(3000, 20, generator=gen)
+    same = torch.randperm(3000, generator=gen)[:100]
+    x[same] = x[same[0]].clone()
+    q = x[same[:1]].clone()
+    assert candidates_per_query(5, 3000) < 100
+    for name in _kernels():
+        out = KERNELS[name](q, x, k=5, metric="l2")
+        assert out.indices[0].tolist() == sorted(same.tolist())[:5], name
+        assert out.distances[0].tolist() == [0.0] * 5, name
+
+
+def test_m0_kn_d1_and_non_contiguous_inputs(gen):
+    q, x = make_inputs(gen, "cpu", torch.float32, 0, 40, 3)
+    for name in _kernels():
+        out = KERNELS[name](q, x, k=3, metric="l2")
+        assert out.distances.shape == (0, 3) and out.indices.shape == (0, 3), name
+    q, x = make_inputs(gen, "cpu", torch.float32, 6, 23, 4)
+    want = brute(q, x, 23, "l2")
+    for name in _kernels():  # k = N: the whole database, in order
+        assert torch.equal(KERNELS[name](q, x, k=23, metric="l2").indices, want.indices), name
+    q, x = make_inputs(gen, "cpu", torch.float64, 9, 200, 1, duplicates=30, hits=3)
+    want = brute(q, x, 6, "l2")
+    for name in _kernels():  # D = 1, with duplicates
+        assert torch.equal(KERNELS[name](q, x, k=6, metric="l2").indices, want.indices), name
+    q, x = make_inputs(gen, "cpu", torch.float32, 8, 500, 6)
+    qs, xs = q.t().contiguous().t(), torch.stack([x, x], dim=2).reshape(500, 12)[:, ::2]
+    assert not qs.is_contiguous() and not xs.is_contiguous() and torch.equal(xs, x)
+    want = brute(q, x, 4, "ip")
+    for name in _kernels("ip"):
+        assert torch.equal(KERNELS[name](qs, xs, k=4, metric="ip").indices, want.indices), name
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+def test_k_out_of_range_says_what_k_and_n_were(gen):
+    q, x = make_inputs(gen, "cpu", torch.float32, 3, 5, 2)
+    with pytest.raises(InvalidInput, match=r"nearest_neighbor: argument 'k': expected 1 <= k <= N = 5 .*got k=6"):
+        dispatcher.nearest_neighbor(q, x, k=6)
+    with pytest.raises(InvalidInput, match=r"argument 'k': expected 1 <= k <= N = 5 .*got k=0"):
+        dispatcher.nearest_neighbor(q, x, k=0)
+    with pytest.raises(InvalidInput, match=r"argument 'k': expected an int, got True"):
+        dispatcher.nearest_neighbor(q, x, k=True)
+    with pytest.raises(InvalidInput, match=r"argument 'k': expected an int, got 2.0"):
+        dispatcher.nearest_neighbor(q, x, k=2.0)
+    with pytest.raises(InvalidInput, match=r"argument 'k': expected a value \(it is required\)"):
+        dispatcher.nearest_neighbor(q, x)
+
+
+@pytest.mark.parametrize("which,value", [("queries", float("nan")), ("database", float("inf")),
+                                         ("database", float("-inf"))])
+def test_non_finite_input_names_the_input_and_the_first_bad_row(gen, which, value):
+    q, x = make_inputs(gen, "cpu", torch.float32, 6, 30, 4)
+    t = q if which == "queries" else x
+    t[4, 2] = value
+    t[5, 0] = float("nan")
+    with pytest.raises(InvalidInput, match=rf"nearest_neighbor: argument '{which}': expected finite values, "
+                                           rf"got {value} in row 4 \(column 2\)"):
+        dispatcher.nearest_neighbor(q, x, k=2)
+
+
+def test_bad_shapes_dtypes_and_metric(gen):
+    q, x = make_inputs(gen, "cpu", torch.float32, 4, 10, 3)
+    cases = [
+        ((q[0], x), {}, r"argument 'queries': expected a 2-D tensor \[rows, D\], got shape \(3,\)"),
+        ((q, x[:, :2]), {}, r"argument 'queries': expected D = 2 columns \(those of database\), got shape \(4, 3\)"),
+        ((q, x[:0]), {}, r"argument 'database': expected N >= 1 rows, got shape \(0, 3\)"),
+        ((q[:, :0], x[:, :0]), {}, r"argument 'database': expected D >= 1 columns, got shape \(10, 0\)"),
+        ((q.half(), x.half()), {}, r"argument 'queries': expected dtype one of \['float32', 'float64'\], got float16"),
+        ((q, x.double()), {}, r"argument 'database': expected dtype float32 \(the dtype of queries\), got float64"),
+        ((q.numpy(), x), {}, r"argument 'queries': expected a torch.Tensor, got ndarray"),
+        ((q, x), {"metric": "cosine"}, r"argument 'metric': expected one of \['l2', 'ip'\], got 'cosine'"),
+    ]
+    for args, extra, message in cases:
+        with pytest.raises(InvalidInput, match="nearest_neighbor: " + message):
+            dispatcher.nearest_neighbor(*args, k=2, **extra)
+
+
+# -- the compare rule --------------------------------------------------------------------------------
+
+def test_compare_rule_rejects_what_the_contract_forbids(gen):
+    q, x = make_inputs(gen, "cpu", torch.float32, 10, 400, 8, offset=1000.0, hits=10)
+    want = brute(q, x, 5, "l2")
+    assert _judge(want, q, x, 5, "l2", want).ok
+    # a missed neighbour: the 5th replaced by the farthest point
+    far = (q.double()[:, None] - x.double()[None]).pow(2).sum(-1).argmax(1)
+    idx = want.indices.clone()
+    idx[:, 4] = far
+    d = true_values(q, x, idx, "l2")[0].float()
+    verdict = _judge(KnnResult(d, idx), q, x, 5, "l2", want)
+    assert not verdict.ok and "a nearer neighbour was missed" in verdict.reason
+    # the expansion's distances (far from the origin they are off by whole units)
+    q64, xs = q.double(), x[want.indices].double()
+    expanded = (q * q).sum(1)[:, None] - 2 * (q[:, None, :] * x[want.indices]).sum(-1) + (x[want.indices] ** 2).sum(-1)
+    assert float((expanded.double() - (q64[:, None] - xs).pow(2).sum(-1)).abs().max()) > 1
+    verdict = _judge(KnnResult(expanded, want.indices), q, x, 5, "l2", want)
+    assert not verdict.ok and "from its float64 value" in verdict.reason
+    # an index twice, and one out of range
+    idx = want.indices.clone()
+    idx[0, 1] = idx[0, 0]
+    verdict = _judge(KnnResult(want.distances, idx), q, x, 5, "l2", want)
+    assert not verdict.ok and "appears twice" in verdict.reason
+    idx[0, 1] = 400
+    verdict = _judge(KnnResult(want.distances, idx), q, x, 5, "l2", want)
+    assert not verdict.ok and "outside [0, 400)" in verdict.reason
+    # the wrong order for the metric
+    verdict = _judge(KnnResult(want.distances.flip(1), want.indices.flip(1)), q, x, 5, "l2", want)
+    assert not verdict.ok and "not in the metric's order" in verdict.reason
+
+
+def test_compare_rule_checks_the_tie_order_and_the_tie_groups(gen):
+    x = torch.tensor([[0.0, 0], [1, 0], [0, 1], [-1, 0], [0, -1], [3, 3]])
+    q = torch.zeros(1, 2)
+    want = brute(q, x, 4, "l2")
+    assert want.indices[0].tolist() == [0, 1, 2, 3]
+    swapped = KnnResult(want.distances, torch.tensor([[0, 2, 1, 3]]))
+    verdict = _judge(swapped, q, x, 4, "l2", want)
+    assert not verdict.ok and "not in index order" in verdict.reason
+    # the last group may be cut at k: another member of it is as good
+    other = KnnResult(want.distances, torch.tensor([[0, 1, 2, 4]]))
+    assert _judge(other, q, x, 4, "l2", want).ok
+    # a complete group's indices must match (checked on the raw arrays: a kernel that passes the
+    # rank-by-rank check cannot get here, this guards the rule itself)
+    cost = torch.tensor([[0.0, 1.0, 1.0, 5.0]])
+    tol = torch.full_like(cost, 1e-6)
+    assert _group_problem(torch.tensor([[0, 1, 2, 3]]), torch.tensor([[0, 2, 1, 3]]), cost, tol, 10) == ""
+    problem = _group_problem(torch.tensor([[0, 1, 4, 3]]), torch.tensor([[0, 1, 2, 3]]), cost, tol, 10)
+    assert "ranks [1, 2]" in problem and "[1, 4]" in problem and "[1, 2]" in problem
+    assert _group_problem(torch.tensor([[0, 1, 2, 9]]), torch.tensor([[0, 1, 2, 3]]), cost, tol, 10) == ""
+
+
+# -- samples and the dispatch key ---------------------------------------------------------------------
+
+def test_shrink_and_synthesize_keep_the_kind_and_the_location(gen):
+    q, x = make_inputs(gen, "cpu", torch.float32, 3000, 50_000, 6, offset=500.0)
+    args, attrs = SPEC.prepare((q, x), {"k": 7})
+    assert attrs == {"k": 7, "metric": "l2"}
+    full = SPEC.synthesize(args, attrs, gen)
+    assert SPEC.key(full.args, full.attrs) == SPEC.key(args, attrs) == ("cpu", "float32", 4096, 65536, 6, 8, "l2")
+    assert not torch.equal(full.args[1], x)
+    small = SPEC.shrink(args, attrs, gen)
+    (sq, sx), sa = small.args, small.attrs
+    assert sx.shape[0] <= 2048 and sq.shape[0] <= 48 and sa["k"] == 7 and sx.dtype == torch.float32
+    assert abs(float(sx.mean()) - 500.0) < 1.0  # fresh data where the caller's lies
+    meta = SPEC.infer(args, attrs)
+    assert (meta.distances.shape, meta.distances.dtype) == ((3000, 7), torch.float32)
+    assert (meta.indices.shape, meta.indices.dtype) == ((3000, 7), torch.int64)
+
+
+# -- the dispatcher ----------------------------------------------------------------------------------
+
+def test_dispatcher_end_to_end_and_explain(gen):
+    q, x = make_inputs(gen, "cpu", torch.float32, 64, 3000, 3, hits=4)
+    out = dispatcher.nearest_neighbor(q, x, k=6)
+    assert isinstance(out, KnnResult) and _judge(out, q, x, 6, "l2").ok
+    explanation = dispatcher.explain("nearest_neighbor", q, x, k=6)
+    rows = {r.backend: r for r in explanation.rows}
+    assert set(rows) == set(KERNELS)
+    assert explanation.chosen in rows and rows[explanation.chosen].status == "chosen"
+    for name in _kernels():
+        assert rows[name].status in ("chosen", "ok"), (name, rows[name].reason)
+    assert explanation.key == ("cpu", "float32", 64, 4096, 3, 8, "l2")
+    out = dispatcher.nearest_neighbor(q, x, k=6, metric="ip")
+    assert _judge(out, q, x, 6, "ip").ok
+    rows = {r.backend: r for r in dispatcher.explain("nearest_neighbor", q, x, k=6, metric="ip").rows}
+    assert rows["fused-kdtree"].status == "unsupported" and "serves 'l2' only" in rows["fused-kdtree"].reason
+    assert rows["reference-kdtree"].status == "unsupported"
+
+
+def test_the_kd_trees_decline_what_they_cannot_serve_well(gen):
+    from registry.loader import get_registry
+
+    q, x = make_inputs(gen, "cpu", torch.float32, 2000, 100_000, 20)
+
+    kernels = {k.backend: k for k in get_registry().kernels_for("nearest_neighbor")}
+    reasons = kernels["reference-kdtree"].not_supported_reasons(q, x, k=3)
+    assert any("pure Python would take over a second" in r for r in reasons)
+    reasons = kernels["fused-kdtree"].not_supported_reasons(q, x, k=3)
+    assert any("D=20: a kd-tree is for low dimension (D <= 16)" in r for r in reasons)
+
+
+# -- real peers (test-only dependencies) ------------------------------------------------------------
+
+def test_agrees_with_scipy_ckdtree(gen):
+    from scipy.spatial import cKDTree
+
+    q, x = make_inputs(gen, "cpu", torch.float64, 200, 20_000, 3)
+    dist, idx = cKDTree(x.numpy()).query(q.numpy(), k=8)
+    theirs = KnnResult(torch.from_numpy(dist ** 2), torch.from_numpy(idx))
+    for name in _kernels():
+        if name.startswith("reference"):
+            continue  # slow at this size; they are checked against the brute force above
+        out = KERNELS[name](q, x, k=8, metric="l2")
+        verdict = _judge(out, q, x, 8, "l2", theirs)
+        assert verdict.ok, f"{name}: {verdict.reason}"
+        assert torch.equal(out.indices, theirs.indices), name
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_agrees_with_faiss_exact_flat_index(gen, metric):
+    faiss = pytest.importorskip("faiss", reason="faiss-cpu is a test-only dependency")
+    q, x = make_inputs(gen, "cpu", torch.float32, 100, 20_000, 48)
+    index = faiss.IndexFlatL2(48) if metric == "l2" else faiss.IndexFlatIP(48)
+    index.add(x.numpy())
+    _, idx = index.search(q.numpy(), 10)
+    idx = torch.from_numpy(idx)
+    # FAISS ranks by the float32 expansion; order its answer by the true distances before judging ours
+    values = true_values(q, x, idx, metric)[0]
+    values, order = values.sort(dim=1, descending=metric == "ip")
+    theirs = KnnResult(values.float(), idx.gather(1, order))
+    for name in _kernels(metric):
+        if name.startswith("reference"):
+            continue
+        out = KERNELS[name](q, x, k=10, metric=metric)
+        verdict = _judge(out, q, x, 10, metric, theirs)
+        assert verdict.ok, f"{name}: {verdict.reason}"
+
+
+# -- memory ------------------------------------------------------------------------------------------
+
+_MEMORY_PROBE = textwrap.dedent("""
+    import json, resource, sys, torch
+    from core.ops.nearest_neighbor import make_inputs
+    from plugins.fused import _build
+    from plugins.fused.nearest_neighbor import nearest_neighbor, nearest_neighbor_kdtree
+    from plugins.torch_backend.nearest_neighbor import nearest_neighbor as torch_knn
+    names = sys.argv[1].split(",")
+    kernels = {"fused": nearest_neighbor, "fused-kdtree": nearest_neighbor_kdtree, "torch": torch_knn}
+    q, x = make_inputs(torch.Generator().manual_seed(0), "cpu", torch.float32, 500, 250_000, 8)
+    if any(n.startswith("fused") for n in names):
+        _build.library("nearest_neighbor")
+        nearest_neighbor(q[:2], x[:50], k=3, metric="l2")
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak()
+    extra = {}
+    for name in names:
+        kernels[name](q, x, k=10, metric="l2")
+        extra[name] = peak() - base
+    print(json.dumps(extra))
+""")
+
+
+def test_peak_extra_memory_stays_far_below_the_distance_matrix():
+    names = [n for n in ("fused-kdtree", "fused", "torch") if n in _kernels()]
+    result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, ",".join(names)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=240, env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stderr[-2000:]
+    extra = json.loads(result.stdout.strip().splitlines()[-1])
+    matrix = 500 * 250_000 * 4  # what an [M, N] float32 distance matrix would take: 500 MB
+    for name, used in extra.items():  # cumulative peaks, so each bound covers the kernels before it
+        assert used < matrix / 5, f"{name}: {used / 2**20:.0f} MiB extra (the matrix is {matrix / 2**20:.0f} MiB)"
+
+
+# -- every built-in kernel, every case and edge case, through the conformance kit -------------------
+
+BUILTIN = [c for backend in ("reference", "reference-kdtree", "torch", "fused", "fused-kdtree")
+           for c in conformance_cases(backend, ops=["nearest_neighbor"])]
+
+
+@pytest.mark.parametrize("case", BUILTIN, ids=str)
+def test_builtin_kernels_conform(case):
+    check_case(case)
