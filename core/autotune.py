@@ -92,9 +92,13 @@ def tune_op(spec: OpSpec, tuner: tuning.Tuner, *, device: str, cases: Sequence[s
                 "vs_reference": _ratio(times.get("reference"), r.median_ms),
                 "vs_torch": _ratio(times.get("torch"), r.median_ms),
                 "max_error": None if r.max_error is None or math.isnan(r.max_error) else r.max_error,
-                "reason": r.reason, "key": list(key),
+                "reason": r.reason, "key": [_json_scalar(part) for part in key],
             })
     return rows
+
+
+def _json_scalar(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
 def _ratio(base: float | None, mine: float | None) -> float | None:

@@ -32,7 +32,8 @@ def _head(q: np.ndarray, k: np.ndarray, v: np.ndarray, allowed: np.ndarray, scal
     e = np.where(allowed, np.exp(s - np.where(alive, m, 0.0)), 0.0)
     total = e.sum(axis=1, keepdims=True)
     p = np.where(alive, e / np.where(total > 0, total, 1.0), 0.0)
-    o = np.where(allowed[:, :, None], p[:, :, None] * v[None, :, :], 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore"):  # 0 * inf at masked positions, discarded by the where
+        o = np.where(allowed[:, :, None], p[:, :, None] * v[None, :, :], 0.0).sum(axis=1)
     with np.errstate(divide="ignore"):
         lse = np.where(alive[:, 0], m[:, 0] + np.log(np.where(total[:, 0] > 0, total[:, 0], 1.0)), -np.inf)
     return o, lse, p
