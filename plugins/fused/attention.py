@@ -1,0 +1,165 @@
+"""Fused attention: FlashAttention-style tiled kernels, C++ on the CPU and Triton on CUDA.
+
+Both paths tile q, k and v, keep a running max and sum per query row (the online softmax) and never
+write the [Lq, Lk] score matrix; the backward pass recomputes the scores from the saved log-sum-exp
+(Dao, "FlashAttention-2", 2023, Algorithms 1 and 2). The C++ kernels are ``csrc/attention.cpp``,
+the Triton kernels ``triton/attention.py``; one ``torch.autograd.Function`` serves both.
+
+Masked positions must not leak: a NaN or inf in k or v where no query may look would still reach the
+output through the tile products (0 * NaN), so non-finite keys and values are read as 0, exactly as
+the op's plain torch math does with v.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from core.spec import dtype_name
+from plugins.fused import _build
+from registry import Kernel
+
+OP = "attention"
+CPU_DTYPES = (torch.float32, torch.bfloat16)
+CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM_CUDA = 256
+# Tile sizes of the C++ kernels (query rows, keys), measured on one core at B=1, H=8, L=2048, D=64; the
+# tile along the parallel axis shrinks (halving, down to 32) until each thread has 4 tiles to take.
+CPU_FWD_BLOCKS = (256, 512)
+CPU_BWD_BLOCKS = (128, 128)
+
+
+def _cpu_blocks(blocks: tuple[int, int], heads: int, length: int, axis: int) -> tuple[int, int]:
+    """``blocks`` with its ``axis`` tile shrunk until ``heads * ceil(length / tile)`` feeds every thread."""
+    tiles = list(blocks)
+    while tiles[axis] > 32 and heads * -(-length // tiles[axis]) < 4 * torch.get_num_threads():
+        tiles[axis] //= 2
+    return tiles[0], tiles[1]
+
+
+def _mask4(attn_mask: torch.Tensor | None, full: tuple[int, int, int, int]) -> torch.Tensor | None:
+    """The caller's mask as a 4-D view of the full [B, Hq, Lq, Lk] shape (stride 0 where it broadcasts)."""
+    if attn_mask is None:
+        return None
+    return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).expand(full)
+
+
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with NaN and inf read as 0 (a copy only when there is one)."""
+    return t if bool(torch.isfinite(t).all()) else torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class _Cpu:
+    """The C++ path (``CPP``): float32 tiles whatever the input dtype, results cast back."""
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        lib = _build.library(OP)
+        q32, k32, v32 = (t.float().contiguous() for t in (q, k, v))
+        blocks = _cpu_blocks(CPU_FWD_BLOCKS, q.shape[0] * q.shape[1], q.shape[2], 0)
+        return lib.attention_fwd(q32, _finite(k32), _finite(v32), mask, causal, scale, *blocks)
+
+    @staticmethod
+    def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
+                 delta: torch.Tensor, causal: bool, scale: float, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        lib = _build.library(OP)
+        q32, k32, v32, do32 = (t.float().contiguous() for t in (q, k, v, do))
+        blocks = _cpu_blocks(CPU_BWD_BLOCKS, k.shape[0] * k.shape[1], k.shape[2], 1)
+        return lib.attention_bwd(q32, _finite(k32), _finite(v32), do32, lse.contiguous(), delta.contiguous(), mask,
+                                 causal, scale, *blocks)
+
+
+class _Cuda:
+    """The Triton path (``TRITON``; imported on first use, so this module imports without triton)."""
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        from plugins.fused.triton import attention as tri
+
+        return tri.forward(q, k, v, causal=causal, scale=scale, mask=mask)
+
+    @staticmethod
+    def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
+                 delta: torch.Tensor, causal: bool, scale: float, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        from plugins.fused.triton import attention as tri
+
+        return tri.backward(q, k, v, do, lse, delta, causal=causal, scale=scale, mask=mask)
+
+
+CPP, TRITON = _Cpu, _Cuda
+
+
+class FusedAttention(torch.autograd.Function):
+    """(o, lse) by the tiled forward; (dq, dk, dv) by the tiled backward from the saved lse.
+
+    ``path`` is ``CPP`` or ``TRITON``; the kernel picks it by device, tests pick TRITON on CPU tensors
+    to run the Triton kernels in the interpreter.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                attn_mask: torch.Tensor | None, path: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        B, Hq, Lq, _ = q.shape
+        mask = _mask4(attn_mask, (B, Hq, Lq, k.shape[2]))
+        if q.numel() == 0 or k.shape[2] == 0:  # nothing to attend: o = 0, lse = -inf
+            o = q.new_zeros(B, Hq, Lq, v.shape[3])
+            lse = torch.full((B, Hq, Lq), float("-inf"), device=q.device)
+        else:
+            o, lse = path.forward(q, k, v, causal, scale, mask)
+        ctx.causal, ctx.scale, ctx.mask, ctx.path = causal, scale, mask, path
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.set_materialize_grads(False)
+        return o.to(q.dtype), lse
+
+    @staticmethod
+    def backward(ctx: Any, do: torch.Tensor | None, dlse: torch.Tensor | None) -> tuple[Any, ...]:
+        q, k, v, o, lse = ctx.saved_tensors
+        if q.numel() == 0 or k.shape[2] == 0 or (do is None and dlse is None):
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None
+        do = torch.zeros_like(o) if do is None else do
+        # dS = P * (dP - delta), with delta = rowsum(o * do) - dlse (FlashAttention-2, eq. for D_i).
+        delta = (o.float() * do.float()).sum(-1)
+        if dlse is not None:
+            delta = delta - dlse.float()
+        dq, dk, dv = ctx.path.backward(q, k, v, do, lse, delta, ctx.causal, ctx.scale, ctx.mask)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+              attn_mask: torch.Tensor | None, return_lse: bool) -> Any:
+    """FlashAttention-2 forward (and, through autograd, backward): C++ for CPU tensors, Triton for CUDA."""
+    o, lse = FusedAttention.apply(q, k, v, causal, scale, attn_mask, CPP if q.device.type == "cpu" else TRITON)
+    return (o, lse) if return_lse else o
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+           attn_mask: torch.Tensor | None, return_lse: bool) -> list[str]:
+    reasons = []
+    if q.device.type == "cpu":
+        if q.dtype not in CPU_DTYPES:
+            allowed = [dtype_name(d) for d in CPU_DTYPES]
+            reasons.append(f"dtype {dtype_name(q.dtype)} on the CPU: its C++ kernels take {allowed}")
+        reason = _build.unavailable_reason(OP)
+        if reason:
+            reasons.append(reason)
+    elif q.device.type == "cuda":
+        if q.dtype not in CUDA_DTYPES:
+            allowed = [dtype_name(d) for d in CUDA_DTYPES]
+            reasons.append(f"dtype {dtype_name(q.dtype)} on CUDA: its Triton kernels take {allowed}")
+        if max(q.shape[3], v.shape[3]) > MAX_HEAD_DIM_CUDA:
+            reasons.append(f"head dim {max(q.shape[3], v.shape[3])} on CUDA: its Triton kernels take at most "
+                           f"{MAX_HEAD_DIM_CUDA}")
+        reason = _build.triton_reason()
+        if reason:
+            reasons.append(reason)
+    return reasons
+
+
+KERNELS = [
+    Kernel(op=OP, backend="fused", fn=attention, devices={"cpu", "cuda"}, dtypes={*CPU_DTYPES, *CUDA_DTYPES},
+           priority=30, check=_check, differentiable=True,
+           description="FlashAttention-2 tiles with an online softmax: C++ (OpenMP, BLAS tile products) on the "
+                       "CPU, Triton on CUDA; backward recomputes the scores from the saved lse"),
+]

@@ -1,0 +1,193 @@
+"""The fused attention kernels: C++ on the CPU through the conformance kit and the dispatcher, and the
+Triton kernels run by the Triton interpreter on CPU tensors (TRITON_INTERPRET=1, set by conftest) at
+small sizes that still cover the odd ones. Correctness only; speed is scripts/bench_attention.py's
+business (CPU) and gpu_check's (CUDA)."""
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+
+from core import dispatcher
+from core.ops.attention import SPEC, make_inputs, random_mask
+from core.spec import Sample
+from core.tuning import check, expected
+from plugins.fused import _build
+from plugins.fused import attention as fused
+from plugins.torch_backend.attention import attention as torch_attention
+from registry.conformance import conformance_cases, run_case
+from registry.loader import get_registry
+
+NO_CPP = _build.unavailable_reason("attention")
+NO_TRITON = _build.triton_reason()
+needs_cpp = pytest.mark.skipif(NO_CPP is not None, reason=f"the fused C++ kernels cannot be built here: {NO_CPP}")
+PATHS = [pytest.param("CPP", marks=needs_cpp),
+         pytest.param("TRITON", marks=pytest.mark.skipif(NO_TRITON is not None, reason=f"{NO_TRITON}"))]
+
+# Cases the fused kernel declines on the CPU, with the words its reason must contain.
+DECLINED_ON_CPU = {"float64": "dtype float64"}
+
+
+def _reference():
+    return get_registry().reference("attention")
+
+
+def _sample(gen, dtype, B, Hq, Hkv, Lq, Lk, D, *, Dv=None, causal=False, mask=None, return_lse=True):
+    q, k, v = make_inputs(gen, "cpu", dtype, B, Hq, Hkv, Lq, Lk, D, Dv)
+    if mask == "random":
+        mask = random_mask(gen, (B, Hq, Lq, Lk), "cpu")  # with one row that may attend nothing
+    attrs = {"causal": causal, "scale": 1.0 / math.sqrt(D), "attn_mask": mask, "return_lse": return_lse}
+    return Sample(args=(q, k, v), attrs=attrs)
+
+
+def _run(path):
+    """The kernel's calling convention on one path (CPP or TRITON), whatever the tensors' device."""
+    def fn(q, k, v, *, causal, scale, attn_mask, return_lse):
+        o, lse = fused.FusedAttention.apply(q, k, v, causal, scale, attn_mask, path)
+        return (o, lse) if return_lse else o
+    return fn
+
+
+def _check(path, sample, gen):
+    """Forward and gradients through the spec's compare rule, as the tuner validates them."""
+    verdict = check(SPEC, _run(path), expected(SPEC, _reference(), sample, True, gen))
+    assert verdict.ok, verdict.reason
+
+
+# -- the C++ kernels -------------------------------------------------------------------------------
+
+EDGE = [c for c in conformance_cases("fused", ops=["attention"]) if c.case in SPEC.edge_cases]
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", EDGE, ids=str)
+def test_cpp_conforms_on_every_edge_case(case):
+    result = run_case(case)
+    if case.case in DECLINED_ON_CPU:
+        assert result.status == "unsupported" and DECLINED_ON_CPU[case.case] in result.reason, result
+        return
+    assert result.status == "ok", result.reason
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", sorted(SPEC.cases))
+def test_cpp_on_the_specs_cases_shrunk(gen, case):
+    # Shrunk as the tuner validates them: the float64 reference at full size takes most of a minute.
+    sample = SPEC.cases[case](gen, "cpu")
+    _check(fused.CPP, SPEC.shrink(sample.args, sample.attrs, gen), gen)
+
+
+SHAPES = {  # (dtype, B, Hq, Hkv, Lq, Lk, D, extra)
+    "odd-lengths-causal": (torch.float32, 1, 2, 2, 113, 203, 64, {"causal": True}),
+    "d59-dv33": (torch.float32, 1, 2, 1, 40, 70, 59, {"Dv": 33}),
+    "lq-gt-lk-causal": (torch.float32, 1, 4, 2, 150, 70, 32, {"causal": True}),
+    "lq1-causal": (torch.float32, 2, 4, 1, 1, 700, 64, {"causal": True}),
+    "gqa-mask": (torch.float32, 2, 6, 2, 70, 90, 16, {"mask": "random"}),
+    "mask-and-causal": (torch.float32, 1, 2, 2, 65, 65, 16, {"mask": "random", "causal": True}),
+    "bfloat16-causal": (torch.bfloat16, 1, 4, 2, 130, 130, 64, {"causal": True}),
+}
+
+
+# (forward, backward) tiles: the defaults (one key tile at these lengths) and small, odd ones (many tiles,
+# partial tiles at both ends, the causal diagonal crossing tiles at every offset).
+TILES = {"default": None, "small": ((16, 32), (16, 32)), "odd": ((24, 40), (40, 24))}
+
+
+@needs_cpp
+@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("name", SHAPES)
+def test_cpp_forward_and_gradients_across_tile_edges(gen, monkeypatch, name, tiles):
+    if TILES[tiles] is not None:
+        monkeypatch.setattr(fused, "CPU_FWD_BLOCKS", TILES[tiles][0])
+        monkeypatch.setattr(fused, "CPU_BWD_BLOCKS", TILES[tiles][1])
+    dtype, B, Hq, Hkv, Lq, Lk, D, extra = SHAPES[name]
+    _check(fused.CPP, _sample(gen, dtype, B, Hq, Hkv, Lq, Lk, D, **extra), gen)
+
+
+@needs_cpp
+def test_cpp_fallback_loop_matches_reference(gen):
+    lib = _build.library("attention")
+    lib.attention_use_blas(False)
+    try:
+        _check(fused.CPP, _sample(gen, torch.float32, 1, 4, 2, 70, 90, 24, causal=True, mask="random"), gen)
+    finally:
+        lib.attention_use_blas(True)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gradient_through_lse(gen, path):
+    q, k, v = make_inputs(gen, "cpu", torch.float64, 1, 2, 1, 20, 30, 16)
+    go = torch.randn(1, 2, 20, 16, generator=gen, dtype=torch.float64)
+    gl = torch.randn(1, 2, 20, generator=gen, dtype=torch.float64)
+
+    def grads(run, dtype):
+        inputs = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+        o, lse = run(*inputs, causal=True, scale=0.25, attn_mask=None, return_lse=True)
+        loss = (o.double() * go).sum() + (lse.double() * gl).sum()
+        return torch.autograd.grad(loss, inputs)
+
+    want = grads(torch_attention, torch.float64)
+    got = grads(_run(getattr(fused, path)), torch.float32)
+    for g, w in zip(got, want):
+        assert torch.allclose(g.double(), w, atol=2e-5), (g.double() - w).abs().max()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_nonfinite_at_masked_positions_reaches_neither_output_nor_gradients(gen, path):
+    sample = _sample(gen, torch.float32, 1, 2, 2, 16, 24, 16, causal=True)
+    q, k, v = sample.args
+    mask = torch.ones(1, 1, 1, 24, dtype=torch.bool)
+    mask[..., -4:] = False
+    k[:, :, -4:] = float("nan")
+    v[:, :, -4:] = float("inf")
+    sample = Sample(args=(q, k, v), attrs={**sample.attrs, "attn_mask": mask})
+    _check(getattr(fused, path), sample, gen)
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    o, lse = _run(getattr(fused, path))(*inputs, **sample.attrs)
+    o.sum().backward()
+    assert torch.isfinite(o).all() and all(torch.isfinite(t.grad).all() for t in inputs)
+
+
+@needs_cpp
+def test_empty_sequences(gen):
+    q, k, v = make_inputs(gen, "cpu", torch.float32, 1, 2, 2, 5, 0, 8)
+    o, lse = fused.attention(q, k, v, causal=False, scale=0.3, attn_mask=None, return_lse=True)
+    assert torch.all(o == 0) and torch.all(torch.isneginf(lse))
+    q, k, v = make_inputs(gen, "cpu", torch.float32, 1, 2, 2, 0, 6, 8)
+    assert fused.attention(q, k, v, causal=True, scale=0.3, attn_mask=None, return_lse=False).shape == (1, 2, 0, 8)
+
+
+# -- dispatch ------------------------------------------------------------------------------------
+
+@needs_cpp
+def test_dispatcher_runs_fused_and_the_tuner_considers_it(gen):
+    sample = _sample(gen, torch.float32, 1, 4, 2, 48, 48, 16, causal=True, return_lse=False)
+    q, k, v = sample.args
+    with dispatcher.use_backend("fused"):
+        out = dispatcher.attention(q, k, v, causal=True)
+    want = _reference().fn(q.double(), k.double(), v.double(), causal=True, scale=0.25, attn_mask=None, return_lse=False)
+    assert torch.allclose(out.double(), want, atol=1e-5)
+    explanation = dispatcher.explain("attention", q, k, v, causal=True)
+    row = next(r for r in explanation.rows if r.backend == "fused")
+    assert row.status in ("chosen", "ok"), row
+    inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    grad_row = next(r for r in dispatcher.explain("attention", *inputs, causal=True).rows if r.backend == "fused")
+    assert grad_row.status in ("chosen", "ok"), grad_row
+
+
+def _stub(device, dtype, D=64, Dv=64):
+    return (types.SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(1, 2, 8, D)),
+            types.SimpleNamespace(shape=(1, 2, 8, D)), types.SimpleNamespace(shape=(1, 2, 8, Dv)))
+
+
+def test_check_gives_reasons_per_device(monkeypatch):
+    kw = {"causal": False, "scale": 0.1, "attn_mask": None, "return_lse": False}
+    assert fused._check(*_stub("cpu", torch.float32), **kw) == ([] if NO_CPP is None else [NO_CPP])
+    assert "dtype float16 on the CPU" in fused._check(*_stub("cpu", torch.float16), **kw)[0]
+    assert fused._check(*_stub("cuda", torch.bfloat16), **kw) == ([] if NO_TRITON is None else [NO_TRITON])
+    assert "dtype float64 on CUDA" in fused._check(*_stub("cuda", torch.float64), **kw)[0]
+    assert "head dim 320 on CUDA" in fused._check(*_stub("cuda", torch.float16, Dv=320), **kw)[0]
+    monkeypatch.setenv(_build.ENV_DISABLE, "1")
+    assert any(_build.ENV_DISABLE in r for r in fused._check(*_stub("cpu", torch.float32), **kw))
