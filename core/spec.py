@@ -102,6 +102,9 @@ class OpSpec:
     - ``grad_inputs``: the indices of differentiable inputs; with ``grad_outputs(out, gen)`` giving
       cotangents (``None`` for an output without one) and ``compare_grads(grads, ref_grads, sample,
       grad_outputs)``.
+    - ``compare_checks_nan``: the compare rule judges NaN itself (a cast's overflow may legitimately
+      be NaN where another valid rounding is finite), so the generic "NaN where the reference has
+      none" check is skipped.
     - ``group(args, attrs)``: the process group a collective runs over (``None`` for ordinary ops);
       when it has more than one rank the tuner works in lockstep on every rank.
     """
@@ -126,6 +129,7 @@ class OpSpec:
     compare_grads: Callable[[Sequence[Any], Sequence[Any], Sample, Sequence[Any]], Verdict] | None = None
     group: Callable[[tuple[Any, ...], Mapping[str, Any]], Any] = _no_group
     collective: bool = False
+    compare_checks_nan: bool = False
     _defaults: dict[str, Any] = field(init=False, repr=False, compare=False)
     _required: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
