@@ -1,0 +1,369 @@
+// precision_cast, fused for the CPU: amax, the non-finite count, scaling, rounding and the store in one
+// read pass per phase (scaling="amax" needs a statistics pass before the cast pass), OpenMP across the
+// cores, each core walking its share in L1-sized chunks.
+//
+// Rounding is integer arithmetic on the bits of the value (float32, or float64 for a float64 x; one
+// float addition places the target's subnormals), with no branch, so that GCC vectorizes every loop
+// (checked with -fopt-info-vec): see nearest_bits and stochastic_bits. The stochastic draws are
+// SplitMix64 outputs for (seed, element index) (Steele, Lea and Flood, "Fast splittable pseudorandom
+// number generators", OOPSLA 2014), so a seed gives the same result on any number of threads.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+#include <omp.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+namespace {
+
+// Below this many elements one thread does it all (about 0.25 ms): when another process holds the
+// other core, a parallel region waits a scheduler slice (4-8 ms) for its second thread.
+constexpr int64_t kParallelGrain = 1 << 20;
+
+template <class C> struct Wide;
+template <> struct Wide<float> {
+  using U = uint32_t;
+  static constexpr int man = 23, bias = 127, width = 32;
+  static constexpr U inf = 0x7F800000u;
+};
+template <> struct Wide<double> {
+  using U = uint64_t;
+  static constexpr int man = 52, bias = 1023, width = 64;
+  static constexpr U inf = 0x7FF0000000000000ull;
+};
+
+// A target format; IEEE reserves the top exponent for inf and NaN, e4m3fn ("fn") only the all-ones NaN.
+template <int Bits, int Exp, int Man, bool Ieee> struct Target {
+  using Out = std::conditional_t<Bits == 8, uint8_t, uint16_t>;
+  static constexpr int bits = Bits, man = Man;
+  static constexpr int bias = (1 << (Exp - 1)) - 1;
+  static constexpr int emin = 1 - bias;
+  static constexpr uint32_t top = (1u << Exp) - 1;
+  static constexpr uint32_t max_bits =
+      Ieee ? (((top - 1) << Man) | ((1u << Man) - 1)) : ((top << Man) | ((1u << Man) - 2));
+  static constexpr uint32_t nan_bits = Ieee ? ((top << Man) | (1u << (Man - 1))) : ((1u << (Bits - 1)) - 1);
+  static constexpr uint32_t overflow_bits = Ieee ? (top << Man) : nan_bits;  // inf, or NaN without inf
+  static constexpr int top_exp() { return int(max_bits >> Man) - bias; }  // the exponent of max finite
+  static double max_finite_d() {
+    return std::ldexp(1.0 + double(max_bits & ((1u << Man) - 1)) / double(1u << Man), top_exp());
+  }
+  static float max_finite() { return float(max_finite_d()); }
+};
+using F16 = Target<16, 5, 10, true>;
+using BF16 = Target<16, 8, 7, true>;
+using E4M3 = Target<8, 4, 3, false>;
+using E5M2 = Target<8, 5, 2, true>;
+
+template <class S> using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+template <class C> inline typename Wide<C>::U bits_of(C v) {
+  typename Wide<C>::U u;
+  std::memcpy(&u, &v, sizeof u);
+  return u;
+}
+
+template <class C> inline C from_bits(typename Wide<C>::U u) {
+  C v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+
+inline float float_of(uint32_t u) { return from_bits<float>(u); }
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline double load(const double* p, int64_t i) { return p[i]; }
+inline float load(const at::BFloat16* p, int64_t i) {
+  uint16_t b;
+  std::memcpy(&b, p + i, sizeof b);
+  return float_of(uint32_t(b) << 16);
+}
+
+// float16 -> float32, exact, with integer masks rather than branches so that GCC vectorizes it (it
+// vectorizes neither c10's conversion nor one written with nested selects).
+inline float load(const at::Half* p, int64_t i) {
+  uint16_t h;
+  std::memcpy(&h, p + i, sizeof h);
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, em = h & 0x7FFFu;
+  const uint32_t special = (em << 13) | 0x7F800000u;                 // inf and NaN
+  const uint32_t normal = (em << 13) + (112u << 23);                 // rebias: 127 - 15
+  const uint32_t subnormal = bits_of(float(int32_t(em))) - (24u << 23);  // em * 2**-24, em < 2**10
+  const uint32_t is_special = 0u - uint32_t(em >= 0x7C00u);
+  const uint32_t is_normal = (0u - uint32_t(em >= 0x400u)) & ~is_special;
+  const uint32_t is_subnormal = (0u - uint32_t(em != 0u)) & ~is_normal & ~is_special;
+  return float_of(sign | (special & is_special) | (normal & is_normal) | (subnormal & is_subnormal));
+}
+
+inline uint32_t draw32(uint64_t seed, uint64_t i) {
+  uint64_t z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return uint32_t((z ^ (z >> 31)) >> 32);
+}
+
+// Overflow, inf, NaN and the sign, given the rounded magnitude bits (any size) of a = |v|'s bits.
+template <class T, class C>
+inline uint32_t finish(typename Wide<C>::U out, typename Wide<C>::U a, typename Wide<C>::U negative, uint32_t over) {
+  using W = Wide<C>;
+  using U = typename W::U;
+  out = out > T::max_bits ? U(over) : out;
+  const U nonfinite = U(a < W::inf ? 0 : 1) * ~U(0);  // all ones for inf and NaN
+  const U special = a == W::inf ? U(over) : U(T::nan_bits);
+  out = (out & ~nonfinite) | (special & nonfinite);
+  return uint32_t(out | (negative << (T::bits - 1)));
+}
+
+// The significand of |v| (implicit bit included) and the exponent of the target's spacing at |v| (its
+// own exponent, or emin below the target's normal range), as (sig, texp, drop): the spacing is the
+// value of sig's bit number `drop`. Integer arithmetic in one width, no bool arithmetic and no shifts
+// of a constant by a variable count: the forms GCC if-converts and vectorizes (also in 64 bits).
+template <class T, class C>
+struct Split {
+  using W = Wide<C>;
+  using U = typename W::U;
+  using I = std::make_signed_t<U>;
+  U a, negative, sig;
+  I texp, drop;
+  explicit Split(C v) {
+    const U u = bits_of(v);
+    a = u & ~(U(1) << (W::width - 1));
+    negative = u >> (W::width - 1);
+    const I field = I(a >> W::man);
+    sig = field ? (a & ((U(1) << W::man) - 1)) | (U(1) << W::man) : a;
+    const I exp = (field > 1 ? field : I(1)) - W::bias;
+    texp = exp > T::emin ? exp : I(T::emin);
+    drop = W::man - T::man + texp - exp;
+  }
+  // ((texp - emin) << man) + count: the IEEE layout for normals and subnormals alike, a carry of the
+  // count into the next binade included; then overflow, inf, NaN and the sign.
+  uint32_t bits(U count, uint32_t over) const {
+    return finish<T, C>((U(texp - T::emin) << T::man) + count, a, negative, over);
+  }
+};
+
+// Round to nearest, ties to even.
+//
+// float32, the fast path: in the target's normal range the spacing is a fixed number of low bits of
+// the pattern, rounded off by the classic add-and-shift (add just under half, plus the kept lowest
+// bit), then the exponent is rebiased. Where the target's subnormals are float32 normals (float16,
+// float8), the spacing there is fixed in absolute terms, so adding 2**(emin - man + 23) makes the FPU
+// itself round |v| at that spacing and the sum's low bits count the spacings (float32 subnormals all
+// round to zero there, so denormals-are-zero cannot change the answer). bfloat16 shares float32's
+// exponent range: the first rule covers every value. Overflow is |v| past the last value that rounds
+// to max finite (inf included), so the threshold is compared before rounding.
+//
+// float64: the general split (below), which GCC vectorizes in 64 bits where it does not the float
+// addition.
+template <class T, class C>
+inline uint32_t nearest_bits(C v, uint32_t over) {
+  using W = Wide<C>;
+  using U = typename W::U;
+  if constexpr (std::is_same_v<C, double>) {
+    using S = Split<T, C>;
+    using I = typename S::I;
+    const S s(v);
+    const I d = s.drop < W::man + 2 ? s.drop : I(W::man + 2);  // from there on: below half a spacing
+    const U t = s.sig >> (d - 1);                               // the count of spacings and the round bit
+    const U sticky = (t << (d - 1)) != s.sig ? U(1) : U(0);
+    return s.bits((t >> 1) + ((t & 1) & (sticky | ((t >> 1) & 1))), over);
+  } else {
+    constexpr int d = W::man - T::man;
+    const U u = bits_of(v);
+    const U a = u & ~(U(1) << (W::width - 1));
+    U out = ((a + ((U(1) << (d - 1)) - 1) + ((a >> d) & 1)) >> d) - (U(W::bias - T::bias) << T::man);
+    if constexpr (T::emin > 1 - W::bias) {
+      const C magic = std::ldexp(C(1), T::emin - T::man + W::man);
+      const U subnormal = bits_of(from_bits<C>(a) + magic) - bits_of(magic);
+      out = a < bits_of(std::ldexp(C(1), T::emin)) ? subnormal : out;
+    }
+    // the last pattern that rounds to max finite: max + half the top spacing is a tie, which goes to
+    // max when max is even (e4m3fn) and up otherwise
+    const U last = bits_of(C(T::max_finite_d() + std::ldexp(0.5, T::top_exp() - T::man))) - U(T::max_bits & 1);
+    out = a > last ? U(over) : out;
+    out = a > W::inf ? U(T::nan_bits) : out;
+    return uint32_t(out | ((u >> (W::width - 1)) << (T::bits - 1)));
+  }
+}
+
+// Stochastic rounding: keep the count of spacings, and add one when the draw is below the remainder
+// taken as a 32-bit fraction of the spacing (so with probability remainder / spacing, to 2**-32).
+template <class T, class C>
+inline uint32_t stochastic_bits(C v, uint32_t draw, uint32_t over) {
+  using S = Split<T, C>;
+  using U = typename S::U;
+  using I = typename S::I;
+  constexpr I top = S::W::width - 1;
+  const S s(v);
+  const I d = s.drop < top ? s.drop : top;
+  const U keep = s.sig >> d;
+  const U rem = s.sig - (keep << d);
+  const I left = s.drop <= 32 ? 32 - s.drop : I(0);
+  const I right = s.drop <= 32 ? I(0) : (s.drop - 32 < top ? s.drop - 32 : top);
+  const U frac = (rem << left) >> right;
+  return s.bits(keep + (U(draw) < frac ? U(1) : U(0)), over);
+}
+
+// Statistics as signed integers with -1 for "none yet": the bits of a finite |x| order like the
+// magnitudes, and this form of the max reduction is one GCC vectorizes.
+template <class C> struct Stats {
+  using I = std::make_signed_t<typename Wide<C>::U>;
+  I amax = -1;
+  int64_t nonfinite = 0;
+  void merge(const Stats& o) {
+    amax = std::max(amax, o.amax);
+    nonfinite += o.nonfinite;
+  }
+  float amax_float() const {
+    const typename Wide<C>::U u = amax < 0 ? 0 : amax;
+    C v;
+    std::memcpy(&v, &u, sizeof v);
+    return static_cast<float>(v);  // rounding is monotone, so this is the float32 max
+  }
+};
+
+template <class S> void gather(const S* __restrict x, int64_t n, Stats<compute_t<S>>& st) {
+  using C = compute_t<S>;
+  using W = Wide<C>;
+  using I = typename Stats<C>::I;
+  constexpr I inf = I(W::inf);
+  I amax = st.amax;
+  I nonfinite = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const I a = I(bits_of(load(x, i)) & ~(typename W::U(1) << (W::width - 1)));
+    amax = std::max(amax, a < inf ? a : I(-1));
+    nonfinite += a >= inf ? I(1) : I(0);
+  }
+  st.amax = amax;
+  st.nonfinite += nonfinite;
+}
+
+template <class S, class T, bool Stochastic, bool Scaled>
+void cast(const S* __restrict x, typename T::Out* __restrict y, int64_t n, int64_t offset, compute_t<S> scale,
+          uint32_t over, uint64_t seed) {
+  using C = compute_t<S>;
+  for (int64_t i = 0; i < n; ++i) {
+    C v = load(x, i);
+    if constexpr (Scaled) v = v * scale;
+    if constexpr (Stochastic) {
+      y[i] = typename T::Out(stochastic_bits<T, C>(v, draw32(seed, uint64_t(offset + i)), over));
+    } else {
+      y[i] = typename T::Out(nearest_bits<T, C>(v, over));
+    }
+  }
+}
+
+enum class Phase { Stats, Cast, CastAndStats };
+
+// One pass over x, split into contiguous shares, one per OpenMP thread, each walked in chunks that stay
+// in L1: the cast and the statistics of a chunk read it from memory once (as two loops, because GCC
+// does not vectorize the max reduction inside the rounding loop).
+template <Phase P, class S, class T, bool Stochastic, bool Scaled>
+Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S> scale, uint32_t over,
+                         uint64_t seed) {
+  using C = compute_t<S>;
+  constexpr int64_t kChunk = 2048;
+  Stats<C> total;
+#pragma omp parallel if (n >= kParallelGrain)
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t begin = n * t / threads, end = n * (t + 1) / threads;
+    Stats<C> mine;
+    for (int64_t b = begin; b < end; b += kChunk) {
+      const int64_t m = std::min(kChunk, end - b);
+      if constexpr (P != Phase::Stats) cast<S, T, Stochastic, Scaled>(x + b, y + b, m, b, scale, over, seed);
+      if constexpr (P != Phase::Cast) gather(x + b, m, mine);
+    }
+#pragma omp critical
+    total.merge(mine);
+  }
+  return total;
+}
+
+float amax_scale(float amax, float max_finite, int64_t margin) {
+  if (!(amax > 0.0f) || !std::isfinite(amax)) return 1.0f;
+  float s = max_finite / amax;
+  s = s / std::ldexp(1.0f, int(margin));
+  return std::isinf(s) ? std::numeric_limits<float>::max() : s;
+}
+
+// The output, asking the kernel for transparent huge pages when it is large: its pages are all new
+// (large blocks come straight from mmap), and first touching 4 KiB pages costs about as much as the
+// cast itself; 2 MiB pages cut that several fold. Only a hint: without THP it changes nothing.
+at::Tensor fresh_output(const at::Tensor& x, at::ScalarType dtype) {
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(dtype));
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(y.data_ptr());
+  const uintptr_t end = begin + uintptr_t(y.nbytes());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
+  if (last > first + 2 * kHuge) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  return y;
+}
+
+using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // (y, scale, amax, nonfinite)
+
+template <class S, class T>
+Result run(const at::Tensor& x, at::Tensor y, bool stochastic, bool amax_scaling, bool saturate, int64_t margin,
+           uint64_t seed) {
+  using C = compute_t<S>;
+  const S* xp = x.data_ptr<S>();
+  auto* yp = static_cast<typename T::Out*>(y.data_ptr());
+  const int64_t n = x.numel();
+  const uint32_t over = saturate ? T::max_bits : T::overflow_bits;
+  Stats<C> st;
+  float scale = 1.0f;
+  if (amax_scaling) {
+    st = pass<Phase::Stats, S, T, false, false>(xp, yp, n, C(1), over, seed);
+    scale = amax_scale(st.amax_float(), T::max_finite(), margin);
+    if (stochastic) pass<Phase::Cast, S, T, true, true>(xp, yp, n, C(scale), over, seed);
+    else pass<Phase::Cast, S, T, false, true>(xp, yp, n, C(scale), over, seed);
+  } else {
+    st = stochastic ? pass<Phase::CastAndStats, S, T, true, false>(xp, yp, n, C(1), over, seed)
+                    : pass<Phase::CastAndStats, S, T, false, false>(xp, yp, n, C(1), over, seed);
+  }
+  auto opts = x.options().dtype(at::kFloat);
+  return {y, at::scalar_tensor(scale, opts), at::scalar_tensor(st.amax_float(), opts),
+          at::scalar_tensor(st.nonfinite, x.options().dtype(at::kLong))};
+}
+
+template <class S>
+Result run_source(const at::Tensor& x, const at::Tensor& y, bool stochastic, bool amax_scaling, bool saturate,
+                  int64_t margin, uint64_t seed) {
+  switch (y.scalar_type()) {
+    case at::kHalf: return run<S, F16>(x, y, stochastic, amax_scaling, saturate, margin, seed);
+    case at::kBFloat16: return run<S, BF16>(x, y, stochastic, amax_scaling, saturate, margin, seed);
+    case at::kFloat8_e4m3fn: return run<S, E4M3>(x, y, stochastic, amax_scaling, saturate, margin, seed);
+    case at::kFloat8_e5m2: return run<S, E5M2>(x, y, stochastic, amax_scaling, saturate, margin, seed);
+    default: TORCH_CHECK(false, "precision_cast_cpu: unsupported target dtype ", y.scalar_type());
+  }
+}
+
+// (y, scale, amax, nonfinite) for a contiguous CPU x; scaling "amax" when amax_scaling, else "none".
+// ``out``, when given, is a contiguous tensor of x's shape and the target dtype to write y into (the
+// benchmark uses it to time the kernel apart from the allocation of its output).
+Result precision_cast_cpu(const at::Tensor& x, at::ScalarType dtype, bool stochastic, bool amax_scaling, bool saturate,
+                          int64_t margin, int64_t seed, const std::optional<at::Tensor>& out) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "precision_cast_cpu: x must be a contiguous CPU tensor");
+  at::Tensor y = out.has_value() ? *out : fresh_output(x, dtype);
+  TORCH_CHECK(y.scalar_type() == dtype && y.sizes() == x.sizes() && y.is_contiguous() && y.device().is_cpu(),
+              "precision_cast_cpu: out must be a contiguous CPU tensor of x's shape and dtype ", dtype);
+  const uint64_t s = uint64_t(seed);
+  switch (x.scalar_type()) {
+    case at::kFloat: return run_source<float>(x, y, stochastic, amax_scaling, saturate, margin, s);
+    case at::kDouble: return run_source<double>(x, y, stochastic, amax_scaling, saturate, margin, s);
+    case at::kBFloat16: return run_source<at::BFloat16>(x, y, stochastic, amax_scaling, saturate, margin, s);
+    case at::kHalf: return run_source<at::Half>(x, y, stochastic, amax_scaling, saturate, margin, s);
+    default: TORCH_CHECK(false, "precision_cast_cpu: unsupported source dtype ", x.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(switchyard, m) {
+  m.def("precision_cast_cpu", &precision_cast_cpu);
+}

@@ -1,0 +1,127 @@
+"""precision_cast on the CPU, side by side: effective bandwidth of the fused (C++) and torch kernels and of
+torch's own ``x.to(dtype)`` and ``(x * s).to(dtype)``, with a float32 copy measured in the same run as
+the ceiling.
+
+    python scripts/bench_precision_cast.py [--log2n 26] [--rounds 7] [--dtypes bfloat16 float8_e4m3fn]
+
+Effective bandwidth counts each input byte read once and each output byte written once (4 + 1 or
+4 + 2 bytes per element), whatever the kernel really moves: scaling="amax" reads the input twice and
+still counts it once. Every kernel is called as a caller calls it, so its time includes allocating and
+first touching its output (fresh pages from the OS, which costs about as much as the cast itself
+here); "fused, into out" times the same C++ kernel writing into a preallocated tensor, which is what
+the preallocated copy ceiling measures. Each round runs every entry once, in turn, so a busy machine
+slows them alike, and each call is paired with a copy run just before it: "of copy" is the median
+over the pairs of its bandwidth over the copy's (and the best pair). The issue's targets: fused >= 70%
+of the copy bandwidth with scaling="none", >= 50% with "amax", and faster than the torch kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+from core.ops.precision_cast import FORMATS  # noqa: E402
+from plugins.fused import _build  # noqa: E402
+from plugins.fused.precision_cast import precision_cast_cpu as fused  # noqa: E402
+from plugins.torch_backend.precision_cast import precision_cast as torch_kernel  # noqa: E402
+
+TORCH_ROUNDS = 2
+
+
+def _entries(x: torch.Tensor, dtype: torch.dtype) -> list[tuple[str, str, Callable[[], object]]]:
+    lib = _build.library("precision_cast")
+    out = torch.empty(x.shape, dtype=dtype)
+    s = float(FORMATS[dtype].max_finite / float(x.abs().max()))
+    entries = []
+    for scaling in ("none", "amax"):
+        attrs = {"dtype": dtype, "rounding": "nearest", "scaling": scaling, "saturate": False, "margin": 0,
+                 "seed": None}
+        entries.append(("fused", scaling, lambda a=attrs: fused(x, **a)))
+        entries.append(("fused, into out", scaling,
+                        lambda sc=scaling: lib.precision_cast_cpu(x, dtype, False, sc == "amax", False, 0, 0, out)))
+        entries.append(("torch kernel", scaling, lambda a=attrs: torch_kernel(x, **a)))
+    entries.append(("x.to(dtype)", "none", lambda: x.to(dtype)))
+    entries.append(("(x*s).to(dtype)", "amax", lambda: (x * s).to(dtype)))
+    return entries
+
+
+def _time(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--log2n", type=int, default=26)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float8_e4m3fn", "float8_e5m2"])
+    args = parser.parse_args()
+    reason = _build.unavailable_reason("precision_cast")
+    if reason:
+        sys.exit(f"the fused C++ kernel cannot be built here: {reason}")
+    n = 1 << args.log2n
+    x = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    dst = torch.empty_like(x)
+    copy = lambda: dst.copy_(x)  # noqa: E731 (the ceiling)
+    runs: dict[tuple[str, str, str], Callable[[], object]] = {("float32", "copy (x.clone())", ""): x.clone}
+    moved: dict[tuple[str, str, str], int] = {("float32", "copy (x.clone())", ""): 8 * n}
+    for name in args.dtypes:
+        dtype = getattr(torch, name)
+        for kernel, scaling, fn in _entries(x, dtype):
+            runs[(name, kernel, scaling)] = fn
+            moved[(name, kernel, scaling)] = n * (4 + dtype.itemsize)
+    copy()
+    for key, fn in runs.items():  # warm up: build, first-touch pages, the allocator
+        if key[1] != "torch kernel":
+            fn()
+    # Each entry runs right after a copy, and its share of the copy's bandwidth is taken pair by pair,
+    # so that a machine whose load changes during the run skews the ratios as little as possible.
+    times: dict[tuple[str, str, str], list[float]] = {k: [] for k in runs}
+    shares: dict[tuple[str, str, str], list[float]] = {k: [] for k in runs}
+    copies: list[float] = []
+    for r in range(args.rounds):
+        for key, fn in runs.items():
+            if key[1] == "torch kernel" and r >= TORCH_ROUNDS:  # 2 s a call at 2**26: a few rounds tell
+                continue
+            c, t = _time(copy), _time(fn)
+            copies.append(c)
+            times[key].append(t)
+            shares[key].append((moved[key] / t) / (8 * n / c))
+    ceiling = 8 * n / min(copies) / 1e9
+    rows = []
+    for key in runs:
+        target, kernel, scaling = key
+        vs_torch = ""
+        if kernel.startswith("fused"):
+            vs_torch = f"{min(times[(target, 'torch kernel', scaling)]) / min(times[key]):.1f}x"
+        best, median = min(times[key]), statistics.median(times[key])
+        rows.append([target, kernel, scaling, f"{best * 1e3:.1f}", f"{median * 1e3:.1f}",
+                     f"{moved[key] / best / 1e9:.1f}", f"{statistics.median(shares[key]):.0%}", f"{max(shares[key]):.0%}",
+                     vs_torch])
+    print(f"n = 2**{args.log2n} float32 elements, {torch.get_num_threads()} threads, {args.rounds} rounds "
+          f"(the torch kernel {min(args.rounds, TORCH_ROUNDS)})")
+    print(tabulate(rows, headers=["target", "kernel", "scaling", "best ms", "median ms", "best GB/s",
+                                  "of copy (median)", "of copy (best)", "fused vs torch kernel"]))
+    print(f"\ncopy ceiling: float32 copy into a preallocated tensor, best {ceiling:.1f} GB/s, median "
+          f"{8 * n / statistics.median(copies) / 1e9:.1f} GB/s")
+    for name in args.dtypes:
+        for scaling, goal in (("none", 0.7), ("amax", 0.5)):
+            for kernel in ("fused", "fused, into out"):
+                share = statistics.median(shares[(name, kernel, scaling)])
+                faster = min(times[(name, kernel, scaling)]) < min(times[(name, "torch kernel", scaling)])
+                verdict = "meets" if share >= goal and faster else "misses"
+                print(f"{name:14s} {scaling:5s} {kernel:16s}: {share:4.0%} of copy (median of pairs; goal {goal:.0%}), "
+                      f"{'faster' if faster else 'slower'} than the torch kernel: {verdict} the target")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""precision_cast: the reference against ml_dtypes and against exact rational arithmetic, every kernel on
+special values, double-rounding traps, every bit pattern and the integers, the scale, the compare rule,
+bad input, the dispatcher, and every built-in kernel through the conformance kit."""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from core import dispatcher
+from core.errors import InvalidInput
+from core.ops.precision_cast import FORMATS, SPEC, TARGETS, CastResult, mixed_values, special_values
+from core.spec import Sample
+from core.tuning import judge
+from plugins.fused import _build
+from plugins.fused.precision_cast import precision_cast_cpu as fused_kernel
+from plugins.fused.triton.precision_cast import precision_cast as triton_launcher
+from plugins.reference.precision_cast import precision_cast as reference
+from plugins.torch_backend.precision_cast import precision_cast as torch_kernel
+from registry.conformance import check_case, conformance_cases
+
+ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes is the test-only peer for bit-exact casts")
+
+NUMPY = {torch.float16: np.float16, torch.bfloat16: ml_dtypes.bfloat16,
+         torch.float8_e4m3fn: ml_dtypes.float8_e4m3fn, torch.float8_e5m2: ml_dtypes.float8_e5m2}
+NAMES = {d: str(d).removeprefix("torch.") for d in TARGETS}
+
+
+def triton_kernel(x, *, seed=None, **attrs):
+    """The Triton launcher on CPU tensors (TRITON_INTERPRET=1, set by conftest)."""
+    return triton_launcher(x, seed=0 if seed is None else seed, **attrs)
+
+
+KERNELS = {"reference": reference, "torch": torch_kernel, "fused": fused_kernel, "triton": triton_kernel}
+FAST = ["torch", "fused", "triton"]
+
+
+def kernel(name):
+    if name == "fused" and _build.unavailable_reason("precision_cast"):
+        pytest.skip(f"fused C++ kernel unavailable here: {_build.unavailable_reason('precision_cast')}")
+    return KERNELS[name]
+
+
+def attrs(dtype, **kw):
+    return {"dtype": dtype, "rounding": "nearest", "scaling": "none", "saturate": False, "margin": 0, "seed": None,
+            **kw}
+
+
+def bits(y):
+    fmt = FORMATS[y.dtype]
+    return y.contiguous().view(fmt.int_dtype).to(torch.int64) & ((1 << fmt.bits) - 1)
+
+
+def peer_bits(values, dtype, saturate=False):
+    """ml_dtypes' (numpy's for float16) round-to-nearest-even bits of float32 values; with saturate,
+    overflow and +-inf replaced by +-max finite as the contract says (ml_dtypes does not saturate)."""
+    x32 = values.float().numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = x32.astype(NUMPY[dtype])
+    raw = y.view(np.uint8 if FORMATS[dtype].bits == 8 else np.uint16).astype(np.int64)
+    out = torch.from_numpy(raw)
+    if saturate:
+        fmt = FORMATS[dtype]
+        y64 = torch.from_numpy(y.astype(np.float64))
+        nan_from_finite = torch.isnan(y64) & ~torch.from_numpy(np.isnan(x32))  # e4m3fn's overflow
+        over = torch.isinf(y64) | nan_from_finite | torch.isinf(torch.from_numpy(x32))
+        sign = torch.from_numpy(np.signbit(x32)).long() << (fmt.bits - 1)
+        out = torch.where(over, fmt.max_bits | sign, out)
+    return out
+
+
+def assert_same_bits(y, want, values):
+    got = bits(y).reshape(-1)
+    nan = torch.isnan(y.double().reshape(-1)) & torch.isnan(_from(want, y.dtype))
+    bad = (got != want) & ~nan
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise AssertionError(f"{int(bad.sum())} of {got.numel()} differ; first: x={float(values.reshape(-1)[i])!r} "
+                             f"gave {int(got[i]):#x}, expected {int(want[i]):#x}")
+
+
+def _from(b, dtype):
+    fmt = FORMATS[dtype]
+    wide = torch.where(b >= 1 << (fmt.bits - 1), b - (1 << fmt.bits), b) if fmt.bits == 16 else b
+    return wide.to(fmt.int_dtype).view(dtype).double()
+
+
+def wide_random(gen, n):
+    """float32 values with random bits over the whole float32 range (subnormals, inf and NaN included)."""
+    raw = torch.randint(-(2**31), 2**31 - 1, (n,), generator=gen, dtype=torch.int64).to(torch.int32)
+    return raw.view(torch.float32)
+
+
+# -- the reference and the fast kernels against ml_dtypes -----------------------------------------------
+
+@pytest.mark.parametrize("saturate", [False, True], ids=["ocp", "saturate"])
+@pytest.mark.parametrize("dtype", TARGETS, ids=NAMES.get)
+def test_reference_bit_exact_with_ml_dtypes(dtype, saturate, gen):
+    values = torch.cat([special_values(dtype).float(), mixed_values(gen, 1 << 18, dtype).float(),
+                        wide_random(gen, 1 << 16), torch.randn(1 << 16, generator=gen) * 2.0 ** 20])
+    out = reference(values, **attrs(dtype, saturate=saturate))
+    assert_same_bits(out.y, peer_bits(values, dtype, saturate), values)
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("dtype", TARGETS, ids=NAMES.get)
+def test_fast_kernels_bit_exact_with_ml_dtypes(name, dtype, gen):
+    n = 1 << 16 if name != "triton" else 1 << 13  # the interpreter is slow
+    for saturate in (False, True):
+        values = torch.cat([special_values(dtype).float(), mixed_values(gen, n, dtype).float(),
+                            wide_random(gen, n // 4)])
+        out = kernel(name)(values, **attrs(dtype, saturate=saturate))
+        assert_same_bits(out.y, peer_bits(values, dtype, saturate), values)
+
+
+@pytest.mark.parametrize("source", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["reference", *FAST])
+def test_half_precision_sources(name, source, gen):
+    for dtype in TARGETS:
+        x = mixed_values(gen, 4096, dtype).to(source)
+        out = kernel(name)(x, **attrs(dtype))
+        assert_same_bits(out.y, peer_bits(x.float(), dtype), x)
+        finite = torch.isfinite(x)
+        assert int(out.nonfinite) == int((~finite).sum())
+        assert float(out.amax) == float(x.float().abs()[finite].max())
+
+
+# -- float64 sources: one rounding, no detour through float32 ---------------------------------------------
+
+def _neighbours(y_bits, dtype):
+    fmt = FORMATS[dtype]
+    mag = y_bits & ((1 << (fmt.bits - 1)) - 1)
+    sign = y_bits & (1 << (fmt.bits - 1))
+    up = torch.where(mag < fmt.max_bits, mag + 1, mag) | sign
+    down = torch.where(mag > 0, mag - 1, mag) | sign
+    return _from(up, dtype), _from(down, dtype)
+
+
+@pytest.mark.parametrize("name", ["reference", *FAST])
+@pytest.mark.parametrize("dtype", TARGETS, ids=NAMES.get)
+def test_float64_is_nearest_even_by_exact_arithmetic(name, dtype, gen):
+    """For float64 values in range, y is at least as close as both neighbours, exactly (Fractions), and
+    a tie goes to the even pattern."""
+    fmt = FORMATS[dtype]
+    v = mixed_values(gen, 1500, dtype)
+    v = torch.where(torch.isfinite(v) & (v.abs() <= fmt.max_finite), v, 1.0)
+    v = v + v * torch.rand(v.shape, generator=gen, dtype=torch.float64) * 2.0 ** -30  # bits float32 lacks
+    out = kernel(name)(v, **attrs(dtype))
+    b = bits(out.y)
+    y = out.y.double()
+    up, down = _neighbours(b, dtype)
+    for vi, yi, ui, di, bi in zip(v.tolist(), y.tolist(), up.tolist(), down.tolist(), b.tolist()):
+        d = abs(Fraction(vi) - Fraction(yi))
+        for other in (ui, di):
+            if other != yi:
+                e = abs(Fraction(vi) - Fraction(other))
+                assert d < e or (d == e and bi % 2 == 0), (vi, yi, other)
+        assert math.copysign(1.0, yi) == math.copysign(1.0, vi)
+
+
+def double_rounding_traps(gen, dtype, n=300):
+    """(v, expected bits): v = the midpoint of two neighbours plus or minus a nudge below float32's
+    resolution, so float64 -> float32 -> target lands on the tie and may go the wrong way."""
+    fmt = FORMATS[dtype]
+    p = torch.randint(1, fmt.max_bits, (n,), generator=gen)
+    lo, hi = _from(p, dtype), _from(p + 1, dtype)
+    mid = (lo + hi) / 2
+    nudge = mid * 2.0 ** -40
+    v = torch.cat([mid + nudge, mid - nudge, -(mid + nudge)])
+    want = torch.cat([p + 1, p, (p + 1) | (1 << (fmt.bits - 1))])
+    assert bool((v.float().double() == torch.cat([mid, mid, -mid])).all())  # float32 alone would see a tie
+    return v, want
+
+
+@pytest.mark.parametrize("name", ["reference", *FAST])
+@pytest.mark.parametrize("dtype", TARGETS, ids=NAMES.get)
+def test_double_rounding_traps(name, dtype, gen):
+    v, want = double_rounding_traps(gen, dtype)
+    out = kernel(name)(v, **attrs(dtype))
+    assert_same_bits(out.y, want, v)
+
+
+# -- every pattern, every integer -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["reference", *FAST])
+@pytest.mark.parametrize("dtype", TARGETS, ids=NAMES.get)
+def test_every_bit_pattern_round_trips(name, dtype):
+    fmt = FORMATS[dtype]
+    patterns = torch.arange(1 << fmt.bits)
+    values = _from(patterns, dtype)
+    for source in (torch.float32, torch.float64):
+        out = kernel(name)(values.to(source), **attrs(dtype))
+        got = bits(out.y)
+        nan = torch.isnan(values)
+        assert bool(torch.isnan(out.y.double())[nan].all())
+        assert torch.equal(got[~nan], patterns[~nan]), f"from {source}"
+
+
+@pytest.mark.parametrize("name", ["reference", *FAST])
+@pytest.mark.parametrize("dtype", TARGETS, ids=NAMES.get)
+def test_integers_up_to_the_maximum(name, dtype):
+    """Every integer in [-max, max] (bfloat16: up to 2**17, then every representable integer up to max):
+    the same bits as ml_dtypes, and the representable ones come back exactly."""
+    fmt = FORMATS[dtype]
+    top = int(fmt.max_finite) if fmt.bits == 8 or dtype == torch.float16 else 1 << 17
+    ints = torch.arange(-top, top + 1, dtype=torch.float64)
+    if dtype == torch.bfloat16:
+        pats = _from(torch.arange(0, fmt.max_bits + 1), dtype)
+        ints = torch.cat([ints, pats[(pats == pats.floor()) & (pats > top)]])
+    if name == "triton":
+        ints = ints[torch.linspace(0, ints.numel() - 1, 6000).long()]
+    out = kernel(name)(ints.float(), **attrs(dtype))
+    assert_same_bits(out.y, peer_bits(ints.float(), dtype), ints)
+    y = out.y.double()
+    representable = y == ints
+    assert int(representable.sum()) > 0
+    exact = ints.abs() <= 2 ** (fmt.man_bits + 1)  # every integer up to 2**(man+1) is representable
+    assert bool(representable[exact].all())
+
+
+# -- statistics and the scale ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["reference", *FAST])
+def test_scaling_amax(name, gen):
+    for dtype in TARGETS:
+        fmt = FORMATS[dtype]
+        for margin in (0, 3):
+            x = torch.randn(3000, generator=gen) * float(torch.exp2(torch.randint(-30, 30, (), generator=gen)))
+            x[7], x[11] = math.inf, math.nan
+            out = kernel(name)(x, **attrs(dtype, scaling="amax", margin=margin))
+            amax = np.float32(x[torch.isfinite(x)].abs().max())
+            with np.errstate(over="ignore"):
+                want = min(np.float32(fmt.max_finite) / amax / np.float32(2.0 ** margin), np.finfo(np.float32).max)
+            assert float(out.amax) == float(amax) and out.amax.dtype == torch.float32
+            assert float(out.scale) == float(want) and out.scale.dtype == torch.float32
+            assert int(out.nonfinite) == 2 and out.nonfinite.dtype == torch.int64
+            finite = torch.isfinite(x)
+            back = out.y.double()[finite] / float(out.scale)
+            rel = ((back - x.double()[finite]).abs() / x.double()[finite].abs().clamp(min=1e-30))
+            big = x.double()[finite].abs() > float(amax) * 2.0 ** -4  # clear of the target's subnormals
+            assert float(rel[big].max()) <= 2.0 ** -fmt.man_bits  # half a spacing, relative
+
+
+@pytest.mark.parametrize("name", ["reference", *FAST])
+def test_scale_corner_cases(name):
+    f32max = float(torch.finfo(torch.float32).max)
+    run = kernel(name)
+    nothing = run(torch.tensor([math.inf, -math.inf, math.nan]), **attrs(torch.float8_e4m3fn, scaling="amax"))
+    assert float(nothing.scale) == 1.0 and float(nothing.amax) == 0.0 and int(nothing.nonfinite) == 3
+    zeros = run(torch.zeros(5), **attrs(torch.float16, scaling="amax"))
+    assert float(zeros.scale) == 1.0 and float(zeros.amax) == 0.0
+    tiny = run(torch.tensor([2.0 ** -149, 0.0]), **attrs(torch.float16, scaling="amax"))
+    assert float(tiny.scale) == f32max  # 65504 / 2**-149 is inf in float32: capped
+    if name != "triton":
+        huge = run(torch.tensor([1e300, 2.0], dtype=torch.float64), **attrs(torch.bfloat16, scaling="amax"))
+        assert math.isinf(float(huge.amax)) and float(huge.scale) == 1.0  # amax past float32: not finite
+    empty = run(torch.empty(0, 3), **attrs(torch.float8_e5m2, scaling="amax"))
+    assert empty.y.shape == (0, 3) and float(empty.amax) == 0.0 and int(empty.nonfinite) == 0
+    assert float(empty.scale) == 1.0
+
+
+@pytest.mark.parametrize("name", ["reference", *FAST])
+def test_layouts(name, gen):
+    base = torch.randn(40, 66, generator=gen)
+    for x in (base[:, ::3], base.t(), base[3], torch.tensor(2.5)):
+        out = kernel(name)(x, **attrs(torch.bfloat16))
+        assert out.y.shape == x.shape and out.y.dtype == torch.bfloat16
+        assert_same_bits(out.y, peer_bits(x.contiguous().reshape(-1), torch.bfloat16), x)
+
+
+@pytest.mark.parametrize("name", ["reference", *FAST])
+def test_input_that_requires_grad(name, gen):
+    x = torch.randn(500, generator=gen).requires_grad_(True)
+    out = kernel(name)(x, **attrs(torch.float8_e5m2, scaling="amax"))
+    assert not any(t.requires_grad for t in out)  # a cast has no gradient; nothing keeps x's graph alive
+    assert float(out.amax) == float(x.detach().abs().max())
+
+
+# -- the compare rule ----------------------------------------------------------------------------------
+
+def _flip(y, i, mask=1):
+    fmt = FORMATS[y.dtype]
+    raw = y.clone().view(fmt.int_dtype)
+    raw.view(-1)[i] ^= mask
+    return raw.view(y.dtype)
+
+
+def test_compare_rule_rejects_wrong_answers(gen):
+    x = mixed_values(gen, 2000, torch.float8_e5m2).float()
+    sample = Sample(args=(x,), attrs=attrs(torch.float8_e5m2))
+    ref = reference(x, **sample.attrs)
+    assert judge(SPEC, ref, ref, sample).ok
+    finite = torch.isfinite(ref.y.double()).nonzero()[:, 0]
+    i = int(finite[0])
+    verdict = judge(SPEC, ref._replace(y=_flip(ref.y, i)), ref, sample)
+    assert not verdict.ok and "differ in their bits" in verdict.reason
+    zero = torch.tensor([-0.0, 0.0])
+    zs = Sample(args=(zero,), attrs=attrs(torch.float8_e5m2))
+    zref = reference(zero, **zs.attrs)
+    assert not judge(SPEC, zref._replace(y=_flip(zref.y, 0, 0x80)), zref, zs).ok  # -0 became +0
+    for field, value in (("amax", ref.amax * 2), ("scale", ref.scale * 2), ("nonfinite", ref.nonfinite + 1)):
+        verdict = judge(SPEC, ref._replace(**{field: value}), ref, sample)
+        assert not verdict.ok and field in verdict.reason
+
+
+def test_compare_rule_for_stochastic_accepts_neighbours_only(gen):
+    dtype = torch.float16
+    x = mixed_values(gen, 3000, dtype).float()
+    sample = Sample(args=(x,), attrs=attrs(dtype, rounding="stochastic", seed=3))
+    ref = reference(x, **sample.attrs)
+    down = reference(x, **attrs(dtype)).y  # nearest is always one of the two neighbours
+    assert judge(SPEC, ref._replace(y=down), ref, sample).ok
+    assert judge(SPEC, torch_kernel(x, **{**sample.attrs, "seed": 9}), ref, sample).ok
+    fmt = FORMATS[dtype]
+    inexact = ((down.double() != x.double()) & torch.isfinite(x) & (x.abs() < fmt.max_finite / 4)).nonzero()[:, 0]
+    i = int(inexact[0])
+    raw = down.clone().view(fmt.int_dtype)
+    raw.view(-1)[i] += 2  # two patterns past the nearest: never a neighbour of an inexact x
+    verdict = judge(SPEC, ref._replace(y=raw.view(dtype)), ref, sample)
+    assert not verdict.ok and "not a neighbour" in verdict.reason
+    big = Sample(args=(torch.tensor([1e6, -1e6, 65520.0]),), attrs=attrs(dtype, rounding="stochastic", seed=1))
+    bref = reference(*big.args, **big.attrs)
+    assert judge(SPEC, bref, bref, big).ok
+    clamped = torch.tensor([65504.0, -65504.0, 65504.0], dtype=dtype)  # 1e6 is past both neighbours
+    assert not judge(SPEC, bref._replace(y=clamped), bref, big).ok
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+
+BAD = [
+    (lambda: (torch.arange(4), {"dtype": torch.float16}),
+     "precision_cast: argument 'x': expected a floating tensor of dtype torch.float64, torch.float32, "
+     "torch.bfloat16, torch.float16, got dtype torch.int64"),
+    (lambda: ([1.0, 2.0], {"dtype": torch.float16}), "argument 'x': expected a torch.Tensor, got list"),
+    (lambda: (torch.ones(2), {"dtype": torch.float32}),
+     "argument 'dtype': expected one of torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, "
+     "got torch.float32"),
+    (lambda: (torch.ones(2), {"dtype": "fp8"}), "argument 'dtype': expected one of torch.float16"),
+    (lambda: (torch.ones(2), {}), "argument 'dtype': expected a value (it is required), got nothing"),
+    (lambda: (torch.ones(2), {"dtype": torch.float16, "rounding": "up"}),
+     "argument 'rounding': expected one of ['nearest', 'stochastic'], got 'up'"),
+    (lambda: (torch.ones(2), {"dtype": torch.float16, "scaling": "max"}),
+     "argument 'scaling': expected one of ['none', 'amax'], got 'max'"),
+    (lambda: (torch.ones(2), {"dtype": torch.float16, "saturate": 1}), "argument 'saturate': expected a bool, got 1"),
+    (lambda: (torch.ones(2), {"dtype": torch.float16, "margin": -1}),
+     "argument 'margin': expected an int in [0, 127] (2**margin must be a float32 power of two), got -1"),
+    (lambda: (torch.ones(2), {"dtype": torch.float16, "margin": True}), "argument 'margin': expected an int"),
+    (lambda: (torch.ones(2), {"dtype": torch.float16, "seed": -5}),
+     "argument 'seed': expected None or an int in [0, 2**63), got -5"),
+    (lambda: (torch.ones(2), {"dtype": torch.float16, "seed": 1.5}), "argument 'seed': expected None or an int"),
+    (lambda: (torch.ones(2), {"dtype": torch.float16, "round": "nearest"}), "argument 'round': expected one of"),
+]
+
+
+@pytest.mark.parametrize("make,message", BAD)
+def test_bad_input_is_explained(make, message):
+    x, kw = make()
+    with pytest.raises(InvalidInput) as info:
+        dispatcher.precision_cast(x, **kw)
+    assert message in str(info.value)
+
+
+# -- the dispatcher and the conformance kit -------------------------------------------------------------
+
+def test_dispatcher_end_to_end(gen):
+    x = mixed_values(gen, 5000, torch.float8_e4m3fn).float().reshape(50, 100)
+    out = dispatcher.precision_cast(x, dtype=torch.float8_e4m3fn, saturate=True)
+    assert isinstance(out, CastResult)
+    want = reference(x, **attrs(torch.float8_e4m3fn, saturate=True))
+    assert judge(SPEC, out, want, Sample(args=(x,), attrs=attrs(torch.float8_e4m3fn, saturate=True))).ok
+    explanation = dispatcher.explain("precision_cast", x, dtype=torch.float8_e4m3fn, saturate=True)
+    rows = {r.backend: r for r in explanation.rows}
+    assert {"reference", "torch", "fused", "fused-triton"} <= set(rows)
+    assert rows["fused-triton"].status == "unsupported" and "device 'cpu'" in rows["fused-triton"].reason
+    assert rows["torch"].status in ("ok", "chosen")
+    assert explanation.chosen in ("torch", "fused")
+    assert "float8_e4m3fn" in str(explanation)
+    for backend in ("reference", "torch", "fused"):
+        with dispatcher.use_backend(backend):
+            forced = dispatcher.precision_cast(x.t(), dtype=torch.bfloat16, rounding="stochastic", seed=5)
+        assert torch.equal(bits(forced.y), bits(KERNELS[backend](x.t(), **attrs(torch.bfloat16, rounding="stochastic",
+                                                                                  seed=5)).y))
+
+
+def test_fused_without_compiler_falls_back(monkeypatch, gen):
+    monkeypatch.setenv(_build.ENV_DISABLE, "1")
+    dispatcher.reset()
+    try:
+        x = torch.randn(300, generator=gen, dtype=torch.float64)  # a dispatch key no other test uses
+        explanation = dispatcher.explain("precision_cast", x, dtype=torch.float16, saturate=True)
+        fused = next(r for r in explanation.rows if r.backend == "fused")
+        assert fused.status == "unsupported" and _build.ENV_DISABLE in fused.reason
+        out = dispatcher.precision_cast(x, dtype=torch.float16, saturate=True)
+        assert torch.equal(bits(out.y), bits(reference(x, **attrs(torch.float16, saturate=True)).y))
+    finally:
+        dispatcher.reset()
+
+
+BUILTIN = [c for backend in ("reference", "torch", "fused") for c in conformance_cases(backend, ops=["precision_cast"])]
+
+
+@pytest.mark.parametrize("case", BUILTIN, ids=str)
+def test_builtin_kernels_conform(case):
+    check_case(case)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # float64 amax past float32: inf
+@pytest.mark.parametrize("name", list(SPEC.edge_cases))
+def test_triton_on_every_edge_case(name, gen):
+    """The Triton kernel is CUDA-only in dispatch; here its launcher runs under the interpreter."""
+    sample = SPEC.edge_cases[name](gen, "cpu")
+    args, full = SPEC.prepare(sample.args, sample.attrs)
+    out = triton_kernel(*args, **full)
+    verdict = judge(SPEC, out, reference(*args, **full), Sample(args=args, attrs=full))
+    assert verdict.ok, verdict.reason
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # float64 amax past float32: inf
+def test_gpu_check_logic_under_the_interpreter():
+    """The GPU check's own logic, at toy sizes on the CPU (the real run needs CUDA)."""
+    from plugins.fused.triton.precision_cast import gpu_check
+
+    rows = gpu_check("cpu", check_log2=11, time_log2=10, reps=1)
+    assert len(rows) == 16 + len(SPEC.edge_cases)
+    bad = [r for r in rows if not r["ok"]]
+    assert not bad, bad
+    assert all({"kernel", "case", "ok", "max_error", "ms", "note"} <= set(r) for r in rows)
