@@ -437,9 +437,12 @@ def _compare(out: Any, ref: Any, sample: Sample) -> Verdict:
     if count:
         return Verdict(ok=False, max_error=max_abs_diff(out.y, ref.y),
                        reason=f"stochastic rounding: {count} elements are not a neighbour of x * scale; {example}")
+    # The reported error is relative (|y - v| / |v|, at most one spacing of the format): an absolute
+    # one would be dominated by the largest magnitudes and say nothing about the rounding.
     y = out.y.detach().cpu().double().reshape(-1)
-    both = torch.isfinite(y) & torch.isfinite(v.reshape(-1))
-    err = float((y - v.reshape(-1))[both].abs().max()) if bool(both.any()) else 0.0
+    v = v.reshape(-1)
+    both = torch.isfinite(y) & torch.isfinite(v) & (v != 0)
+    err = float(((y - v).abs() / v.abs())[both].max()) if bool(both.any()) else 0.0
     return Verdict(ok=True, max_error=err)
 
 
