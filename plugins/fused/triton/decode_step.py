@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from plugins.fused.triton import cuda_ms
 from plugins.torch_backend.decode_step import RowStats
 
 INTERPRET_BLOCK_V = 64  # the interpreter runs each program in numpy: small blocks, no autotuning
@@ -133,14 +134,7 @@ def gpu_check(device: str) -> list[dict[str, Any]]:
                 out = fn(*args, **attrs)
                 torch.cuda.synchronize()
                 verdict = judge(SPEC, type(out)(*(o.cpu() for o in out)), ref, cpu_sample)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                reps = 10
-                start.record()
-                for _ in range(reps):
-                    fn(*args, **attrs)
-                end.record()
-                torch.cuda.synchronize()
-                ms = start.elapsed_time(end) / reps
+                ms = cuda_ms(lambda: fn(*args, **attrs))
                 ok, err, note = verdict.ok, verdict.max_error, verdict.reason
             except Exception as e:  # report, do not stop the other checks
                 ok, err, ms, note = False, float("inf"), float("nan"), f"{type(e).__name__}: {e}"

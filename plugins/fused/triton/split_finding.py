@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from core.ops.split_finding import SplitResult
+from plugins.fused.triton import cuda_ms
 
 SLOTS = 256
 MAX_BLOCK_F = 32
@@ -181,14 +182,7 @@ def gpu_check(device: str) -> list[dict[str, Any]]:
                 out = fn(*args, **attrs)
                 torch.cuda.synchronize()
                 verdict = judge(SPEC, SplitResult(*(o.cpu() for o in out)), ref, Sample(args=cpu_args, attrs=attrs))
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                reps = 10
-                start.record()
-                for _ in range(reps):
-                    fn(*args, **attrs)
-                end.record()
-                torch.cuda.synchronize()
-                ms = start.elapsed_time(end) / reps
+                ms = cuda_ms(lambda: fn(*args, **attrs))
                 ok, err, note = verdict.ok, verdict.max_error, verdict.reason
             except Exception as e:  # report, do not stop the other checks
                 ok, err, ms, note = False, float("inf"), float("nan"), f"{type(e).__name__}: {e}"
