@@ -118,12 +118,18 @@ def _needs_grad(spec: OpSpec, args: tuple[Any, ...]) -> bool:
     return False
 
 
-def _dispatch(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any:
-    args, attrs = spec.bind(args, attrs)
-    spec.verify(args, attrs)
+def _key(spec: OpSpec, args: tuple[Any, ...], attrs: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The spec's dispatch key, marked when gradients will flow (only differentiable kernels serve it)."""
     key = spec.key(args, attrs)
     if spec.grad_inputs and _needs_grad(spec, args):
         key = (*key, "grad")
+    return key
+
+
+def _dispatch(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any:
+    args, attrs = spec.bind(args, attrs)
+    spec.verify(args, attrs)
+    key = _key(spec, args, attrs)
     if _slow_env() or _forced.get() is not None:
         return _call_special(spec, key, args, attrs)
     state = _state
@@ -335,9 +341,7 @@ def explain(op: str, /, *args: Any, **attrs: Any) -> Explanation:
     """What dispatch does for these inputs, resolving the key (tuning it if needed) without running it."""
     spec = get_spec(op)
     args, full = spec.prepare(args, attrs)
-    key = spec.key(args, full)
-    if _needs_grad(spec, args):
-        key = (*key, "grad")
+    key = _key(spec, args, full)
     state = _state
     forced = _forced.get() or os.environ.get(ENV_BACKEND) or None
     with state.lock:
