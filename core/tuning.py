@@ -297,22 +297,27 @@ class Tuner:
         else:
             sample = timing_sample or spec.synthesize(args, attrs, gen)
             times: dict[str, tuple[float, float]] = {}
-            for v in timed:
-                progress(f"timing {v.name}")
-                best = min((t[0] for t in times.values()), default=None)
-                try:
-                    times[v.name] = _measure(v.fn, sample, needs_grad, spec, budget, agree, gen,
-                                             hopeless_s=None if best is None else 3e-3 * best)
-                except Exception as e:
-                    rows[v.name] = replace(rows[v.name], status="failed", reason=f"raised while timed: {_describe_error(e)}")
-                    continue
-                rows[v.name] = replace(rows[v.name], median_ms=times[v.name][0], spread_ms=times[v.name][1])
+            # The reference is timed last, and only when nothing else survived timing.
+            for group in (timed, [v for v in validated if v not in timed]):
+                if times:
+                    break
+                for v in group:
+                    progress(f"timing {v.name}")
+                    best = min((t[0] for t in times.values()), default=None)
+                    try:
+                        times[v.name] = _measure(v.fn, sample, needs_grad, spec, budget, agree, gen,
+                                                 hopeless_s=None if best is None else 3e-3 * best)
+                    except Exception as e:
+                        rows[v.name] = replace(rows[v.name], status="failed",
+                                               reason=f"raised while timed: {_describe_error(e)}")
+                        continue
+                    rows[v.name] = replace(rows[v.name], median_ms=times[v.name][0], spread_ms=times[v.name][1])
             if times:
                 order = sorted(times, key=lambda n: times[n][0])
                 name = order[0]
                 if agree is not None:
                     name = agree.broadcast(name if agree.rank == 0 else None)
-                winner = next(v for v in timed if v.name == name)
+                winner = next(v for v in validated if v.name == name)
                 runner = f", next {order[1]} at {times[order[1]][0]:.3g} ms" if len(order) > 1 else ""
                 why = f"fastest of {len(times)} validated candidates ({times[name][0]:.3g} ms{runner})"
             source = "tuned"

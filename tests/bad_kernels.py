@@ -94,3 +94,16 @@ class BadSignaturePlugin:
     @hookimpl
     def switchyard_kernels(self):
         return [Kernel(op="attention", backend="badsig", fn=lambda q, k: q)]
+
+
+def raises_when_large(q, k, v, *, causal, scale, attn_mask, return_lse):
+    """Right on the small validation sample, raises at the caller's (larger) size while being timed."""
+    if q.shape[2] > 100:
+        raise MemoryError("too large for this kernel")
+    return good_attention(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, return_lse=return_lse)
+
+
+class LargeFailPlugin:
+    @hookimpl
+    def switchyard_kernels(self):
+        return [_k("small-only", raises_when_large)]

@@ -227,3 +227,18 @@ def test_unknown_op_and_bad_env(gen, monkeypatch):
     monkeypatch.setenv("SWITCHYARD_AUTOTUNE", "sometimes")
     with pytest.raises(InvalidInput, match="SWITCHYARD_AUTOTUNE"):
         dispatcher.attention(q, k, v)
+
+
+def test_kernel_failing_while_timed_leaves_the_reference(gen, plugin, monkeypatch):
+    monkeypatch.setenv("SWITCHYARD_BLOCK", "torch,fused")
+    monkeypatch.setenv("SWITCHYARD_DISABLE_PLUGIN_AUTOLOAD", "1")
+    plugin(bad_kernels.LargeFailPlugin(), "largefail")
+    q, k, v = _inputs(gen, Lq=160, Lk=160, D=16, Hq=2, Hkv=2, B=1)
+    out = dispatcher.attention(q, k, v)
+    exp = dispatcher.explain("attention", q, k, v)
+    rows = {r.backend: r for r in exp.rows}
+    assert rows["small-only"].status == "failed" and "raised while timed" in rows["small-only"].reason
+    assert exp.chosen == "reference" and rows["reference"].median_ms is not None
+    ref = reference_attention(q.double(), k.double(), v.double(), causal=False, scale=1 / math.sqrt(16),
+                              attn_mask=None, return_lse=False)
+    assert _max_err(out, ref) < 1e-5
