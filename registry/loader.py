@@ -53,6 +53,7 @@ class Registry:
 
     plugins: tuple[PluginRecord, ...]
     kernels: dict[str, tuple[Kernel, ...]] = field(default_factory=dict)
+    settings: tuple[Any, ...] = ()  # the environment's block list and autoload switch at load time
 
     def kernels_for(self, op: str) -> tuple[Kernel, ...]:
         return self.kernels.get(op, ())
@@ -114,6 +115,11 @@ def remove_plugin(name: str) -> Registry:
     return reload()
 
 
+def settings() -> tuple[Any, ...]:
+    """What of the environment decides which plugins load (compare with ``Registry.settings``)."""
+    return (tuple(sorted(_blocked())), _autoload(), tuple(_extra))
+
+
 def _blocked() -> set[str]:
     return {n.strip() for n in os.environ.get(ENV_BLOCK, "").split(",") if n.strip()}
 
@@ -165,7 +171,7 @@ def load() -> Registry:
         for k in rec.kernels:
             by_op.setdefault(k.op, []).append(k)
     kernels = {op: tuple(sorted(ks, key=lambda k: -k.priority)) for op, ks in by_op.items()}
-    return Registry(plugins=tuple(records), kernels=kernels)
+    return Registry(plugins=tuple(records), kernels=kernels, settings=settings())
 
 
 def _failed(name: str, source: str, version: str, error: str) -> PluginRecord:

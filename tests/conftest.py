@@ -29,6 +29,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             print(f"fused {op}: not built: {reason}")
 
 
+@pytest.fixture(autouse=True)
+def _registry_follows_environment():
+    """A test that blocked plugins through the environment (monkeypatch) leaves a registry loaded
+    under that block list; once the environment is restored, load it again so later tests see the
+    plugins the environment really asks for."""
+    yield
+    from registry import loader
+
+    if loader._registry is not None and loader._registry.settings != loader.settings():
+        loader.reload()
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     """A freshly seeded generator: every test draws new random inputs, reproducibly per seed."""
