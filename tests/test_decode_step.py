@@ -226,6 +226,14 @@ def _probs(B=2, T=4, V=10):
     return torch.softmax(torch.randn(B, T, V), -1)
 
 
+def _negative_probs():
+    """Rows that still sum to 1, with one negative entry."""
+    q = _probs()
+    q[0, 1, 0] -= 0.5
+    q[0, 1, 1] += 0.5
+    return q
+
+
 BAD = [
     (lambda d, p, x: ((d, torch.tensor([0, 0, 1, 2]), x), {}), "argument 'parents': expected parents[0] == -1"),
     (lambda d, p, x: ((d, torch.tensor([-1, 0, 2, 2]), x), {}), "expected 0 <= parents[2] < 2 (every parent index below its child), got parents[2] = 2"),
@@ -243,7 +251,7 @@ BAD = [
     (lambda d, p, x: ((d, p, x), {"generator": 3}), "argument 'generator': expected a torch.Generator or None, got int"),
     (lambda d, p, x: ((d, p, x), {"rule": "rejection"}), "argument 'draft_probs': expected the draft distributions [B, T, V] (rule='rejection' needs them), got None"),
     (lambda d, p, x: ((d, p, x), {"rule": "rejection", "draft_probs": _probs(V=9)}), "argument 'draft_probs': expected shape [2, 4, 10]"),
-    (lambda d, p, x: ((d, p, x), {"rule": "rejection", "draft_probs": _probs() - 0.01}), "expected probabilities >= 0 in rows 1..T-1"),
+    (lambda d, p, x: ((d, p, x), {"rule": "rejection", "draft_probs": _negative_probs()}), "expected probabilities >= 0 in rows 1..T-1"),
     (lambda d, p, x: ((d, p, x), {"rule": "rejection", "draft_probs": _probs() * 1.01}), "expected rows 1..T-1 summing to 1 within 0.001, got a row sum off by 0.01"),
     (lambda d, p, x: ((d, torch.tensor([-1, 0, 0, 1]), x), {"rule": "rejection", "draft_probs": _probs()}),
      "argument 'parents': expected a chain (parents[i] == i - 1) for rule='rejection', got parents[2] = 0: speculative sampling"),
