@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from core import tuning
-from core.cache import TuningCache, fingerprint
+from core.cache import FILE_NAME, cache_dir
 from core.errors import InvalidInput
 from core.ops import all_specs
 from core.spec import OpSpec, Sample
@@ -150,15 +150,9 @@ def list_plugins() -> str:
     ])
 
 
-def _make_tuner(no_cache: bool) -> tuning.Tuner:
-    reg = loader.get_registry()
-    cache = None if no_cache else TuningCache(None, fingerprint(reg.versions()))
-    return tuning.Tuner(reg, cache)
-
-
 def _run_ops(names: Sequence[str], options: dict[str, Any], progress: _Progress) -> list[dict[str, Any]]:
     specs = all_specs()
-    tuner = _make_tuner(options["no_cache"])
+    tuner = tuning.new_tuner(use_cache=not options["no_cache"])
     rows: list[dict[str, Any]] = []
     for name in names:
         rows += tune_op(specs[name], tuner, device=options["device"], cases=options["cases"], backends=options["backends"],
@@ -248,8 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.no_cache:
         print(f"\ntuned in {elapsed:.1f} s; the tuning cache was not used (--no-cache)")
     else:
-        cache = TuningCache(None, fingerprint(loader.get_registry().versions()))
-        print(f"\ntuned in {elapsed:.1f} s; winners stored in the tuning cache: {cache.path}")
+        print(f"\ntuned in {elapsed:.1f} s; winners stored in the tuning cache: {cache_dir() / FILE_NAME}")
     return 0
 
 

@@ -22,7 +22,6 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from core import tuning
-from core.cache import TuningCache, fingerprint
 from core.errors import InvalidInput, Unsupported, ValidationError
 from core.ops import all_specs, get_spec
 from core.spec import OpSpec, Sample, describe_call
@@ -74,10 +73,8 @@ class _State:
         if self._tuner is None:
             with self.lock:
                 if self._tuner is None:
-                    reg = loader.get_registry()
                     use_cache = os.environ.get("SWITCHYARD_NO_CACHE", "") not in ("1", "true")
-                    cache = TuningCache(None, fingerprint(reg.versions())) if use_cache else None
-                    self._tuner = tuning.Tuner(reg, cache)
+                    self._tuner = tuning.new_tuner(use_cache=use_cache)
         return self._tuner
 
 

@@ -218,10 +218,6 @@ def require_tensor(op: str, arg: str, value: Any) -> torch.Tensor:
     return value
 
 
-def dtype_eps(dtype: torch.dtype) -> float:
-    return float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
-
-
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest |a - b| in float64, where positions both non-finite and equal count as 0."""
     a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()

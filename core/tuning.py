@@ -18,10 +18,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from core.cache import TuningCache
+from core.cache import TuningCache, fingerprint
 from core.spec import OpSpec, Sample, TensorMeta, Verdict
 from registry.kernel import Kernel, Variant
-from registry.loader import Registry
+from registry.loader import Registry, get_registry
 
 STATUSES = ("chosen", "ok", "wrong", "failed", "unsupported")
 DEFAULT_LAZY_BUDGET = 0.1
@@ -124,13 +124,13 @@ class Lockstep:
     def __init__(self, group: Any) -> None:
         import torch.distributed as dist
 
+        from core import distributed
+
         self.dist = dist
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.size = dist.get_world_size(group)
-        self.root = dist.get_global_rank(group, 0) if hasattr(dist, "get_global_rank") else 0
-        backend = str(dist.get_backend(group)).lower()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self.rank = distributed.rank(group)
+        self.root = distributed.global_rank(group, 0)
+        self.device = distributed.collective_device(group)
 
     def _reduce(self, values: Sequence[float], op: Any) -> list[float]:
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
@@ -163,6 +163,12 @@ def lockstep_for(spec: OpSpec, args: tuple[Any, ...], attrs: Mapping[str, Any]) 
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def new_tuner(*, use_cache: bool) -> Tuner:
+    """A tuner over the loaded registry, with this environment's tuning cache unless ``use_cache`` is off."""
+    reg = get_registry()
+    return Tuner(reg, TuningCache(None, fingerprint(reg.versions())) if use_cache else None)
 
 
 class Tuner:

@@ -17,7 +17,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from core.errors import InvalidInput
-from core.spec import Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, describe, dtype_name, require_tensor
+from core.spec import (Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, describe, dtype_name, max_abs_diff,
+                       require_tensor)
 
 NAME = "attention"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -260,15 +261,6 @@ def _floor(dtype: torch.dtype, scale: float) -> float:
     return 4 * float(torch.finfo(dtype).eps) * max(1.0, scale)
 
 
-def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    if a.numel() == 0:
-        return 0.0
-    both_same = (a == b) | (torch.isnan(a) & torch.isnan(b))
-    d = torch.where(both_same, torch.zeros_like(a), (a - b).abs()).nan_to_num(nan=math.inf)
-    return float(d.max())
-
-
 def _compare(out: Any, ref: Any, sample: Sample) -> Verdict:
     q, k, v = sample.args
     attrs = sample.attrs
@@ -276,14 +268,14 @@ def _compare(out: Any, ref: Any, sample: Sample) -> Verdict:
     ref_o, ref_lse = (ref if attrs["return_lse"] else (ref, None))
     with torch.no_grad():
         base_o, base_lse = plain_math(q, k, v, attrs["causal"], attrs["scale"], attrs["attn_mask"])
-    bound_o = FWD_FACTOR * _err(base_o, ref_o) + _floor(q.dtype, float(ref_o.detach().abs().nan_to_num(0).max()) if ref_o.numel() else 1.0)
-    err = _err(o, ref_o)
+    bound_o = FWD_FACTOR * max_abs_diff(base_o, ref_o) + _floor(q.dtype, float(ref_o.detach().abs().nan_to_num(0).max()) if ref_o.numel() else 1.0)
+    err = max_abs_diff(o, ref_o)
     if not err <= bound_o:
         return Verdict(ok=False, max_error=err, reason=f"output error {err:.3g} exceeds {bound_o:.3g} "
                        f"({FWD_FACTOR:g}x the plain torch math's error in {dtype_name(q.dtype)}, plus a floor)")
     if lse is not None:
-        lerr = _err(lse, ref_lse)
-        bound_l = FWD_FACTOR * _err(base_lse, ref_lse) + _floor(torch.float32, float(ref_lse.abs().nan_to_num(0, 0, 0).max()) if ref_lse.numel() else 1.0)
+        lerr = max_abs_diff(lse, ref_lse)
+        bound_l = FWD_FACTOR * max_abs_diff(base_lse, ref_lse) + _floor(torch.float32, float(ref_lse.abs().nan_to_num(0, 0, 0).max()) if ref_lse.numel() else 1.0)
         if not lerr <= bound_l:
             return Verdict(ok=False, max_error=lerr, reason=f"log-sum-exp error {lerr:.3g} exceeds {bound_l:.3g}")
         err = max(err, lerr)
@@ -309,8 +301,8 @@ def _compare_grads(grads: Sequence[Any], ref_grads: Sequence[Any], sample: Sampl
         want = torch.as_tensor(want)
         got = torch.zeros_like(want) if got is None else got
         b = torch.zeros_like(want) if b is None else b
-        bound = GRAD_FACTOR * _err(b, want) + _floor(q.dtype, float(want.abs().max()) if want.numel() else 1.0)
-        err = _err(got, want)
+        bound = GRAD_FACTOR * max_abs_diff(b, want) + _floor(q.dtype, float(want.abs().max()) if want.numel() else 1.0)
+        err = max_abs_diff(got, want)
         if not err <= bound:
             return Verdict(ok=False, max_error=err, reason=f"d{name} error {err:.3g} exceeds {bound:.3g} "
                            f"({GRAD_FACTOR:g}x the plain torch math's, plus a floor)")

@@ -6,7 +6,6 @@ rounded value and then by index: the contract's "equal distances, lower index fi
 from __future__ import annotations
 
 import heapq
-from typing import Any
 
 import numpy as np
 import torch
