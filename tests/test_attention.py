@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from core import dispatcher
 from core.errors import InvalidInput
-from core.ops.attention import SPEC, make_inputs
+from core.ops.attention import SPEC, make_inputs, plain_math
+from core.spec import Sample
 from plugins.reference.attention import attention as ref_attention
 from registry.conformance import check_case, conformance_cases
 
@@ -60,6 +61,33 @@ def test_masked_nan_does_not_reach_the_output(gen):
     for backend in ("reference", "torch", "torch-sdpa"):
         with dispatcher.use_backend(backend):
             assert torch.allclose(dispatcher.attention(q, k2, v2, attn_mask=mask).double(), want, atol=1e-5), backend
+
+
+def test_compare_rules_accept_float32_math_and_reject_small_mistakes(gen):
+    """The rules' bounds (a multiple of the plain math's error plus a floor of a few units) pass an
+    honest float32 kernel and fail one off by a part in 10^4 in the output or in one gradient."""
+    q, k, v = make_inputs(gen, "cpu", torch.float32, 1, 2, 2, 24, 40, 16)
+    args, attrs = SPEC.prepare((q, k, v), {"causal": True})
+    sample = Sample(args=args, attrs=attrs)
+    want = _ref(q, k, v, causal=True)
+    assert SPEC.compare(dispatcher.attention(q, k, v, causal=True), want, sample).ok
+    assert not SPEC.compare(dispatcher.attention(q, k, v, causal=True) * (1 + 1e-4), want, sample).ok
+
+    g = torch.randn(want.shape, generator=gen)
+
+    def grads(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        o = plain_math(*leaves, True, attrs["scale"], None)[0] if dtype == torch.float64 \
+            else dispatcher.attention(*leaves, causal=True)
+        return torch.autograd.grad(o, leaves, g.to(dtype))
+
+    exact, honest = grads(torch.float64), grads(torch.float32)
+    assert SPEC.compare_grads(honest, exact, sample, (g,)).ok
+    for i in range(3):
+        off = [t.clone() for t in honest]
+        off[i] = off[i] * (1 + 1e-4)
+        verdict = SPEC.compare_grads(off, exact, sample, (g,))
+        assert not verdict.ok and f"d{'qkv'[i]}" in verdict.reason
 
 
 def test_lse_is_log_sum_exp_of_scaled_scores(gen):
