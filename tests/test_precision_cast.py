@@ -3,6 +3,7 @@ special values, double-rounding traps, every bit pattern and the integers, the s
 bad input, the dispatcher, and every built-in kernel through the conformance kit."""
 from __future__ import annotations
 
+import io
 import math
 from fractions import Fraction
 
@@ -114,6 +115,24 @@ def test_fast_kernels_bit_exact_with_ml_dtypes(name, dtype, gen):
                             wide_random(gen, n // 4)])
         out = kernel(name)(values, **attrs(dtype, saturate=saturate))
         assert_same_bits(out.y, peer_bits(values, dtype, saturate), values)
+
+
+@pytest.mark.parametrize("dtype, n, scaling", [(torch.bfloat16, (1 << 25) + 13, "amax"),
+                                               (torch.float8_e5m2, (1 << 26) + 5, "none")], ids=["bfloat16", "e5m2"])
+def test_fused_large_outputs_with_streaming_stores(dtype, n, scaling, gen):
+    """Outputs of 64 MiB or more take the streaming-store path (staged chunks, unaligned heads and tails
+    at each thread's boundary): bit-exact with ml_dtypes there too."""
+    special = special_values(dtype).float()
+    values = torch.randn(n, generator=gen) * 2.0 ** torch.randint(-12, 12, (n,), generator=gen)
+    for at in (0, n // 2 - 40, n - special.numel()):  # around the two threads' shares and both ends
+        values[at:at + special.numel()] = special
+    out = kernel("fused")(values, **attrs(dtype, scaling=scaling))
+    scaled = values * out.scale if scaling == "amax" else values
+    assert float(out.amax) == float(values[values.isfinite()].abs().max())
+    assert int(out.nonfinite) == int((~values.isfinite()).sum())
+    want_scale = torch.tensor(FORMATS[dtype].max_finite, dtype=torch.float32) / out.amax  # in float32
+    assert float(out.scale) == (1.0 if scaling == "none" else float(want_scale))
+    assert_same_bits(out.y, peer_bits(scaled, dtype), values)
 
 
 @pytest.mark.parametrize("source", [torch.float16, torch.bfloat16])
@@ -397,6 +416,81 @@ def test_fused_without_compiler_falls_back(monkeypatch, gen):
         assert torch.equal(bits(out.y), bits(reference(x, **attrs(torch.float16, saturate=True)).y))
     finally:
         dispatcher.reset()
+
+
+# -- the fused CPU kernel's output pool -------------------------------------------------------------------
+
+POOLED = 1 << 20  # float32 elements: a 2 MiB bfloat16 output, over the pool's 1 MiB floor
+
+
+@pytest.fixture
+def pool():
+    """The fused module with an emptied pool of a known cap, restored afterwards."""
+    kernel("fused")
+    import plugins.fused.precision_cast as module
+
+    old = module.set_output_pool_limit(64 << 20)
+    module.empty_output_pool()
+    yield module
+    module.set_output_pool_limit(old)
+
+
+def test_output_pool_reuses_freed_blocks_and_never_live_ones(pool, gen):
+    xs = [torch.randn(POOLED, generator=gen) * 4 for _ in range(3)]
+    before = pool.output_pool_stats()
+    ys = [fused_kernel(x, **attrs(torch.bfloat16)).y for x in xs[:2]]  # both alive: two distinct blocks
+    assert ys[0].data_ptr() != ys[1].data_ptr()
+    freed = ys.pop().data_ptr()
+    assert pool.output_pool_stats()["idle_bytes"] >= 2 * POOLED
+    ys.append(fused_kernel(xs[2], **attrs(torch.bfloat16)).y)
+    after = pool.output_pool_stats()
+    assert ys[1].data_ptr() == freed
+    assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (1, 2)
+    for x, y in zip((xs[0], xs[2]), ys):  # reuse overwrote nothing that is still alive
+        assert torch.equal(bits(y), bits(reference(x, **attrs(torch.bfloat16)).y))
+
+
+def test_pooled_output_is_an_ordinary_tensor(pool, gen):
+    x = torch.randn(2, POOLED // 2, generator=gen)
+    y = fused_kernel(x, **attrs(torch.float8_e5m2)).y
+    want = bits(reference(x, **attrs(torch.float8_e5m2)).y)
+    assert y.shape == x.shape and y.is_contiguous() and not y.requires_grad
+    y.resize_(3, POOLED // 2)  # grows through the pool's allocator, keeping the old values
+    assert torch.equal(bits(y[:2]), want)
+    y[2] = 1.0
+    buffer = io.BytesIO()
+    torch.save(y, buffer)
+    buffer.seek(0)
+    assert torch.equal(bits(torch.load(buffer)), bits(y))
+
+
+def test_output_pool_cap(pool, gen):
+    x = torch.randn(POOLED, generator=gen)
+    assert pool.set_output_pool_limit(0) == 64 << 20
+    fused_kernel(x, **attrs(torch.bfloat16))
+    assert pool.output_pool_stats()["idle_bytes"] == 0  # off: the freed output went back to the OS
+    pool.set_output_pool_limit(1 << 20)
+    fused_kernel(x, **attrs(torch.bfloat16))
+    assert pool.output_pool_stats()["idle_bytes"] == 0  # a 2 MiB block does not fit under a 1 MiB cap
+    pool.set_output_pool_limit(5 << 20)
+    outs = [fused_kernel(x, **attrs(torch.bfloat16)).y for _ in range(3)]
+    del outs
+    assert pool.output_pool_stats()["idle_bytes"] == 4 << 20  # two of the three freed blocks fit
+    assert pool.empty_output_pool() == 4 << 20 and pool.output_pool_stats()["idle_bytes"] == 0
+    with pytest.raises(RuntimeError, match="must be >= 0"):
+        pool.set_output_pool_limit(-1)
+
+
+@pytest.mark.parametrize("value, limit", [("0", 0), ("16", 16 << 20), ("lots", 1024 << 20)])
+def test_output_pool_cap_from_the_environment(monkeypatch, value, limit):
+    import plugins.fused.precision_cast as module
+
+    monkeypatch.setenv(module.POOL_ENV, value)
+    if value.isdigit():
+        assert module.pool_limit_from_env() == limit
+    else:
+        with pytest.warns(RuntimeWarning, match=module.POOL_ENV):
+            assert module.pool_limit_from_env() == limit
 
 
 BUILTIN = [c for backend in ("reference", "torch", "fused") for c in conformance_cases(backend, ops=["precision_cast"])]

@@ -2,6 +2,9 @@
 (triton/precision_cast.py), each reading the input once per phase."""
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 
 from core.ops.precision_cast import SOURCES, CastResult
@@ -9,6 +12,9 @@ from plugins.fused import _build
 from registry import Kernel
 
 OP = "precision_cast"
+POOL_ENV = "SWITCHYARD_POOL_MB"
+POOL_DEFAULT_MB = 1024
+_pool_configured = False
 
 
 def _seed(seed: int | None) -> int:
@@ -22,14 +28,55 @@ def _cpu_check(x: torch.Tensor, *, dtype: torch.dtype, rounding: str, scaling: s
     return [f"the C++ kernel cannot be built: {reason}"] if reason else []
 
 
+def pool_limit_from_env() -> int:
+    """The output pool's cap on idle bytes from ``SWITCHYARD_POOL_MB`` (default 1024 MiB; 0 turns it off)."""
+    raw = os.environ.get(POOL_ENV, "").strip()
+    if not raw:
+        return POOL_DEFAULT_MB << 20
+    if not raw.isdigit():
+        warnings.warn(f"{POOL_ENV}={raw!r} is not a whole number of MiB >= 0; the fused precision_cast output "
+                      f"pool keeps its default cap of {POOL_DEFAULT_MB} MiB", RuntimeWarning, stacklevel=3)
+        return POOL_DEFAULT_MB << 20
+    return int(raw) << 20
+
+
+def _library():
+    """The C++ library, with the output pool's cap set from the environment on first use."""
+    global _pool_configured
+    lib = _build.library(OP)
+    if not _pool_configured:
+        lib.precision_cast_pool_limit(pool_limit_from_env())
+        _pool_configured = True
+    return lib
+
+
 def precision_cast_cpu(x: torch.Tensor, *, dtype: torch.dtype, rounding: str, scaling: str, saturate: bool, margin: int,
                        seed: int | None) -> CastResult:
     """One OpenMP pass: amax, non-finite count, round and store (two passes with scaling='amax')."""
-    lib = _build.library(OP)
+    lib = _library()
     stochastic = rounding == "stochastic"
     y, scale, amax, nonfinite = lib.precision_cast_cpu(x.detach().contiguous(), dtype, stochastic, scaling == "amax",
                                                        saturate, margin, _seed(seed) if stochastic else 0, None)
     return CastResult(y=y, scale=scale, amax=amax, nonfinite=nonfinite)
+
+
+def output_pool_stats() -> dict[str, int]:
+    """The CPU kernel's output pool (see csrc/precision_cast.cpp): idle bytes and blocks it holds for
+    reuse, allocations it served from them (hits) or from the OS (misses), and its cap on idle bytes."""
+    keys = ("idle_bytes", "idle_blocks", "hits", "misses", "limit_bytes")
+    return dict(zip(keys, _library().precision_cast_pool_stats()))
+
+
+def empty_output_pool() -> int:
+    """Give every idle block of the output pool back to the OS (like ``torch.cuda.empty_cache``);
+    returns the bytes freed. Outputs still alive are untouched."""
+    return int(_library().precision_cast_pool_clear())
+
+
+def set_output_pool_limit(limit_bytes: int) -> int:
+    """Cap the bytes the output pool keeps idle (0 turns it off), freeing idle blocks over it; returns
+    the previous cap. The cap starts at ``SWITCHYARD_POOL_MB`` MiB (default 1024)."""
+    return int(_library().precision_cast_pool_limit(int(limit_bytes)))
 
 
 def _triton_check(x: torch.Tensor, *, dtype: torch.dtype, rounding: str, scaling: str, saturate: bool, margin: int,
