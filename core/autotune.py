@@ -48,22 +48,29 @@ def _split(value: str | None) -> list[str] | None:
 
 
 class _Progress:
-    """One line on stderr, rewritten in place."""
+    """One line on stderr, rewritten in place on a terminal; elsewhere (a log, a pipe) a plain line
+    as each case starts, since carriage returns would run every step into one line."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled and sys.stderr is not None
+        self.tty = self.enabled and sys.stderr.isatty()
         self.width = 0
 
     def __call__(self, text: str) -> None:
         if not self.enabled:
             return
         line = f"[autotune] {text}"[:110]
+        if not self.tty:
+            if text.endswith("preparing inputs"):
+                sys.stderr.write(line.removesuffix(": preparing inputs") + "\n")
+                sys.stderr.flush()
+            return
         sys.stderr.write("\r" + line.ljust(self.width))
         sys.stderr.flush()
         self.width = len(line)
 
     def done(self) -> None:
-        if self.enabled and self.width:
+        if self.tty and self.width:
             sys.stderr.write("\r" + " " * self.width + "\r")
             sys.stderr.flush()
             self.width = 0

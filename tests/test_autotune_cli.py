@@ -24,7 +24,8 @@ def test_autotune_attention_table_json_and_cache(tmp_path):
                 "--json", str(tmp_path / "rows.json")], tmp_path)
     assert out.returncode == 0, out.stderr
     assert "== attention" in out.stdout and "vs reference" in out.stdout and "chosen" in out.stdout
-    assert "[autotune]" in out.stderr  # the progress line
+    # progress: not a terminal here, so a plain line per case, no carriage returns
+    assert "[autotune] attention / b2-h8-l256-d64-causal\n" in out.stderr and "\r" not in out.stderr
     cache = tmp_path / "cache" / "tuning-cache.json"
     assert str(cache) in out.stdout
     rows = json.loads((tmp_path / "rows.json").read_text())
