@@ -90,6 +90,63 @@ def test_compare_rules_accept_float32_math_and_reject_small_mistakes(gen):
         assert not verdict.ok and f"d{'qkv'[i]}" in verdict.reason
 
 
+POISON = {  # where a non-finite input goes, on top of a NaN key and value at a masked (padding) key
+    "masked-only": lambda q, k, v: None,
+    "q-nan": lambda q, k, v: q[0, 0, 2].__setitem__(1, float("nan")),
+    "k-inf-component": lambda q, k, v: k[0, 0, 3].__setitem__(3, float("-inf")),  # +-inf scores by q's sign
+    "v-inf": lambda q, k, v: v[0, 1, 4].__setitem__(0, float("inf")),
+    "v-nan": lambda q, k, v: v[0, 1, 4].__setitem__(0, float("nan")),
+}
+
+
+def _poisoned(gen, where):
+    """GQA (4 query heads on 2 kv heads), bottom-right causal (every row attends keys 0-4, where the
+    poison goes), the last 2 of 12 keys masked for padding."""
+    q, k, v = make_inputs(gen, "cpu", torch.float32, 1, 4, 2, 8, 12, 16)
+    mask = torch.ones(1, 1, 1, 12, dtype=torch.bool)
+    mask[..., -2:] = False
+    POISON[where](q, k, v)
+    return q, k, v, mask
+
+
+def _same_nonfinite_and_close(got, want):
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (torch.isnan(got) != torch.isnan(want)).nonzero()
+    assert torch.equal(torch.isposinf(got), torch.isposinf(want)) and torch.equal(torch.isneginf(got),
+                                                                                    torch.isneginf(want))
+    finite = torch.isfinite(want)
+    assert torch.allclose(got[finite].double(), want[finite].double(), atol=1e-5)
+
+
+@pytest.mark.parametrize("where", [w for w in POISON if w != "masked-only"])
+def test_reference_follows_sdpa_math_on_attended_nonfinite_inputs(gen, where):
+    """IEEE arithmetic, as PyTorch's math backend does it: a NaN or +inf score poisons its row, a -inf
+    score is a weight of 0, an attended inf or NaN value reaches the output."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v, _ = _poisoned(gen, where)  # nothing masked is poisoned: SDPA's math backend lets it through
+    allowed = torch.ones(8, 12, dtype=torch.bool).tril(4)
+    with sdpa_kernel(SDPBackend.MATH):
+        peer = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=allowed, enable_gqa=True)
+    _same_nonfinite_and_close(_ref(q, k, v, causal=True), peer)
+    assert not torch.isfinite(peer).all()  # the case does poison something
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-sdpa", "fused"])
+@pytest.mark.parametrize("where", list(POISON))
+def test_kernels_agree_with_the_reference_on_nonfinite_inputs(gen, backend, where):
+    q, k, v, mask = _poisoned(gen, where)
+    k[..., -1, :] = float("nan")  # at the masked padding key: reaches nothing
+    v[..., -1, :] = float("nan")
+    want_o, want_lse = _ref(q, k, v, causal=True, mask=mask, lse=True)
+    with dispatcher.use_backend(backend):
+        got_o = dispatcher.attention(q, k, v, causal=True, attn_mask=mask)
+        if backend != "torch-sdpa":
+            got_lse = dispatcher.attention(q, k, v, causal=True, attn_mask=mask, return_lse=True)[1]
+            _same_nonfinite_and_close(got_lse, want_lse.float())
+    _same_nonfinite_and_close(got_o, want_o.float())
+    assert torch.isfinite(want_o).all() == (where == "masked-only")
+
+
 def test_lse_is_log_sum_exp_of_scaled_scores(gen):
     q, k, v = make_inputs(gen, "cpu", torch.float32, 1, 2, 1, 5, 7, 16)
     _, lse = dispatcher.attention(q, k, v, scale=0.3, return_lse=True)

@@ -134,6 +134,14 @@ def test_gradient_through_lse(gen, path):
         assert torch.allclose(g.double(), w, atol=2e-5), (g.double() - w).abs().max()
 
 
+def _entry(path):
+    """How a caller reaches a path: the kernel function for the C++ one (which looks at k and v first),
+    the autograd Function for Triton on CPU tensors (its kernels read non-finite values as 0)."""
+    if path == "CPP":
+        return fused.attention
+    return _run(fused.TRITON)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_nonfinite_at_masked_positions_reaches_neither_output_nor_gradients(gen, path):
     sample = _sample(gen, torch.float32, 1, 2, 2, 16, 24, 16, causal=True)
@@ -143,11 +151,24 @@ def test_nonfinite_at_masked_positions_reaches_neither_output_nor_gradients(gen,
     k[:, :, -4:] = float("nan")
     v[:, :, -4:] = float("inf")
     sample = Sample(args=(q, k, v), attrs={**sample.attrs, "attn_mask": mask})
-    _check(getattr(fused, path), sample, gen)
+    verdict = check(SPEC, _entry(path), expected(SPEC, _reference(), sample, True, gen))
+    assert verdict.ok, verdict.reason
     inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    o, lse = _run(getattr(fused, path))(*inputs, **sample.attrs)
+    o, lse = _entry(path)(*inputs, **sample.attrs)
     o.sum().backward()
     assert torch.isfinite(o).all() and all(torch.isfinite(t.grad).all() for t in inputs)
+
+
+@needs_cpp
+def test_masked_nonfinite_keys_still_take_the_tiled_kernel(gen, monkeypatch):
+    q, k, v = make_inputs(gen, "cpu", torch.float32, 1, 4, 2, 8, 12, 16)
+    mask = torch.ones(1, 4, 8, 12, dtype=torch.bool)
+    mask[:, 2:, :, 5] = False  # key 5 of kv head 1 is attended by neither of its query heads
+    v[0, 1, 5, 3] = float("nan")
+    monkeypatch.setattr(fused, "torch_attention", None)  # the dense fallback must not be needed
+    o = fused.attention(q, k, v, causal=False, scale=0.25, attn_mask=mask, return_lse=False)
+    want = _reference().fn(q, k, v, causal=False, scale=0.25, attn_mask=mask, return_lse=False)
+    assert torch.isfinite(o).all() and torch.allclose(o, want, atol=1e-5)
 
 
 @needs_cpp

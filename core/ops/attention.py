@@ -236,15 +236,24 @@ EDGE_CASES = {
 
 def plain_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plain torch math in the inputs' dtype: the baseline the compare rule's tolerance is measured by."""
+    """The plain torch math in the inputs' dtype, the baseline the compare rule's tolerance is measured by,
+    with the op's rules: masked keys and values are selected away before any product (a NaN there reaches
+    nothing), attended inf and NaN follow IEEE arithmetic, a row that attends nothing gets 0."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     allowed = allowed_positions(q.shape[2], k.shape[2], causal, attn_mask, q.device)
-    s = (q @ k.transpose(-1, -2)) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s.float(), dim=-1)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    o = p @ v.masked_fill(~torch.isfinite(v), 0) if not bool(torch.isfinite(v).all()) else p @ v
+    finite_k, finite_v = bool(torch.isfinite(k).all()), bool(torch.isfinite(v).all())
+    if finite_k:
+        s = ((q @ k.transpose(-1, -2)) * scale).masked_fill(~allowed, float("-inf"))
+    else:  # [.., Lq, Lk, D]: each key selected per query
+        ks = torch.where(allowed[..., None], k[..., None, :, :], 0)
+        s = torch.where(allowed, (q[..., :, None, :] * ks).sum(-1) * scale, float("-inf"))
+    lse = torch.logsumexp(s.float(), dim=-1)  # -inf: attends nothing; NaN or +inf: poisoned
+    p = torch.softmax(s, dim=-1).masked_fill(torch.isneginf(lse)[..., None], 0.0)
+    if finite_v:
+        o = p @ v
+    else:
+        o = (p[..., None] * torch.where(allowed[..., None], v[..., None, :, :], 0)).sum(-2)
     return o, lse
 
 

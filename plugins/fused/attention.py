@@ -5,9 +5,14 @@ write the [Lq, Lk] score matrix; the backward pass recomputes the scores from th
 (Dao, "FlashAttention-2", 2023, Algorithms 1 and 2). The C++ kernels are ``csrc/attention.cpp``,
 the Triton kernels ``triton/attention.py``; one ``torch.autograd.Function`` serves both.
 
-Masked positions must not leak: a NaN or inf in k or v where no query may look would still reach the
-output through the tile products (0 * NaN), so non-finite keys and values are read as 0, exactly as
-the op's plain torch math does with v.
+Non-finite keys and values: the tiles multiply every key and value of a tile, masked or not, so a NaN
+or inf where no query may look would still reach the output (0 * NaN). ``attend`` therefore looks
+at q, k and v first (one pass each): when all are finite, the tiled kernels run as they are; when the
+non-finite ones sit only at keys no query may attend, they are read as 0 (exact, since those keys
+have no influence) and the tiled kernels run; when a query may attend one, or q itself holds one, the
+call goes to the torch kernel's exact dense path, so the NaN or inf does in the rows that meet it
+what IEEE arithmetic does, as in the reference and SDPA's math backend. (The Triton kernels also read
+non-finite keys and values as 0 themselves.)
 """
 from __future__ import annotations
 
@@ -15,8 +20,10 @@ from typing import Any
 
 import torch
 
+from core.ops.attention import allowed_positions
 from core.spec import dtype_name
 from plugins.fused import _build
+from plugins.torch_backend.attention import attention as torch_attention
 from registry import Kernel
 
 OP = "attention"
@@ -44,9 +51,25 @@ def _mask4(attn_mask: torch.Tensor | None, full: tuple[int, int, int, int]) -> t
     return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).expand(full)
 
 
-def _finite(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with NaN and inf read as 0 (a copy only when there is one)."""
-    return t if bool(torch.isfinite(t).all()) else torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+def _zero_nonfinite(t: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _nonfinite_attended(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                        attn_mask: torch.Tensor | None) -> bool | None:
+    """None when q, k and v are all finite (the common case: one pass over each); otherwise whether a
+    non-finite query, or a non-finite key or value at a key some query may attend, is present."""
+    if not bool(torch.isfinite(q).all()):
+        return True
+    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # [B, Hkv, Lk]
+    if not bool(bad.any()):
+        return None
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    allowed = allowed_positions(Lq, Lk, causal, attn_mask, q.device)
+    attended = allowed.reshape((1,) * (4 - allowed.dim()) + tuple(allowed.shape)).any(-2)  # [b, h, Lk]
+    attended = attended.expand(B, Hq, Lk).reshape(B, Hkv, Hq // Hkv, Lk).any(2)
+    return bool((bad & attended).any())
 
 
 class _Cpu:
@@ -58,7 +81,7 @@ class _Cpu:
         lib = _build.library(OP)
         q32, k32, v32 = (t.float().contiguous() for t in (q, k, v))
         blocks = _cpu_blocks(CPU_FWD_BLOCKS, q.shape[0] * q.shape[1], q.shape[2], 0)
-        return lib.attention_fwd(q32, _finite(k32), _finite(v32), mask, causal, scale, *blocks)
+        return lib.attention_fwd(q32, k32, v32, mask, causal, scale, *blocks)
 
     @staticmethod
     def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
@@ -66,8 +89,8 @@ class _Cpu:
         lib = _build.library(OP)
         q32, k32, v32, do32 = (t.float().contiguous() for t in (q, k, v, do))
         blocks = _cpu_blocks(CPU_BWD_BLOCKS, k.shape[0] * k.shape[1], k.shape[2], 1)
-        return lib.attention_bwd(q32, _finite(k32), _finite(v32), do32, lse.contiguous(), delta.contiguous(), mask,
-                                 causal, scale, *blocks)
+        return lib.attention_bwd(q32, k32, v32, do32, lse.contiguous(), delta.contiguous(), mask, causal, scale,
+                                 *blocks)
 
 
 class _Cuda:
@@ -127,11 +150,23 @@ class FusedAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
+def attend(path: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+           attn_mask: torch.Tensor | None, return_lse: bool) -> Any:
+    """The kernel on ``path`` (CPP or TRITON), non-finite inputs handled as the module's doc says."""
+    poisoned = _nonfinite_attended(q, k, v, causal, attn_mask)
+    if poisoned:
+        return torch_attention(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, return_lse=return_lse)
+    if poisoned is False:  # non-finite only at keys nobody attends: reading them as 0 changes nothing
+        k, v = _zero_nonfinite(k), _zero_nonfinite(v)
+    o, lse = FusedAttention.apply(q, k, v, causal, scale, attn_mask, path)
+    return (o, lse) if return_lse else o
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
               attn_mask: torch.Tensor | None, return_lse: bool) -> Any:
     """FlashAttention-2 forward (and, through autograd, backward): C++ for CPU tensors, Triton for CUDA."""
-    o, lse = FusedAttention.apply(q, k, v, causal, scale, attn_mask, CPP if q.device.type == "cpu" else TRITON)
-    return (o, lse) if return_lse else o
+    return attend(CPP if q.device.type == "cpu" else TRITON, q, k, v, causal=causal, scale=scale,
+                  attn_mask=attn_mask, return_lse=return_lse)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,

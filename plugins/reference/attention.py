@@ -25,17 +25,20 @@ def _allowed(Lq: int, Lk: int, causal: bool, mask: np.ndarray | None) -> np.ndar
 
 
 def _head(q: np.ndarray, k: np.ndarray, v: np.ndarray, allowed: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(o, lse, p) for one head; a masked position contributes nothing, even a NaN."""
-    s = np.where(allowed, (q @ k.T) * scale, -np.inf)
-    m = s.max(axis=1, initial=-np.inf, keepdims=True)
-    alive = np.isfinite(m)
-    e = np.where(allowed, np.exp(s - np.where(alive, m, 0.0)), 0.0)
-    total = e.sum(axis=1, keepdims=True)
-    p = np.where(alive, e / np.where(total > 0, total, 1.0), 0.0)
-    with np.errstate(invalid="ignore"):  # 0 * inf at masked positions, discarded by the where
+    """(o, lse, p) for one head. A masked position contributes nothing, even a NaN. At an attended one,
+    inf and NaN follow IEEE arithmetic as in the plain math (SDPA's math backend): a NaN or +inf score
+    makes its row NaN (lse NaN or +inf), a -inf score is a weight of 0, and an inf or NaN value reaches
+    the output. A row with no attended key, or only -inf scores, gets 0 and lse -inf."""
+    with np.errstate(invalid="ignore"):  # inf * 0 in a score
+        s = np.where(allowed, (q @ k.T) * scale, -np.inf)
+    m = s.max(axis=1, initial=-np.inf, keepdims=True)  # NaN when a score is NaN
+    dead = m == -np.inf
+    with np.errstate(invalid="ignore", divide="ignore"):  # inf - inf, 0 * inf (poisoned rows), log(0) (dead)
+        e = np.where(allowed, np.exp(s - np.where(dead, 0.0, m)), 0.0)
+        total = e.sum(axis=1, keepdims=True)
+        p = np.where(dead, 0.0, e / np.where(dead, 1.0, total))
         o = np.where(allowed[:, :, None], p[:, :, None] * v[None, :, :], 0.0).sum(axis=1)
-    with np.errstate(divide="ignore"):
-        lse = np.where(alive[:, 0], m[:, 0] + np.log(np.where(total[:, 0] > 0, total[:, 0], 1.0)), -np.inf)
+        lse = np.where(dead[:, 0], -np.inf, np.where(m[:, 0] == np.inf, np.inf, m[:, 0] + np.log(total[:, 0])))
     return o, lse, p
 
 

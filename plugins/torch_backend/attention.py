@@ -19,14 +19,15 @@ def _grouped(q: torch.Tensor, Hkv: int) -> torch.Tensor:
 def _dense_nonfinite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact masking when k or v hold inf/NaN: every key and value is selected per (query, key) by
     ``allowed`` before any product, so a non-finite value at a masked position reaches neither the
-    output nor the gradients. Costs [Lq, Lk, D] and [Lq, Lk, Dv] temporaries."""
+    output nor the gradients, while one at an attended position does what IEEE arithmetic does with it
+    (the reference's rule). Costs [Lq, Lk, D] and [Lq, Lk, Dv] temporaries."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     sel = allowed[..., None]
     ks = torch.where(sel, k[:, :, None, :, :], 0)  # [B, H, Lq, Lk, D]
     s = torch.where(allowed, (q[:, :, :, None, :] * ks).sum(-1) * scale, float("-inf"))
-    lse = torch.logsumexp(s.float(), dim=-1)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0) if s.numel() else s
+    lse = torch.logsumexp(s.float(), dim=-1)  # -inf for a row that attends nothing, NaN or +inf if poisoned
+    p = torch.softmax(s, dim=-1).masked_fill(torch.isneginf(lse)[..., None], 0.0) if s.numel() else s
     vs = torch.where(sel, v[:, :, None, :, :], 0)  # [B, H, Lq, Lk, Dv]
     return (p[..., None] * vs).sum(-2), lse
 
@@ -78,7 +79,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, sca
     attend nothing are opened to every key for SDPA (so it never divides by zero) and zeroed after.
     """
     Lq, Lk = q.shape[2], k.shape[2]
-    if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
+    if not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):  # SDPA's CPU kernels differ on these
         return attention(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, return_lse=False)
     gqa = k.shape[1] != q.shape[1]
     if attn_mask is None and (not causal or Lq == Lk):
