@@ -96,6 +96,11 @@ class OpSpec:
       are timed on. Never the caller's tensors.
     - ``oracle(sample)``: the inputs the reference is run on to judge ``sample`` (attention lifts them
       to float64); identity by default.
+    - ``pilot(sample, gen)``: optional; a part of the timing sample's work (some of its independent
+      pieces, such as a sixteenth of the queries), or ``None`` when the sample is too small to be
+      worth it. Every candidate runs once on it; one whose pilot run alone takes over 3x the best
+      full-size time so far is not timed in full (no kernel does the whole in less time than a part
+      of it). It orders the full timing too, fastest on the pilot first.
     - ``compare(out, ref, sample)``: the compare rule, returning a ``Verdict`` with the max error.
     - ``cases`` / ``edge_cases``: named sample factories; ``cases`` are what ``python -m
       core.autotune`` tunes by default, ``edge_cases`` what the conformance kit adds.
@@ -124,6 +129,7 @@ class OpSpec:
     cases: Mapping[str, CaseFactory]
     edge_cases: Mapping[str, CaseFactory] = field(default_factory=dict)
     oracle: Callable[[Sample], Sample] = _identity_sample
+    pilot: Callable[[Sample, torch.Generator], Sample | None] | None = None
     grad_inputs: tuple[int, ...] = ()
     grad_outputs: Callable[[Any, torch.Generator], Sequence[Any]] | None = None
     compare_grads: Callable[[Sequence[Any], Sequence[Any], Sample, Sequence[Any]], Verdict] | None = None

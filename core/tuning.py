@@ -302,17 +302,24 @@ class Tuner:
             source = "priority"
         else:
             sample = timing_sample or spec.synthesize(args, attrs, gen)
+            pilot = _pilot_times(spec, sample, timed, needs_grad, gen, progress) if agree is None else {}
             times: dict[str, tuple[float, float]] = {}
-            # The reference is timed last, and only when nothing else survived timing.
+            # The reference is timed last, and only when nothing else survived timing. With a pilot, the
+            # fastest on it go first, so that the cutoffs below meet the slow ones.
             for group in (timed, [v for v in validated if v not in timed]):
                 if times:
                     break
-                for v in group:
-                    progress(f"timing {v.name}")
+                for v in sorted(group, key=lambda v: pilot.get(v.name, 0.0)):
                     best = min((t[0] for t in times.values()), default=None)
+                    if best is not None and pilot.get(v.name, 0.0) > HOPELESS * best:
+                        rows[v.name] = replace(rows[v.name], reason=(
+                            f"not timed in full: {pilot[v.name]:.3g} ms on a part of the work already exceeds "
+                            f"{HOPELESS:g}x the best full time ({best:.3g} ms)"))
+                        continue
+                    progress(f"timing {v.name}")
                     try:
                         times[v.name] = _measure(v.fn, sample, needs_grad, spec, budget, agree, gen,
-                                                 hopeless_s=None if best is None else 3e-3 * best)
+                                                 hopeless_s=None if best is None else HOPELESS * best / 1e3)
                     except Exception as e:
                         rows[v.name] = replace(rows[v.name], status="failed",
                                                reason=f"raised while timed: {_describe_error(e)}")
@@ -423,12 +430,35 @@ class _Validator:
         return check_status(self.spec, v.fn, exp)
 
 
+HOPELESS = 3.0  # a candidate this many times slower than the best so far cannot win: stop timing it
+LONG_RUN = 10.0  # a first run this many timing budgets long is its own measure: it is not repeated
+
+
+def _pilot_times(spec: OpSpec, sample: Sample, candidates: Sequence[Variant], needs_grad: bool, gen: torch.Generator,
+                 progress: Callable[[str], None]) -> dict[str, float]:
+    """Each candidate's time (ms) for one run on ``spec.pilot``'s part of the timing sample, when the
+    spec has one and the sample is big enough for it; a candidate that raises there gets no entry
+    (the full timing will meet the error)."""
+    part = spec.pilot(sample, gen) if spec.pilot is not None and len(candidates) > 1 else None
+    if part is None:
+        return {}
+    times: dict[str, float] = {}
+    for v in candidates:
+        progress(f"pilot {v.name}")
+        try:
+            times[v.name] = _measure(v.fn, part, needs_grad, spec, 0.0, None, gen, hopeless_s=0.0)[0]
+        except Exception:
+            continue
+    return times
+
+
 def _measure(fn: Callable[..., Any], sample: Sample, needs_grad: bool, spec: OpSpec, budget: float,
              agree: Lockstep | None, gen: torch.Generator, hopeless_s: float | None = None) -> tuple[float, float]:
     """(median, interquartile spread) in milliseconds; with lockstep, the slowest rank's figures.
 
     A candidate whose first run already takes longer than ``hopeless_s`` (three times the best
-    median so far) cannot win: that one run is its time, and it is not repeated."""
+    median so far) cannot win: that one run is its time, and it is not repeated. Nor is a first run
+    of LONG_RUN budgets or more: warm-up effects are small beside it."""
     device = spec.device(sample.args, sample.attrs)
     args = sample.args
     if needs_grad:
@@ -457,7 +487,7 @@ def _measure(fn: Callable[..., Any], sample: Sample, needs_grad: bool, spec: OpS
             error, first = e, float("inf")
         if agree is not None:
             (first,) = agree.max(first)
-        if hopeless_s is not None and first != float("inf") and first > hopeless_s:
+        if first != float("inf") and ((hopeless_s is not None and first > hopeless_s) or first >= LONG_RUN * budget > 0):
             samples.append(first * 1e3)
         elif first != float("inf"):
             reps = 1 if first >= budget else max(3, min(200, int(budget / max(first, 1e-7))))

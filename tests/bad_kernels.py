@@ -107,3 +107,25 @@ class LargeFailPlugin:
     @hookimpl
     def switchyard_kernels(self):
         return [_k("small-only", raises_when_large)]
+
+
+class SlowPerQueryPlugin:
+    """A right nearest_neighbor kernel that sleeps 2 ms a query, logging how many queries it was given:
+    the tuner's pilot should spare it the full-size timing run."""
+
+    def __init__(self):
+        self.seen = []
+
+    @hookimpl
+    def switchyard_kernels(self):
+        import time
+
+        from plugins.torch_backend.nearest_neighbor import nearest_neighbor
+
+        def slow(queries, database, *, k, metric):
+            self.seen.append(queries.shape[0])
+            time.sleep(0.002 * queries.shape[0])
+            return nearest_neighbor(queries, database, k=k, metric=metric)
+
+        return [Kernel(op="nearest_neighbor", backend="slow-per-query", fn=slow, devices={"cpu"},
+                       dtypes={torch.float32}, priority=100)]

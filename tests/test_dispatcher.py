@@ -242,3 +242,19 @@ def test_kernel_failing_while_timed_leaves_the_reference(gen, plugin, monkeypatc
     ref = reference_attention(q.double(), k.double(), v.double(), causal=False, scale=1 / math.sqrt(16),
                               attn_mask=None, return_lse=False)
     assert _max_err(out, ref) < 1e-5
+
+
+def test_pilot_spares_a_hopeless_kernel_its_full_size_run(gen, plugin):
+    """nearest_neighbor's pilot is a sixteenth of the queries: a kernel already 3x slower there than the
+    best full-size time is never run on all of them, and is ranked below the others."""
+    slow = bad_kernels.SlowPerQueryPlugin()
+    plugin(slow, "slowq")
+    q, x = torch.rand(1024, 8, generator=gen), torch.rand(4096, 8, generator=gen)
+    out = dispatcher.nearest_neighbor(q, x, k=5)
+    want = torch.cdist(q.double(), x.double()).topk(5, largest=False)
+    assert torch.equal(out.indices, want.indices)
+    rows = {r.backend: r for r in dispatcher.explain("nearest_neighbor", q, x, k=5).rows}
+    assert rows["slow-per-query"].status == "ok" and rows["slow-per-query"].median_ms is None
+    assert "not timed in full" in rows["slow-per-query"].reason
+    assert 1024 // 16 in slow.seen and 1024 not in slow.seen  # the pilot, never the whole
+    assert dispatcher.explain("nearest_neighbor", q, x, k=5).chosen != "slow-per-query"
