@@ -132,6 +132,11 @@ class TuningCache:
             data = json.loads(text)
             if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("environments"), dict):
                 raise ValueError(f"unknown schema {data.get('schema') if isinstance(data, dict) else type(data).__name__!r}")
+            for fid, env in data["environments"].items():
+                entries = env.get("entries") if isinstance(env, dict) else None
+                if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+                    raise ValueError(f"malformed environment {fid!r}: expected an object whose 'entries' map keys "
+                                     "to objects")
         except ValueError as e:
             aside = self.path.with_name(f"{FILE_NAME}.corrupt-{int(time.time() * 1000)}-{os.getpid()}")
             try:

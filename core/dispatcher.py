@@ -138,8 +138,8 @@ def _dispatch(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any
     except InvalidInput:
         raise
     except Exception as e:
-        if spec.collective:  # one rank switching kernels alone would desynchronize the group
-            raise
+        if spec.collective and tuning.lockstep_for(spec, args, attrs) is not None:
+            raise  # one rank switching kernels alone would desynchronize the group
         return _fall_back(state, spec, key, args, attrs, choice, e)
 
 

@@ -74,6 +74,10 @@ def _identity_sample(sample: Sample) -> Sample:
     return sample
 
 
+def _never(args: tuple[Any, ...], attrs: Mapping[str, Any]) -> bool:
+    return False
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OpSpec:
     """The single written definition of one op.
@@ -96,6 +100,10 @@ class OpSpec:
       are timed on. Never the caller's tensors.
     - ``oracle(sample)``: the inputs the reference is run on to judge ``sample`` (attention lifts them
       to float64); identity by default.
+    - ``fits_reference(args, attrs)``: whether the reference answers inputs of this size quickly
+      (well under a second, gradients included). Then every candidate is validated on a full-size
+      synthesized sample as well as on the shrunk one, so a kernel right only at small sizes is caught;
+      the shrunk sample alone is for inputs too big for the reference. Never, by default.
     - ``pilot(sample, gen)``: optional; a part of the timing sample's work (some of its independent
       pieces, such as a sixteenth of the queries), or ``None`` when the sample is too small to be
       worth it. Every candidate runs once on it; one whose pilot run alone takes over 3x the best
@@ -130,6 +138,7 @@ class OpSpec:
     edge_cases: Mapping[str, CaseFactory] = field(default_factory=dict)
     oracle: Callable[[Sample], Sample] = _identity_sample
     pilot: Callable[[Sample, torch.Generator], Sample | None] | None = None
+    fits_reference: Callable[[tuple[Any, ...], Mapping[str, Any]], bool] = _never
     grad_inputs: tuple[int, ...] = ()
     grad_outputs: Callable[[Any, torch.Generator], Sequence[Any]] | None = None
     compare_grads: Callable[[Sequence[Any], Sequence[Any], Sample, Sequence[Any]], Verdict] | None = None

@@ -129,3 +129,32 @@ class SlowPerQueryPlugin:
 
         return [Kernel(op="nearest_neighbor", backend="slow-per-query", fn=slow, devices={"cpu"},
                        dtypes={torch.float32}, priority=100)]
+
+
+def right_for_96_rows(q, k, v, *, causal, scale, attn_mask, return_lse):
+    """Right up to query row 96 (the longest shrunk validation sample), zeros after it."""
+    out = good_attention(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, return_lse=return_lse)
+    o = (out[0] if return_lse else out).clone()
+    o[:, :, 96:] = 0
+    return (o, out[1]) if return_lse else o
+
+
+class ShortSightedPlugin:
+    @hookimpl
+    def switchyard_kernels(self):
+        return [_k("short-sighted", right_for_96_rows)]
+
+
+class FlakyCollectivePlugin:
+    """An all_reduce kernel that is right on small inputs and raises on more than 1000 elements."""
+
+    @hookimpl
+    def switchyard_kernels(self):
+        from plugins.reference.all_reduce import all_reduce
+
+        def flaky(tensors, *, op, group):
+            if sum(t.numel() for t in (tensors if isinstance(tensors, (list, tuple)) else [tensors])) > 1000:
+                raise RuntimeError("flaky: too big")
+            return all_reduce(tensors, op=op, group=group)
+
+        return [Kernel(op="all_reduce", backend="flaky", fn=flaky, devices={"cpu"}, priority=1000)]

@@ -45,7 +45,14 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     assert not list(tmp_path.glob(".tuning-cache-*.tmp"))
 
 
-@pytest.mark.parametrize("content", ["{not json", json.dumps({"schema": 99, "environments": {}}), "[]"])
+MALFORMED = [
+    json.dumps({"schema": 1, "environments": {"abc": {"fingerprint": FP, "entries": []}}}),  # entries a list
+    json.dumps({"schema": 1, "environments": {"abc": {"fingerprint": FP, "entries": {"attention|[]": "x"}}}}),
+    json.dumps({"schema": 1, "environments": {"abc": "not an environment"}}),
+]
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"schema": 99, "environments": {}}), "[]", *MALFORMED])
 def test_corrupt_or_foreign_file_is_moved_aside(tmp_path, content):
     (tmp_path / FILE_NAME).write_text(content)
     cache = TuningCache(tmp_path, FP)

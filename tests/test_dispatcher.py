@@ -233,7 +233,7 @@ def test_kernel_failing_while_timed_leaves_the_reference(gen, plugin, monkeypatc
     monkeypatch.setenv("SWITCHYARD_BLOCK", "torch,fused")
     monkeypatch.setenv("SWITCHYARD_DISABLE_PLUGIN_AUTOLOAD", "1")
     plugin(bad_kernels.LargeFailPlugin(), "largefail")
-    q, k, v = _inputs(gen, Lq=160, Lk=160, D=16, Hq=2, Hkv=2, B=1)
+    q, k, v = _inputs(gen, Lq=400, Lk=400, D=16, Hq=2, Hkv=2, B=1)  # past the size validated in full
     out = dispatcher.attention(q, k, v)
     exp = dispatcher.explain("attention", q, k, v)
     rows = {r.backend: r for r in exp.rows}
@@ -258,3 +258,51 @@ def test_pilot_spares_a_hopeless_kernel_its_full_size_run(gen, plugin):
     assert "not timed in full" in rows["slow-per-query"].reason
     assert 1024 // 16 in slow.seen and 1024 not in slow.seen  # the pilot, never the whole
     assert dispatcher.explain("nearest_neighbor", q, x, k=5).chosen != "slow-per-query"
+
+
+def test_a_kernel_right_only_at_small_sizes_is_caught_where_the_reference_is_quick(gen, plugin):
+    """The shrunk sample stops at 96 query rows; at 128 rows the reference is still quick, so candidates
+    are validated at the caller's size too (the trust rule's "small sample" is for sizes too big)."""
+    plugin(bad_kernels.ShortSightedPlugin(), "short")
+    q, k, v = _inputs(gen, Lq=128, Lk=128, D=32, Hq=2, Hkv=2, B=1)
+    out = dispatcher.attention(q, k, v)
+    rows = {r.backend: r for r in dispatcher.explain("attention", q, k, v).rows}
+    assert rows["short-sighted"].status == "wrong"
+    ref = reference_attention(q.double(), k.double(), v.double(), causal=False, scale=1 / math.sqrt(32),
+                              attn_mask=None, return_lse=False)
+    assert _max_err(out, ref) < 1e-5
+
+
+def test_an_untimed_pick_is_not_stored_as_a_tuned_winner(gen, monkeypatch):
+    q, k, v = _inputs(gen)
+    monkeypatch.setenv("SWITCHYARD_AUTOTUNE", "off")
+    assert "autotuning is off" in dispatcher.explain("attention", q, k, v).why
+    dispatcher.reset()  # a new process state: only the cache carries over
+    monkeypatch.setenv("SWITCHYARD_AUTOTUNE", "lazy")
+    explanation = dispatcher.explain("attention", q, k, v)
+    assert explanation.why.startswith("fastest of") and any(r.median_ms is not None for r in explanation.rows)
+
+
+def test_a_collective_kernel_failing_without_a_group_falls_back(gen, plugin, monkeypatch):
+    monkeypatch.setenv("SWITCHYARD_AUTOTUNE", "off")  # the flaky kernel wins on priority
+    plugin(bad_kernels.FlakyCollectivePlugin(), "flaky")
+    x = torch.randn(300_000, generator=gen)  # past the size validated in full, so only the call meets it
+    with pytest.warns(dispatcher.DispatchWarning, match="flaky"):
+        out = dispatcher.all_reduce(x, op="sum")
+    assert torch.equal(out, x)  # a world of one: the sum is the tensor itself
+
+
+def test_decisions_after_set_num_threads_are_stored_under_the_new_count(gen):
+    import json
+
+    from core.cache import FILE_NAME, cache_dir
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        q, k, v = _inputs(gen, Lq=8, Lk=8, D=8, Hq=1, Hkv=1, B=1)
+        dispatcher.attention(q, k, v)
+    finally:
+        torch.set_num_threads(before)
+    data = json.loads((cache_dir() / FILE_NAME).read_text())
+    assert any(env["fingerprint"]["threads"] == 1 and env["entries"] for env in data["environments"].values())

@@ -45,6 +45,7 @@ NAME = "all_reduce"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64)
 OPS = ("sum", "avg", "max", "min", "prod")
 MAGNITUDE_SLACK = 2  # the "+ 2" of (n + 2) * u * S: the final rounding and avg's scaling (see above)
+REFERENCE_ELEMENTS = 1 << 18  # up to this many elements in all, candidates are also validated at full size
 U64 = 2.0**-53  # float64's unit roundoff: the reference's own rounding
 
 
@@ -211,6 +212,11 @@ def _fresh(args: tuple[Any, ...], attrs: Mapping[str, Any], gen: torch.Generator
     items = as_list(tensors)
     outs = [random_values(gen, shape, t.dtype, attrs["op"], t.device.type) for t, shape in zip(items, shapes)]
     return Sample(args=(like_input(tensors, outs),), attrs=dict(attrs))
+
+
+def _fits_reference(args: tuple[Any, ...], attrs: Mapping[str, Any]) -> bool:
+    """The reference gathers every rank's tensors and reduces them in numpy: quick up to 2**18 elements."""
+    return sum(t.numel() for t in as_list(args[0])) <= REFERENCE_ELEMENTS
 
 
 def _synthesize(args: tuple[Any, ...], attrs: Mapping[str, Any], gen: torch.Generator) -> Sample:
@@ -414,6 +420,7 @@ SPEC = OpSpec(
     infer=_infer,
     shrink=_shrink,
     synthesize=_synthesize,
+    fits_reference=_fits_reference,
     compare=_compare,
     cases=CASES,
     edge_cases=EDGE_CASES,

@@ -26,6 +26,7 @@ NAME = "attention"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FWD_FACTOR, GRAD_FACTOR = 2.0, 3.0
 FWD_FLOOR_UNITS, GRAD_FLOOR_UNITS = 4, 16
+REFERENCE_WORK = 1 << 22  # B * Hq * Lq * Lk * (D + Dv) up to which candidates are also validated at full size
 
 
 _DTYPE_SET = frozenset(DTYPES)
@@ -167,6 +168,13 @@ def _resample(args: tuple[Any, ...], attrs: Mapping[str, Any], gen: torch.Genera
         shape = [1 if s == 1 else f for s, f in zip((1,) * (4 - mask.dim()) + tuple(mask.shape), full)][4 - mask.dim():]
         new["attn_mask"] = random_mask(gen, shape, device)
     return Sample(args=(nq, nk, nv), attrs=new)
+
+
+def _fits_reference(args: tuple[Any, ...], attrs: Mapping[str, Any]) -> bool:
+    """The numpy reference takes about 0.1 s (and its backward as much) at 2**22 units of work."""
+    q, k, v = args
+    B, Hq, Lq, D = q.shape
+    return B * Hq * Lq * k.shape[2] * (D + v.shape[3]) <= REFERENCE_WORK
 
 
 def _synthesize(args: tuple[Any, ...], attrs: Mapping[str, Any], gen: torch.Generator) -> Sample:
@@ -340,6 +348,7 @@ SPEC = OpSpec(
     infer=_infer,
     shrink=_shrink,
     synthesize=_synthesize,
+    fits_reference=_fits_reference,
     compare=_compare,
     cases=CASES,
     edge_cases=EDGE_CASES,
