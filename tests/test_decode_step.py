@@ -128,6 +128,43 @@ def test_equally_deep_paths_go_to_the_higher_log_probability_then_the_lower_indi
     assert out.accepted_nodes.tolist() == [[0, 1, 3, 5]] and out.num_accepted.tolist() == [3]
 
 
+def tied_paths(gen, B, V, nudge=False):
+    """Siblings 1 and 2 propose the root's argmax; row 2 is a fresh permutation of row 1, and their children
+    3 and 4 propose each row's argmax, so the paths 0-1-3 and 0-2-4 have exactly equal float64 scores.
+    ``nudge`` lowers row 2's second largest logit by one float32 ulp: path 0-2-4 then scores higher by
+    about 1e-9, far below float32 resolution and far above float64's."""
+    logits = torch.randn(B, 5, V, generator=gen) * 3
+    for b in range(B):
+        logits[b, 2] = logits[b, 1, torch.randperm(V, generator=gen)]
+        if nudge:
+            j = int(logits[b, 2].topk(2).indices[1])
+            logits[b, 2, j] = torch.nextafter(logits[b, 2, j], torch.tensor(float("-inf")))
+    top = logits.argmax(-1)
+    drafts = torch.stack([torch.zeros(B, dtype=torch.int64), top[:, 0], top[:, 0], top[:, 1], top[:, 2]], 1)
+    return drafts, [-1, 0, 0, 1, 2], logits
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("rule, temperature", [("greedy", 1.0), ("typical", 0.7)])
+def test_an_exact_tie_between_permuted_rows_goes_to_the_lower_indices(kernel, rule, temperature, gen):
+    """Float32 row sums of permuted rows differ in their last bits; the float64 rule ties them exactly."""
+    drafts, parents, logits = tied_paths(gen, 8, 1000)
+    out = _run(kernel, drafts, parents, logits, rule=rule, temperature=temperature)
+    assert out.accepted_nodes.tolist() == [[0, 1, 3]] * 8
+    assert torch.equal(out.accepted_nodes, _run("reference", drafts, parents, logits, rule=rule,
+                                                temperature=temperature).accepted_nodes)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("rule, temperature", [("greedy", 1.0), ("typical", 0.7)])
+def test_a_near_tie_below_float32_resolution_follows_float64(kernel, rule, temperature, gen):
+    drafts, parents, logits = tied_paths(gen, 8, 1000, nudge=True)
+    out = _run(kernel, drafts, parents, logits, rule=rule, temperature=temperature)
+    assert out.accepted_nodes.tolist() == [[0, 2, 4]] * 8
+    if rule == "greedy":
+        assert torch.equal(out.tokens, _run("reference", drafts, parents, logits).tokens)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_typical_threshold_is_min_of_cap_and_alpha_exp_minus_entropy(kernel):
     p = [0.5, 0.3, 0.15, 0.05]
@@ -215,6 +252,85 @@ def test_full_vocabulary(rule, B, parents, gen):
     assert verdict.ok, verdict.reason
 
 
+COLUMN_ZERO_CASES = {
+    "greedy": dict(B=3, parents=medusa_tree(16), V=120, rule="greedy", agree=0.95),
+    "typical": dict(B=3, parents=medusa_tree(16), V=120, rule="typical", temperature=0.8),
+    "typical-t0": dict(B=3, parents=medusa_tree(16), V=120, rule="typical", temperature=0.0),
+    "rejection": dict(B=4, parents=chain(4), V=120, rule="rejection"),
+}
+
+
+def with_column_zero(args, attrs, value, seed):
+    """The call with draft_tokens[:, 0] = value and a fresh generator seeded with ``seed`` (make_inputs
+    leaves column 0 a random valid id)."""
+    drafts = args[0].clone()
+    drafts[:, 0] = value
+    return (drafts, *args[1:]), {**attrs, "generator": torch.Generator().manual_seed(seed)}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("case", COLUMN_ZERO_CASES)
+def test_column_zero_of_draft_tokens_is_never_read(kernel, case, gen):
+    """Column 0 (the root's committed token) is not used: -1 or V + 3 there changes nothing."""
+    sample = make_inputs(gen, "cpu", **COLUMN_ZERO_CASES[case])
+    args, attrs = SPEC.prepare(sample.args, sample.attrs)
+    V = args[2].shape[-1]
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    ref = reference(*args, **with_column_zero(args, attrs, 0, seed)[1])
+    clean = KERNELS[kernel](*args, **with_column_zero(args, attrs, 0, seed)[1])
+    for value in (-1, V + 3):
+        bad_args, bad_attrs = with_column_zero(args, attrs, value, seed)
+        out = KERNELS[kernel](*bad_args, **bad_attrs)
+        verdict = judge(SPEC, out, ref, Sample(args=bad_args, attrs=bad_attrs))
+        assert verdict.ok, (value, verdict.reason)
+        for a, b in zip(out, clean):  # the same uniforms: the same answer as with a valid column 0
+            assert torch.equal(a, b), value
+        if case in ("greedy", "typical-t0"):
+            for a, b in zip(out, ref):
+                assert torch.equal(a, b), value
+
+
+def non_finite_logits(gen, B, T, V):
+    """Random logits with NaN entries, +inf entries, a row of only NaN and a row of only -inf."""
+    x = torch.randn(B, T, V, generator=gen) * 3
+    x[0, 0, 5] = float("nan")
+    x[0, 1, 7] = float("inf")
+    x[1 % B, 0] = float("nan")
+    x[1 % B, T - 1] = float("-inf")
+    x[2 % B, T // 2, ::3] = float("inf")
+    x[2 % B, 0, 1::2] = float("nan")
+    return x
+
+
+def assert_well_formed(out, draft_tokens, parents, V):
+    """The result's own consistency, checked from the contract alone: a path of the tree from the root,
+    its draft tokens, one more token in [0, V), -1 padding."""
+    width = max(len(p) for p in tree_of(tuple(parents)).paths)
+    assert out.tokens.shape == out.accepted_nodes.shape == (draft_tokens.shape[0], width)
+    for b, (tokens, nodes, num) in enumerate(zip(out.tokens.tolist(), out.accepted_nodes.tolist(),
+                                                 out.num_accepted.tolist())):
+        path = nodes[:num + 1]
+        assert path[0] == 0 and all(parents[j] == i for i, j in zip(path, path[1:])), nodes
+        assert nodes[num + 1:] == [-1] * (width - num - 1) and tokens[num + 1:] == nodes[num + 1:]
+        assert tokens[:num] == [int(draft_tokens[b, i]) for i in path[1:]]
+        assert 0 <= tokens[num] < V, tokens
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's, on the reference's inf - inf
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("rule, temperature", [("greedy", 1.0), ("greedy", 0.0), ("typical", 0.7), ("typical", 0.0),
+                                               ("rejection", 1.0), ("rejection", 0.0)])
+def test_non_finite_logits_never_crash_and_keep_ids_in_range(kernel, rule, temperature, gen):
+    """Outside the precondition (documented, not checked) the answer is unspecified but well formed."""
+    B, V = 3, 50
+    parents = chain(4) if rule == "rejection" else [-1, 0, 0, 1, 2, 3]
+    sample = make_inputs(gen, "cpu", B=B, parents=parents, V=V, rule=rule, temperature=temperature, agree=0.9)
+    args, attrs = SPEC.prepare(sample.args, sample.attrs)
+    logits = non_finite_logits(gen, B, len(parents), V)
+    out = KERNELS[kernel](args[0], args[1], logits, **attrs)
+    assert_well_formed(out, args[0], parents, V)
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 
 def _good():
@@ -229,8 +345,8 @@ def _probs(B=2, T=4, V=10):
 def _negative_probs():
     """Rows that still sum to 1, with one negative entry."""
     q = _probs()
-    q[0, 1, 0] -= 0.5
-    q[0, 1, 1] += 0.5
+    q[0, 1, 0] -= 1.0  # a softmax entry is below 1: always negative now (0.5 was not, now and then)
+    q[0, 1, 1] += 1.0
     return q
 
 
@@ -271,6 +387,21 @@ def test_bad_input_names_op_argument_and_values(make, message):
 def test_tree_attention_mask_rejects_a_bad_tree():
     with pytest.raises(InvalidInput, match=r"expected 0 <= parents\[1\] < 1"):
         tree_attention_mask(torch.tensor([-1, 1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool])
+def test_tree_attention_mask_rejects_a_non_integer_tensor(dtype):
+    with pytest.raises(InvalidInput) as info:
+        tree_attention_mask(torch.tensor([-1, 0, 1]).to(dtype))
+    assert str(info.value) == (f"tree_attention_mask: argument 'parents': expected an integer tensor of parent "
+                               f"indices (dtype torch.int64, as decode_step takes it), got dtype {dtype}")
+
+
+def test_tree_attention_mask_takes_any_integer_dtype():
+    parents = torch.tensor([-1, 0, 1, 0])
+    want = [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]]
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        assert tree_attention_mask(parents.to(dtype)).int().tolist() == want
 
 
 # -- key, samples, compare rule ----------------------------------------------------------------------
@@ -331,10 +462,11 @@ def test_compare_rule_catches_wrong_answers(gen):
     assert "expected a DecodeResult" in judge(SPEC, tuple(ref), ref, s).reason
 
 
-def test_compare_rule_accepts_a_near_tie_either_way():
+@pytest.mark.parametrize("rule", ["greedy", "typical"])
+def test_compare_rule_requires_the_reference_path_on_near_and_exact_ties(rule):
     # Siblings 1 and 2 propose the root's argmax; their children 3 and 4 propose the argmax of rows that
-    # differ by 1e-9: a float32 kernel cannot tell the two paths apart, so either is right. An exact
-    # tie, though, must go to the lower indices.
+    # differ by 1e-9. The contract wants the reference's path exactly (the kernels re-score such near
+    # ties in float64), so only the higher path is right; an exact tie must go to the lower indices.
     parents = torch.tensor([-1, 0, 0, 1, 2])
     row = [0.4, 0.3, 0.2, 0.1]
     tied = _logits([[0.1, 0.7, 0.1, 0.1], row, row, [0.25] * 4, [0.25] * 4]).double()
@@ -343,13 +475,17 @@ def test_compare_rule_accepts_a_near_tie_either_way():
     drafts = torch.tensor([[0, 1, 1, 0, 0]])
     low = DecodeResult(torch.tensor([[1, 0, 0]]), torch.tensor([2]), torch.tensor([[0, 1, 3]]))
     high = DecodeResult(torch.tensor([[1, 0, 0]]), torch.tensor([2]), torch.tensor([[0, 2, 4]]))
-    args, attrs = SPEC.prepare((drafts, parents, near), dict(DEFAULTS))
+    attrs = {**DEFAULTS, "rule": rule}
+    args, attrs = SPEC.prepare((drafts, parents, near), attrs)
     ref = reference(*args, **attrs)
     assert ref.accepted_nodes.tolist() == [[0, 2, 4]]
-    assert judge(SPEC, low, ref, Sample(args=args, attrs=attrs)).ok
-    args, attrs = SPEC.prepare((drafts, parents, tied), dict(DEFAULTS))
+    assert judge(SPEC, high, ref, Sample(args=args, attrs=attrs)).ok
+    verdict = judge(SPEC, low, ref, Sample(args=args, attrs=attrs))
+    assert not verdict.ok and "the reference's is [0, 2, 4]" in verdict.reason
+    args, attrs = SPEC.prepare((drafts, parents, tied), attrs)
     ref = reference(*args, **attrs)
     assert ref.accepted_nodes.tolist() == [[0, 1, 3]]
+    assert judge(SPEC, low, ref, Sample(args=args, attrs=attrs)).ok
     assert not judge(SPEC, high, ref, Sample(args=args, attrs=attrs)).ok
 
 

@@ -17,6 +17,8 @@ from core.tuning import judge  # noqa: E402
 from plugins.fused.decode_step import _cuda as fused_cuda_path  # noqa: E402
 from plugins.fused.triton.decode_step import row_stats  # noqa: E402
 from plugins.reference.decode_step import decode_step as reference  # noqa: E402
+from test_decode_step import (COLUMN_ZERO_CASES, DEFAULTS, assert_well_formed, non_finite_logits,  # noqa: E402
+                              tied_paths, with_column_zero)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -63,3 +65,45 @@ def test_fused_cuda_path_conforms_under_the_interpreter(name, gen):
     out = fused_cuda_path(*args, **attrs)
     verdict = judge(SPEC, out, reference(*args, **attrs), Sample(args=args, attrs=attrs))
     assert verdict.ok, verdict.reason
+
+
+def _run(draft_tokens, parents, logits, **attrs):
+    args, full = SPEC.prepare((draft_tokens, torch.tensor(parents), logits), {**DEFAULTS, **attrs})
+    return fused_cuda_path(*args, **full), reference(*args, **full)
+
+
+@pytest.mark.parametrize("case", COLUMN_ZERO_CASES)
+def test_fused_cuda_path_never_reads_column_zero(case, gen):
+    sample = make_inputs(gen, "cpu", **COLUMN_ZERO_CASES[case])
+    args, attrs = SPEC.prepare(sample.args, sample.attrs)
+    V = args[2].shape[-1]
+    clean = fused_cuda_path(*args, **with_column_zero(args, attrs, 0, 5)[1])
+    ref = reference(*args, **with_column_zero(args, attrs, 0, 5)[1])
+    for value in (-1, V + 3):
+        bad_args, bad_attrs = with_column_zero(args, attrs, value, 5)
+        out = fused_cuda_path(*bad_args, **bad_attrs)
+        verdict = judge(SPEC, out, ref, Sample(args=bad_args, attrs=bad_attrs))
+        assert verdict.ok, (value, verdict.reason)
+        for a, b in zip(out, clean):
+            assert torch.equal(a, b), value
+
+
+@pytest.mark.parametrize("rule, temperature", [("greedy", 1.0), ("typical", 0.7)])
+def test_fused_cuda_path_breaks_exact_and_near_ties_like_the_reference(rule, temperature, gen):
+    drafts, parents, logits = tied_paths(gen, 4, 300)
+    out, ref = _run(drafts, parents, logits, rule=rule, temperature=temperature)
+    assert out.accepted_nodes.tolist() == ref.accepted_nodes.tolist() == [[0, 1, 3]] * 4
+    drafts, parents, logits = tied_paths(gen, 4, 300, nudge=True)
+    out, ref = _run(drafts, parents, logits, rule=rule, temperature=temperature)
+    assert out.accepted_nodes.tolist() == ref.accepted_nodes.tolist() == [[0, 2, 4]] * 4
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's, inside the interpreter, on inf - inf
+@pytest.mark.parametrize("rule, temperature", [("greedy", 1.0), ("typical", 0.7), ("typical", 0.0), ("rejection", 1.0)])
+def test_fused_cuda_path_with_non_finite_logits_keeps_ids_in_range(rule, temperature, gen):
+    B, V = 3, 70  # V not a multiple of the interpreter's block: the last block has masked lanes
+    parents = chain(4) if rule == "rejection" else [-1, 0, 0, 1, 2, 3]
+    sample = make_inputs(gen, "cpu", B=B, parents=parents, V=V, rule=rule, temperature=temperature, agree=0.9)
+    args, attrs = SPEC.prepare(sample.args, sample.attrs)
+    out = fused_cuda_path(args[0], args[1], non_finite_logits(gen, B, len(parents), V), **attrs)
+    assert_well_formed(out, args[0], parents, V)

@@ -10,14 +10,20 @@ from core.ops.decode_step import DecodeResult, Tree, draw_uniforms, tree
 from registry import Kernel
 
 
-def _log_probs(x: np.ndarray, temperature: float) -> np.ndarray:
-    """log softmax(x / temperature); at temperature 0, 0 at the (first) argmax and -inf elsewhere."""
+def _log_probs(x: np.ndarray, temperature: float, exact_sum: bool = False) -> np.ndarray:
+    """log softmax(x / temperature); at temperature 0, 0 at the (first) argmax and -inf elsewhere.
+
+    ``exact_sum``: the exp-sum by ``math.fsum`` (exactly rounded), for the log-probabilities that order
+    paths: it does not depend on the order of the row's entries, so rows that are permutations of each
+    other tie exactly.
+    """
     if temperature == 0:
         out = np.full(x.shape, -np.inf)
         out[np.argmax(x)] = 0.0
         return out
     z = (x - x.max()) / temperature
-    return z - np.log(np.exp(z).sum())
+    e = np.exp(z)
+    return z - np.log(math.fsum(e.tolist()) if exact_sum else e.sum())
 
 
 def _entropy(logp: np.ndarray) -> float:
@@ -25,9 +31,16 @@ def _entropy(logp: np.ndarray) -> float:
     return float(-(p * np.where(p > 0, logp, 0.0)).sum())
 
 
-def _sample(weights: np.ndarray, u: float) -> int:
-    """Inverse CDF: the first index whose cumulative weight exceeds u * total (never a zero weight)."""
+def _sample(weights: np.ndarray, u: float, x: np.ndarray) -> int:
+    """Inverse CDF: the first index whose cumulative weight exceeds u * total (never a zero weight).
+
+    Weights with no positive mass (only from NaN or +inf logits ``x``, which break the precondition)
+    give the argmax of ``x``, so the token is still in range.
+    """
+    weights = np.where(weights > 0, weights, 0.0)  # NaN: 0
     cdf = np.cumsum(weights)
+    if not 0 < cdf[-1] < math.inf:
+        return int(np.argmax(x))
     i = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
     if i >= len(weights) or weights[i] <= 0:
         i = int(np.flatnonzero(weights > 0)[-1])
@@ -44,7 +57,7 @@ def _verify_tree(x: np.ndarray, drafts: list[int], t: Tree, rule: str, temperatu
         if parent not in alive:
             continue
         if parent not in logp:
-            logp[parent] = _log_probs(x[parent], temperature)
+            logp[parent] = _log_probs(x[parent], temperature, exact_sum=True)
         token = drafts[i]
         if rule == "greedy" or temperature == 0:
             passes = token == int(np.argmax(x[parent]))
@@ -64,8 +77,8 @@ def _verify_chain(x: np.ndarray, q: np.ndarray, drafts: list[int], u: np.ndarray
         token = drafts[j]
         if not (q[j, token] > 0 and u[j - 1] < min(1.0, p[token] / q[j, token])):
             residual = np.maximum(p - q[j], 0.0)
-            return j - 1, _sample(residual if residual.sum() > 0 else p, u[k])
-    return k, _sample(np.exp(_log_probs(x[k], temperature)), u[k])
+            return j - 1, _sample(residual if residual.sum() > 0 else p, u[k], x[j - 1])
+    return k, _sample(np.exp(_log_probs(x[k], temperature)), u[k], x[k])
 
 
 def decode_step(draft_tokens: torch.Tensor, parents: torch.Tensor, target_logits: torch.Tensor, *,
@@ -90,7 +103,7 @@ def decode_step(draft_tokens: torch.Tensor, parents: torch.Tensor, target_logits
             path = _verify_tree(X[b], drafts[b], t, rule, temperature, posterior_threshold, posterior_alpha)
             last = path[-1]
             if rule == "typical" and temperature > 0:
-                extra = _sample(np.exp(_log_probs(X[b, last], temperature)), uniforms[b, 0])
+                extra = _sample(np.exp(_log_probs(X[b, last], temperature)), uniforms[b, 0], X[b, last])
             else:
                 extra = int(np.argmax(X[b, last]))
         accepted = [drafts[b][i] for i in path[1:]]

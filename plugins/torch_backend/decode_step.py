@@ -3,16 +3,18 @@
 ``row_stats`` gives, for every (batch, node) row, the argmax and max of the raw logits and, at a
 temperature above 0, ``log sum exp((x - max) / temperature)`` and the entropy; ``finish`` turns any
 kernel's row statistics into the result (the fused Triton path shares it). Everything after the row
-statistics touches only B x T elements, plus one row of V per batch row where a token is sampled.
+statistics touches only B x T elements, plus one row of V per batch row where a token is sampled, and,
+above temperature 0, the rows of equally deep paths whose float32 scores lie within ``TOL_REL`` of each
+other: those are re-scored in float64 by the reference's rule, so ties break exactly as it breaks them.
 """
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from core.ops.decode_step import DecodeResult, Tree, draw_uniforms, tree, tree_of
+from core.ops.decode_step import TOL_REL, DecodeResult, Tree, draw_uniforms, tree, tree_of
 from registry import Kernel
 
 CHUNK_ELEMENTS = 1 << 24  # rows are reduced in chunks of about this many logits, bounding the temporaries
@@ -99,8 +101,41 @@ def _token_log_probs(logits: torch.Tensor, draft_tokens: torch.Tensor, parents: 
     return out
 
 
-def _tree_path(passes: torch.Tensor, logp: torch.Tensor, t: Tree) -> torch.Tensor:
-    """The accepted node of each batch row: deepest alive, then highest score, then lowest path."""
+def _exact_log_sum(row: torch.Tensor, top: float, temperature: float) -> float:
+    """log sum exp((x - max) / temperature) of one row in float64, by the reference's rule.
+
+    The terms are sorted before they are summed, so the result depends only on the row's values, not
+    their order: rows that are permutations of each other give the same sum, as the reference's exactly
+    rounded sum does, and their paths tie exactly.
+    """
+    z = (row.double() - top) / temperature
+    return float(z.sort().values.exp().sum().log())
+
+
+def _exact_scores(logits: torch.Tensor, draft_tokens: torch.Tensor, stats: RowStats, t: Tree, temperature: float,
+                  b: int, nodes: list[int]) -> list[float]:
+    """The float64 path scores of ``nodes`` in batch row b, summed from the root down like the reference's."""
+    rows = sorted({t.parents[i] for n in nodes for i in t.paths[n][1:]})
+    top = dict(zip(rows, stats.max[b, rows].double().tolist()))
+    log_sum = {r: _exact_log_sum(logits[b, r], top[r], temperature) for r in rows}
+    tokens = draft_tokens[b].tolist()
+    scores = []
+    for n in nodes:
+        score = 0.0
+        for i in t.paths[n][1:]:
+            p = t.parents[i]
+            score += (float(logits[b, p, tokens[i]]) - top[p]) / temperature - log_sum[p]
+        scores.append(score)
+    return scores
+
+
+def _tree_path(passes: torch.Tensor, logp: torch.Tensor, t: Tree,
+               rescore: Callable[[int, list[int]], list[float]] | None = None) -> torch.Tensor:
+    """The accepted node of each batch row: deepest alive, then highest score, then lowest path.
+
+    ``logp`` comes from float32 row statistics, good to about 1e-6: where equally deep paths score
+    within ``TOL_REL`` of the best, ``rescore(b, nodes)`` gives their float64 scores and decides.
+    """
     B, T = passes.shape
     device = passes.device
     alive = torch.zeros(B, T, dtype=torch.bool, device=device)
@@ -115,9 +150,17 @@ def _tree_path(passes: torch.Tensor, logp: torch.Tensor, t: Tree) -> torch.Tenso
     best = torch.where(alive, depth, -1).amax(1, keepdim=True)
     candidate = alive & (depth == best)
     s = torch.where(candidate, score, float("-inf"))
-    candidate &= s == s.amax(1, keepdim=True)
+    top = s.amax(1, keepdim=True)
+    near = candidate & (s >= top - TOL_REL * (1 + top.abs()))
+    candidate &= s == top
     rank = torch.where(candidate, torch.tensor(t.lex_rank, device=device), T)
-    return rank.argmin(1)
+    last = rank.argmin(1)
+    if rescore is not None:
+        for b in torch.nonzero(near.sum(1) > 1)[:, 0].tolist():
+            nodes = torch.nonzero(near[b])[:, 0].tolist()
+            scores = rescore(b, nodes)
+            last[b] = max(zip(scores, nodes), key=lambda sn: (sn[0], -t.lex_rank[sn[1]]))[1]
+    return last
 
 
 @functools.lru_cache(maxsize=64)
@@ -158,7 +201,10 @@ def finish(draft_tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tens
     else:
         cutoff = (posterior_alpha * torch.exp(-stats.entropy.double())).clamp(max=posterior_threshold)[:, par]
         passes = logp.exp() > cutoff
-    last = _tree_path(passes, logp, t)
+    rescore = None
+    if temperature > 0:  # at temperature 0 every passing token has log-probability 0 exactly
+        rescore = functools.partial(_exact_scores, logits, draft_tokens, stats, t, temperature)
+    last = _tree_path(passes, logp, t, rescore)
     if rule == "typical" and temperature > 0:
         extra = _inverse_cdf(_row_probs(logits, stats, last, temperature), u[:, 0])
     else:
@@ -173,7 +219,7 @@ def _rejection(draft_tokens: torch.Tensor, logits: torch.Tensor, stats: RowStats
     k = T - 1
     b = torch.arange(B, device=logits.device)
     p_tok = _token_log_probs(logits, draft_tokens, torch.arange(-1, k, device=logits.device), stats, temperature)[:, 1:].exp()
-    q_tok = q.gather(2, draft_tokens[..., None])[:, 1:, 0].double()
+    q_tok = q[:, 1:].gather(2, draft_tokens[:, 1:, None])[..., 0].double()  # column 0 is not a token
     accept = (q_tok > 0) & (u[:, :k] * q_tok < p_tok)
     n = accept.to(torch.int64).cumprod(1).sum(1) if k else torch.zeros(B, dtype=torch.int64, device=logits.device)
     p = _row_probs(logits, stats, n, temperature)

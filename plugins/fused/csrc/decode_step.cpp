@@ -6,7 +6,9 @@
 // normalizer calculation for softmax", 2018). From those, log p(token) = z_token - log sum and the
 // entropy H = log sum - sum(e z) / sum, without materialising the softmax. Leaves only need the max.
 // The tree walk then runs per batch row, and a sampled token costs one more pass over one row
-// (inverse CDF over per-block sums, then a scan of the one block that holds the target).
+// (inverse CDF over per-block sums, then a scan of the one block that holds the target). Equally deep
+// paths whose float32-based scores lie within kTieBand of the best are re-scored in float64 by the
+// reference's rule (an exactly summed log-sum-exp per row), so ties break exactly as it breaks them.
 //
 // Inputs (the Python side makes them so): draft_tokens int64 [B, T], parents and lex_rank int64 [T],
 // logits float32 / bfloat16 / float16 [B, T, V], draft_probs float32 [B, T, V] or none, uniforms
@@ -34,6 +36,9 @@ constexpr int64_t kBlock = 2048;
 constexpr int64_t kSerialWork = 1 << 18;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kFloor = -200.0f;  // z below this contributes exp(z) = 0 (and e * z = 0, not 0 * -inf)
+// Path scores from float32 row statistics are good to about 1e-6; equally deep paths within this
+// (relative) band of the best are re-scored in float64. TOL_REL in core/ops/decode_step.py.
+constexpr double kTieBand = 1e-4;
 
 // exp(z) for z <= 0, within about 2 ulp: 2^(z log2 e) split into a rounded integer r and a fraction
 // f in [-1/2, 1/2]; 2^f = exp(f ln 2) by its degree-7 Taylor polynomial (remainder below 1e-8), and r
@@ -217,6 +222,21 @@ int64_t sample_residual(const T* row, const float* q, int64_t V, const Stats& st
   return i >= 0 ? i : sample_p(row, V, st.max, inv_t, u);
 }
 
+// log sum exp((x - max) / temperature) of one row in float64, as the reference defines it: each term
+// by std::exp in double (a scalar call: the same value wherever the entry sits), summed exactly in
+// 128-bit fixed point (units of 2^-100; terms are at most 1) and rounded once. The sum does not depend
+// on the order of the entries, so rows that are permutations of each other give equal sums.
+template <typename T>
+double exact_log_sum(const T* row, int64_t V, float max, double temperature) {
+  unsigned __int128 acc = 0;
+  const double m = max;
+  for (int64_t j = 0; j < V; ++j) {
+    const double e = std::exp((static_cast<double>(to_float(row[j])) - m) / temperature);
+    if (e > 0 && e <= 1) acc += static_cast<unsigned __int128>(e * 0x1p100);  // NaN (bad logits): skipped
+  }
+  return std::log(static_cast<double>(acc) * 0x1p-100);
+}
+
 struct Problem {
   int64_t B, T, V, rule, nu, width;
   double temperature, threshold, alpha;
@@ -256,6 +276,38 @@ void write_row(const Problem& P, int64_t b, const std::vector<int64_t>& path, in
   P.num[b] = n;
 }
 
+// Among equally deep candidate leaves, the best by float64 path scores summed from the root down (the
+// reference's rule), then the lowest path.
+template <typename T>
+int64_t rescore(const Problem& P, const T* logits, const std::vector<Stats>& stats, int64_t b,
+                const std::vector<int64_t>& leaves) {
+  std::vector<double> log_sum(P.T, 0.0);
+  std::vector<char> known(P.T, 0);
+  std::vector<int64_t> path;
+  int64_t best = -1;
+  double best_score = 0.0;
+  for (const int64_t leaf : leaves) {
+    path.clear();
+    for (int64_t i = leaf; i > 0; i = P.parents[i]) path.push_back(i);
+    double score = 0.0;
+    for (auto it = path.rbegin(); it != path.rend(); ++it) {
+      const int64_t p = P.parents[*it], r = b * P.T + p;
+      const T* row = logits + r * P.V;
+      if (!known[p]) {
+        log_sum[p] = exact_log_sum(row, P.V, stats[r].max, P.temperature);
+        known[p] = 1;
+      }
+      const double x = to_float(row[P.drafts[b * P.T + *it]]);
+      score += (x - static_cast<double>(stats[r].max)) / P.temperature - log_sum[p];
+    }
+    if (best < 0 || score > best_score || (score == best_score && P.lex_rank[leaf] < P.lex_rank[best])) {
+      best = leaf;
+      best_score = score;
+    }
+  }
+  return best;
+}
+
 template <typename T>
 void verify_tree(const Problem& P, const T* logits, const std::vector<Stats>& stats, int64_t b) {
   const int64_t Tn = P.T;
@@ -276,13 +328,22 @@ void verify_tree(const Problem& P, const T* logits, const std::vector<Stats>& st
         (score[i] > score[best] || (score[i] == score[best] && P.lex_rank[i] < P.lex_rank[best]))))
       best = i;
   }
+  if (P.temperature > 0) {  // at temperature 0 every passing token has log-probability 0 exactly
+    std::vector<int64_t> near;
+    const double band = kTieBand * (1.0 + std::fabs(score[best]));
+    for (int64_t i = 0; i < Tn; ++i)
+      if (alive[i] && depth[i] == depth[best] && score[i] >= score[best] - band) near.push_back(i);
+    if (near.size() > 1) best = rescore(P, logits, stats, b, near);
+  }
   std::vector<int64_t> path;
   for (int64_t i = best; i >= 0; i = P.parents[i]) path.push_back(i);
   std::reverse(path.begin(), path.end());
   const Stats& st = stats[b * Tn + best];
   int64_t extra = st.argmax;
-  if (P.rule == 1 && P.temperature > 0)
+  if (P.rule == 1 && P.temperature > 0) {
     extra = sample_p(logits + (b * Tn + best) * P.V, P.V, st.max, P.inv_t, P.u[b * P.nu]);
+    if (extra < 0) extra = st.argmax;  // no mass: only NaN or +inf logits, outside the contract
+  }
   write_row(P, b, path, extra);
 }
 
@@ -312,6 +373,7 @@ void verify_chain(const Problem& P, const T* logits, const std::vector<Stats>& s
   if (P.temperature > 0) {
     extra = n < k ? sample_residual(row, P.q + (b * P.T + n + 1) * P.V, P.V, st, P.inv_t, u[k])
                   : sample_p(row, P.V, st.max, P.inv_t, u[k]);
+    if (extra < 0) extra = st.argmax;  // no mass: only NaN or +inf logits, outside the contract
   }
   std::vector<int64_t> path(n + 1);
   for (int64_t j = 0; j <= n; ++j) path[j] = j;

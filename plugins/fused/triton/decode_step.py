@@ -39,6 +39,7 @@ def _row_stats_kernel(x_ptr, amax_ptr, max_ptr, log_sum_ptr, ent_ptr, V, inv_t,
     for start in range(0, V, BLOCK_V):
         idx = start + offs
         x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
+        x = tl.where(x == x, x, float("-inf"))  # NaN (outside the contract) counts as masked, never as the max
         bm = tl.max(x, axis=0)
         bi = tl.argmax(x, axis=0, tie_break_left=True).to(tl.int64) + start
         am = tl.where((bm > m) | (start == 0), bi, am)
@@ -100,6 +101,8 @@ def row_stats(logits: torch.Tensor, temperature: float, entropy: bool) -> RowSta
                                        BLOCK_V=INTERPRET_BLOCK_V)
         else:
             _row_stats_tuned[(rows,)](x, amax, top, log_sum, ent, V, inv_t, NEED_SUM=need_sum)
+    if rows:  # NaN logits (outside the contract) can leave a masked lane's index: keep every id in [0, V)
+        amax.clamp_(0, V - 1)
     shape = (B, T)
     return RowStats(amax.reshape(shape), top.reshape(shape), log_sum.reshape(shape) if need_sum else None,
                     ent.reshape(shape) if need_sum and entropy else None)
