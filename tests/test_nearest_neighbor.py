@@ -120,6 +120,85 @@ def test_far_from_the_origin_a_query_on_a_point_is_at_exactly_zero(gen, D):
         assert _judge(out, q, x, 5, "l2", want).ok, name
 
 
+# -- extreme magnitudes: overflowing products, subnormal distances --------------------------------------
+
+def overflow_cases(gen: torch.Generator, N: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, int, str]]:
+    """(queries, database, k, metric) whose float32 products or norms overflow: inf - inf = NaN or a lone
+    inf selection value, for the one true nearest point among points whose values stay finite."""
+    cases = {}
+    x = torch.zeros(20, 16)
+    x[:, 0], x[:, 1] = 1e20, -1e20  # q.x = 1e40 - 1e40: NaN in float32, 0 in float64
+    x[5, :2] = torch.tensor([1.0, 2.0])
+    q = torch.zeros(1, 16)
+    q[0, :2] = 1e20
+    cases["ip-nan-everywhere"] = (q, x, 3, "ip")
+    for D in (16, 4):  # a NaN for the best point only, the others finite and far apart (the rows certify)
+        x = torch.zeros(N, D)
+        x[:, 0] = -torch.rand(N, generator=gen) * 3e18 - 1e15
+        x[7, :2] = torch.tensor([1e20, -1e20 + 1e15])  # q.x = 1e35, the largest
+        q = torch.zeros(1, D)
+        q[0, :2] = 1e20
+        cases[f"ip-nan-best-d{D}"] = (q, x, 3, "ip")
+    x = torch.randn(N, 16, generator=gen)
+    x[: N // 2] += 1.5e19
+    x[N // 2:] -= 1.5e19
+    cases["l2-clusters-at-1.5e19"] = (x[[3, N - 1, 7]].clone(), x, 4, "l2")
+    for D in (16, 4):  # every distance but the query's own overflows: inf, ties by index
+        x = torch.randn(N, D, generator=gen) * 1e24 + 1e25
+        cases[f"l2-around-1e25-d{D}"] = (x[[3, N // 2]].clone(), x, 4, "l2")
+    for D in (16, 4):  # |x_c|^2 = inf for the nearest point only, 2 q_c.x_c finite: its value is +inf
+        n = N // 2
+        x = torch.randn(N, D, generator=gen) * 1e15
+        x[:n, 0] = -(0.3e19 + 0.6e19 * torch.rand(n, generator=gen))
+        x[n:, 0], x[n:, 1] = 0.6e19, torch.where(torch.arange(N - n) % 2 == 0, 1.5e19, -1.5e19)
+        x[:, 0] -= x[:, 0].double().mean().float()  # centred already, so the kernels' centring moves little
+        x[7, 0], x[7, 1] = 1.9e19, 0.0
+        q = torch.zeros(2, D)
+        q[:, 0], q[1, 1] = 0.85e19, 1e15
+        cases[f"l2-inf-norm-d{D}"] = (q, x, 3, "l2")
+    return cases
+
+
+@pytest.mark.parametrize("name", list(overflow_cases(torch.Generator(), 3000)))
+def test_overflowing_products_lose_no_neighbour(gen, name):
+    q, x, k, metric = overflow_cases(gen, 3000)[name]
+    want = brute(q, x, k, metric)
+    if name.startswith(("ip-nan-best", "l2-inf-norm")):
+        assert want.indices[:, 0].eq(7).all()  # the point whose product overflows is the true nearest
+    for kernel in _kernels(metric):
+        out = KERNELS[kernel](q, x, k=k, metric=metric)
+        assert torch.equal(out.indices, want.indices), f"{kernel}: {out.indices.tolist()}"
+        assert torch.equal(out.distances, want.distances), kernel
+        verdict = _judge(out, q, x, k, metric, want)  # the compare rule accepts the inf distances
+        assert verdict.ok, f"{kernel}: {verdict.reason}"
+
+
+@pytest.mark.parametrize("D", [1, 2, 3, 16])
+def test_subnormal_distances_keep_the_tie_order(gen, D):
+    # Squared distances near 1e-45, float32's smallest subnormal: most round to 0 or a few spacings,
+    # so nearly everything ties and the lower index must win across kd-tree cells and BLAS tiles.
+    x = torch.randn(3000, D, generator=gen) * 3e-23
+    q = torch.randn(40, D, generator=gen) * 3e-23
+    for metric in ("l2", "ip"):
+        want = brute(q, x, 8, metric)
+        for name in _kernels(metric):
+            if name == "reference-kdtree" and D == 16:
+                continue  # every leaf, in pure Python: slow, and the brute force covers the definition
+            out = KERNELS[name](q, x, k=8, metric=metric)
+            assert torch.equal(out.indices, want.indices), f"{name} {metric}"
+            verdict = _judge(out, q, x, 8, metric, want)  # the compare rule's absolute floor
+            assert verdict.ok, f"{name} {metric}: {verdict.reason}"
+
+
+def test_kernels_return_plain_tensors_when_the_queries_require_grad(gen):
+    q, x = make_inputs(gen, "cpu", torch.float32, 5, 300, 6)
+    q.requires_grad_(True)
+    assert not SPEC.grad_inputs  # the op is not differentiable
+    for name in _kernels():
+        out = KERNELS[name](q, x, k=3, metric="l2")
+        assert not out.distances.requires_grad and out.distances.grad_fn is None, name
+
+
 def test_many_ties_beyond_the_candidate_count_are_certified_or_recomputed(gen):
     # 100 copies of one point: more equal distances than the torch kernel keeps as candidates, so its
     # certification must fail and the exact scan must take over.
@@ -230,6 +309,42 @@ def test_compare_rule_rejects_what_the_contract_forbids(gen):
     # the wrong order for the metric
     verdict = _judge(KnnResult(want.distances.flip(1), want.indices.flip(1)), q, x, 5, "l2", want)
     assert not verdict.ok and "not in the metric's order" in verdict.reason
+
+
+def test_compare_rule_at_subnormal_and_overflowing_magnitudes(gen):
+    # Subnormal distances: the right answer passes (a purely relative tolerance is below one spacing) ...
+    q, x = (t * 3e-23 for t in make_inputs(gen, "cpu", torch.float32, 10, 400, 3))
+    want = brute(q, x, 5, "l2")
+    assert bool((want.distances < torch.finfo(torch.float32).smallest_normal).all())
+    assert _judge(want, q, x, 5, "l2", want).ok
+    # ... but a distance off by far more than the absolute floor ((D + 3) spacings) does not
+    floor = 2 * (3 + 3) * 2.0 ** -24 * torch.finfo(torch.float32).smallest_normal
+    off = want.distances.clone()
+    off[:, 0] += 50 * floor
+    verdict = _judge(KnnResult(off, want.indices), q, x, 5, "l2", want)
+    assert not verdict.ok and "from its float64 value" in verdict.reason
+    # ... nor a missed neighbour
+    idx = want.indices.clone()
+    idx[:, 4] = (q.double()[:, None] - x.double()[None]).pow(2).sum(-1).argmax(1)
+    d = true_values(q, x, idx, "l2")[0].float()
+    verdict = _judge(KnnResult(d, idx), q, x, 5, "l2", want)
+    assert not verdict.ok and "a nearer neighbour was missed" in verdict.reason
+    # Distances whose float64 value exceeds float32's range are inf, and tie
+    x = torch.randn(50, 4, generator=gen) * 1e24 + 1e25
+    q = x[[3, 20]].clone()
+    want = brute(q, x, 4, "l2")
+    assert want.distances[:, 1:].isinf().all() and want.distances[:, 0].eq(0).all()
+    assert _judge(want, q, x, 4, "l2", want).ok
+    # ... but inf for a distance within range is wrong, and so is a within-range point ranked after them
+    bad = want.distances.clone()
+    bad[:, 0] = torch.inf
+    verdict = _judge(KnnResult(bad, want.indices), q, x, 4, "l2", want)
+    assert not verdict.ok and "from its float64 value" in verdict.reason
+    idx = want.indices.clone()
+    idx[:, 0] = want.indices[:, 3]
+    idx[:, 3] = want.indices[:, 0]
+    verdict = _judge(KnnResult(want.distances, idx), q, x, 4, "l2", want)
+    assert not verdict.ok
 
 
 def test_compare_rule_checks_the_tie_order_and_the_tie_groups(gen):

@@ -10,6 +10,7 @@ from core.spec import Sample
 from core.tuning import judge
 from plugins.fused import _build
 from plugins.torch_backend.nearest_neighbor import candidates_per_query
+from test_nearest_neighbor import overflow_cases
 
 if _build.triton_reason():
     pytest.skip(f"the Triton kernel cannot run here: {_build.triton_reason()}", allow_module_level=True)
@@ -83,6 +84,40 @@ def test_more_ties_than_candidates_fall_back_to_the_exact_scan(gen):
     q = x[[70]].clone()
     out = tri.nearest_neighbor(q, x, k=4, metric="l2", config=SMALL)
     assert out.indices[0].tolist() == [40, 41, 42, 43] and out.distances[0].tolist() == [0.0] * 4
+
+
+@pytest.mark.parametrize("name", list(overflow_cases(torch.Generator(), 300)))
+def test_overflowing_products_lose_no_neighbour(gen, name):
+    q, x, k, metric = overflow_cases(gen, 300)[name]
+    out = tri.nearest_neighbor(q, x, k=k, metric=metric, config=SMALL)
+    want = _check(out, q, x, k, metric)
+    assert torch.equal(out.indices, want.indices) and torch.equal(out.distances, want.distances)
+
+
+def test_an_overflowed_selection_value_is_kept_as_a_candidate(gen):
+    # +inf (|x_c|^2 overflows, 2 q_c.x_c does not) for the true nearest point, index 7: it must be
+    # selected, not sorted last behind finite values that certify. (A NaN's sign differs between the
+    # CPU interpreter and a GPU, so only the mapping of every non-finite value to -inf makes it portable.)
+    q, x, k, metric = overflow_cases(gen, 300)["l2-inf-norm-d16"]
+    cand, worst, margin = tri.select_candidates(q, x, k, metric, config=SMALL)
+    assert bool((cand == 7).any(dim=1).all())
+    y = torch.zeros(40, 16)
+    y[:, 0], y[:, 1] = 1e20, -1e20  # every q.x is 1e40 - 1e40: NaN
+    q = torch.zeros(1, 16)
+    q[0, :2] = 1e20
+    cand, worst, margin = tri.select_candidates(q, y, 3, "ip", config=SMALL)
+    assert bool((worst == -torch.inf).all())  # only overflowed values kept: the row is never certified
+    out = tri.nearest_neighbor(q, y, k=3, metric="ip", config=SMALL)
+    assert out.indices.tolist() == [[0, 1, 2]]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_subnormal_distances_keep_the_tie_order(gen, metric):
+    x = torch.randn(300, 16, generator=gen) * 3e-23
+    q = torch.randn(10, 16, generator=gen) * 3e-23
+    out = tri.nearest_neighbor(q, x, k=8, metric=metric, config=SMALL)
+    want = _check(out, q, x, 8, metric)
+    assert torch.equal(out.indices, want.indices)
 
 
 def test_k_equals_n_m0_and_the_autotuned_launch(gen):

@@ -11,7 +11,11 @@ float64 evaluation of the returned pairs; in each row they are sorted, equal dis
 true (float64) distances of the returned points match the reference's rank by rank; and within each
 group of reference distances equal up to the tolerance the sets of indices match, except the last
 group, which may be cut at k. The tolerance is ``2 (D + 3) u d`` for l2 (the direct formula in the
-dtype errs by at most ``(D + 3) u d``, u the unit roundoff) and ``2 (D + 2) u sum|q_i x_i|`` for ip.
+dtype errs by at most ``(D + 3) u d``, u the unit roundoff) and ``2 (D + 2) u sum|q_i x_i|`` for ip,
+each plus ``2 (D + 3) u`` times the dtype's smallest normal: below it the dtype's spacing is fixed, so
+rounding errs absolutely (a few subnormal spacings), not relatively. Values beyond the dtype's largest
+finite value are compared as that value: a distance whose float64 value overflows the dtype may be
+returned as inf, and such points tie with one another.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ NAME = "nearest_neighbor"
 DTYPES = (torch.float32, torch.float64)
 METRICS = ("l2", "ip")
 SHRINK_N, SHRINK_WORK = 2048, 20_000_000  # validation samples: database points, and M * N * D at most
+REFERENCE_WORK = 1 << 24  # up to M * N * max(D, 8) this large, candidates are also validated at full size
 PILOT_MIN_QUERIES = 256  # the timing pilot (a sixteenth of the queries) only from this many queries
 _ROW_ELEMENTS = 1 << 21  # rows at a time in the compare rule's float64 gathers
 
@@ -148,6 +153,12 @@ def _resample(args: tuple[Any, ...], attrs: Mapping[str, Any], gen: torch.Genera
     return Sample(args=(q, x), attrs=dict(attrs))
 
 
+def _fits_reference(args: tuple[Any, ...], attrs: Mapping[str, Any]) -> bool:
+    """The numpy reference answers M * N * max(D, 8) = 2**24 in about 0.1 s."""
+    queries, database = args
+    return queries.shape[0] * database.shape[0] * max(database.shape[1], 8) <= REFERENCE_WORK
+
+
 def _synthesize(args: tuple[Any, ...], attrs: Mapping[str, Any], gen: torch.Generator) -> Sample:
     return _resample(args, attrs, gen, args[0].shape[0], args[1].shape[0])
 
@@ -220,6 +231,7 @@ def true_values(queries: torch.Tensor, database: torch.Tensor, indices: torch.Te
     M, k = idx.shape
     D = q.shape[1]
     u = unit_roundoff(queries.dtype)
+    floor = 2 * (D + 3) * u * float(torch.finfo(queries.dtype).smallest_normal)
     values = torch.empty(M, k, dtype=torch.float64)
     tol = torch.empty(M, k, dtype=torch.float64)
     rows = max(1, _ROW_ELEMENTS // max(1, k * D))
@@ -228,11 +240,11 @@ def true_values(queries: torch.Tensor, database: torch.Tensor, indices: torch.Te
         xs = x[idx[r0:r0 + rows]]
         if metric == "l2":
             values[r0:r0 + rows] = (qs - xs).pow(2).sum(-1)
-            tol[r0:r0 + rows] = 2 * (D + 3) * u * values[r0:r0 + rows]
+            tol[r0:r0 + rows] = 2 * (D + 3) * u * values[r0:r0 + rows] + floor
         else:
             prod = qs * xs
             values[r0:r0 + rows] = prod.sum(-1)
-            tol[r0:r0 + rows] = 2 * (D + 2) * u * prod.abs().sum(-1)
+            tol[r0:r0 + rows] = 2 * (D + 2) * u * prod.abs().sum(-1) + floor
     return values, tol
 
 
@@ -259,7 +271,10 @@ def _compare(out: Any, ref: Any, sample: Sample) -> Verdict:
     sign = 1.0 if metric == "l2" else -1.0  # costs ascend in both metrics
     got, got_tol = true_values(queries, database, idx, metric)
     want, want_tol = true_values(queries, database, ref_idx, metric)
-    err = (dist.to(torch.float64) - got).abs()
+    # Beyond the dtype's range every value rounds to inf (or saturates): compare them all as its largest.
+    big = float(torch.finfo(queries.dtype).max)
+    got, want = got.clamp(-big, big), want.clamp(-big, big)
+    err = (dist.to(torch.float64).clamp(-big, big) - got).abs()
     if bool((err > got_tol).any()):
         r, c = _first(err > got_tol)
         return Verdict(ok=False, max_error=float(err.max()), reason=(
@@ -325,6 +340,7 @@ SPEC = OpSpec(
     infer=_infer,
     shrink=_shrink,
     synthesize=_synthesize,
+    fits_reference=_fits_reference,
     pilot=_pilot,
     compare=_compare,
     cases=CASES,

@@ -28,7 +28,8 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 def _rounded(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     """float64 values rounded to the inputs' dtype (and held in float64 again)."""
     if dtype == torch.float32:
-        return values.astype(np.float32).astype(np.float64)
+        with np.errstate(over="ignore"):  # beyond float32's range the rounded value is inf, as intended
+            return values.astype(np.float32).astype(np.float64)
     return values
 
 

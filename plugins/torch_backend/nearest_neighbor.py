@@ -61,7 +61,9 @@ def select_candidates(q: torch.Tensor, x: torch.Tensor, k: int, metric: str) -> 
 
     The selection value is ``|x_c|^2 - 2 q_c.x_c`` (l2; the true distance minus ``|q_c|^2``, which the
     returned bound already adds back) or ``-q.x`` (ip); every point not kept has a value >= the
-    row's largest kept one."""
+    row's largest kept one. Where the product can overflow, a value that did (inf, or inf - inf = NaN)
+    bounds nothing, so it is read as -inf: kept first, and a row that keeps only such values has a
+    bound of -inf, which no certification passes (``finish`` then scans it exactly)."""
     M, D = q.shape
     N = x.shape[0]
     c = candidates_per_query(k, N)
@@ -74,10 +76,12 @@ def select_candidates(q: torch.Tensor, x: torch.Tensor, k: int, metric: str) -> 
     worst = torch.empty(M, dtype=torch.float64, device=q.device)
     qnorm = torch.empty(M, dtype=torch.float64, device=q.device)
     xmax = 0.0
+    big = float(torch.finfo(q.dtype).max) / 4  # (|q_c| + |x_c|)^2 below this: no value can overflow
     buffer = torch.empty(rows, chunk, dtype=q.dtype, device=q.device)
     for r0 in range(0, M, rows):
         qc = q[r0:r0 + rows] - mean if mean is not None else q[r0:r0 + rows]
         qnorm[r0:r0 + rows] = norms(qc, u)
+        qmax = float(qnorm[r0:r0 + rows].max())
         qn = qc.to(torch.float64).pow(2).sum(dim=1) if mean is not None else None
         best_v = best_i = None
         for j0 in range(0, N, chunk):
@@ -90,6 +94,8 @@ def select_candidates(q: torch.Tensor, x: torch.Tensor, k: int, metric: str) -> 
                 v = torch.addmm(xc.pow(2).sum(dim=1)[None, :], qc, xc.t(), alpha=-2, out=out)
             else:
                 v = torch.mm(qc, xc.t(), out=out).neg_()
+            if not (qmax + xmax) ** 2 < big:  # xmax covers this chunk: r0 == 0 has just added it
+                v = torch.nan_to_num_(v, nan=-torch.inf, posinf=-torch.inf)
             v, pos = _smallest(v, c)
             pos += j0
             if best_v is not None:  # merge the chunk's best with the running best: [rows, 2c] at most
@@ -193,6 +199,8 @@ def nearest_neighbor(queries: torch.Tensor, database: torch.Tensor, *, k: int, m
     M = queries.shape[0]
     if M == 0:
         return KnnResult(queries.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=queries.device))
+    # Not differentiable (the spec declares no grad inputs): plain tensors out, as the other kernels give.
+    queries, database = queries.detach(), database.detach()
     cand, worst, margin_ = select_candidates(queries, database, k, metric)
     return finish(queries, database, cand, worst, margin_, k, metric)
 

@@ -24,6 +24,12 @@
 // the near side first and visits the far side only when the cell's distance to the query, kept
 // incrementally (Arya and Mount, "Algorithms for fast vector quantization", 1993), can still beat
 // the k-th best. Extra memory: the copy (N x D), one node per kLeafSize / 2 points, the M x k heaps.
+//
+// Extreme magnitudes: the rounding bounds below are relative, so each carries an absolute floor of a
+// few subnormal spacings (below the smallest normal a product's error is absolute, and a relative
+// slack admits nothing at a k-th best of 0). A selection value that overflowed (inf, or inf - inf =
+// NaN) bounds nothing, so it always counts as a candidate and is re-ranked by the direct formula in
+// double; a row whose heap still ends short of k is recomputed by the direct formula over every point.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -85,7 +91,7 @@ void gemm_nt(int m, int n, int kk, const T* A, const T* B, T* C, int ldc) {
 // nothing that `value <= t` would admit.
 template <typename T>
 T up(double t) {
-  if (!(t < kInf)) return std::numeric_limits<T>::infinity();
+  if (!(t <= static_cast<double>(std::numeric_limits<T>::max()))) return std::numeric_limits<T>::infinity();
   T r = static_cast<T>(t);
   if (static_cast<double>(r) < t) r = std::nextafter(r, std::numeric_limits<T>::infinity());
   return r;
@@ -182,23 +188,33 @@ void finish(TopK<T>& h, bool ip, T* out_d, int64_t* out_i) {
 // moves each coordinate by at most u |.|, which moves the distance by at most 2u(|q_c|+|x_c|)^2; the
 // product and norms in type T err by at most gamma_D (|q_c| + |x_c|)^2 and the final subtraction by
 // u(|x_c|^2 + 2|q_c||x_c|); rounding the re-ranked value costs u d <= u(|q_c|+|x_c|)^2. Together
-// (D + 6) u (|q_c| + |x_c|)^2 to first order; the margin doubles it.
+// (D + 6) u (|q_c| + |x_c|)^2 to first order; the margin doubles it. Products that underflow err by
+// up to half a subnormal spacing each, absolutely: the floor (D + 6) u min_normal = (D + 6) / 2
+// spacings, doubled, covers them.
 template <typename T>
 double l2_margin(int64_t D, double qnorm, double xnorm) {
   const double s = qnorm + xnorm;
-  return 2.0 * (D + 6) * unit_roundoff<T>() * s * s;
+  return 2.0 * (D + 6) * unit_roundoff<T>() * (s * s + std::numeric_limits<T>::min());
 }
 
-// |fl(q.x) - q.x| <= gamma_D sum |q_i x_i| <= gamma_D |q||x|, plus the re-ranked value's rounding.
+// |fl(q.x) - q.x| <= gamma_D sum |q_i x_i| <= gamma_D |q||x|, plus the re-ranked value's rounding;
+// the same floor for underflow.
 template <typename T>
 double ip_margin(int64_t D, double qnorm, double xnorm) {
-  return 2.0 * (D + 4) * unit_roundoff<T>() * qnorm * xnorm;
+  return 2.0 * (D + 4) * unit_roundoff<T>() * (qnorm * xnorm + std::numeric_limits<T>::min());
 }
 
 // The direct formula in type T errs by at most (D + 3) u of the distance (all terms are positive).
 template <typename T>
 double direct_slack(int64_t D) {
   return 2.0 * (D + 4) * unit_roundoff<T>();
+}
+
+// The absolute part of the selection bounds: (D + 4) subnormal spacings of T, more than the D + 1
+// half-spacings that underflowing squares and the final rounding can lose below the smallest normal.
+template <typename T>
+double subnormal_floor(int64_t D) {
+  return direct_slack<T>(D) * std::numeric_limits<T>::min();
 }
 
 // a[j] = the direct formula in T for one query against a transposed tile (xt[d * kDbTile + j]), with
@@ -265,7 +281,7 @@ struct Brute {
       // Rounded to T: the centre is then exactly what the centred tiles subtract.
       for (int64_t d = 0; d < D; ++d) mean[d] = static_cast<double>(static_cast<T>(mean[d] / N));
     }
-    if (direct() && !ip) return;  // its bound is relative to the distance: no norms needed
+    // The margins need the norms; the direct l2 bound is relative, but the overflow test needs them too.
     double mx = 0;
 #pragma omp parallel for reduction(max : mx) num_threads(threads()) schedule(static)
     for (int64_t j = 0; j < N; ++j) {
@@ -328,9 +344,16 @@ struct Brute {
     if (!(worst < kInf)) return std::numeric_limits<T>::infinity();
     if (direct()) {
       if (ip) return up<T>(worst + ip_margin<T>(D, qnorm, xmax));
-      return up<T>(worst * (1.0 + direct_slack<T>(D)) + std::numeric_limits<T>::denorm_min());
+      return up<T>(worst * (1.0 + direct_slack<T>(D)) + subnormal_floor<T>(D));
     }
     return up<T>(worst - qn + (ip ? ip_margin<T>(D, qnorm, xmax) : l2_margin<T>(D, qnorm, xmax)));
+  }
+
+  // Whether a selection value of this row can overflow T: every value, product and partial sum is at
+  // most (|q_c| + |x_c|)^2 in magnitude (to first order), so not while that stays well inside T.
+  bool may_overflow(double qnorm) const {
+    const double s = qnorm + xmax;
+    return !(s * s < 0.25 * static_cast<double>(std::numeric_limits<T>::max()));
   }
 
   void scan_row(TopK<T>& h, const T* q, const T* qrow, double qn, double qnorm, const T* xc, const T* xn,
@@ -341,22 +364,49 @@ struct Brute {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) a[j] += xn[j];
     }
+    if (may_overflow(qnorm)) scan_values<true>(h, q, qn, qnorm, a, j0, n);
+    else scan_values<false>(h, q, qn, qnorm, a, j0, n);
+  }
+
+  // Re-ranks every value of a row's tile at or below the threshold. With `Guard`, an overflowed value
+  // (inf, or NaN from inf - inf) counts as -inf in a block's minimum and is always re-ranked: it bounds
+  // nothing. Without it (no value can overflow) the loops stay a plain minimum and comparison. Forced
+  // inline: it runs once per row and tile, and as a call it measured up to 3% slower at D = 128.
+  template <bool Guard>
+  __attribute__((always_inline)) void scan_values(TopK<T>& h, const T* q, double qn, double qnorm, const T* a,
+                                                  int64_t j0, int64_t n) const {
     T thr = threshold(h.worst(), qn, qnorm);
     constexpr int64_t W = 64;
+    constexpr T inf = std::numeric_limits<T>::infinity();
     for (int64_t c = 0; c < n; c += W) {
       const int64_t e = std::min(n, c + W);
-      T low = std::numeric_limits<T>::infinity();
+      T low = inf;
+      if constexpr (Guard) {
 #pragma omp simd reduction(min : low)
-      for (int64_t j = c; j < e; ++j) low = a[j] < low ? a[j] : low;
+        for (int64_t j = c; j < e; ++j) {
+          const T v = a[j] < inf ? a[j] : -inf;
+          low = v < low ? v : low;
+        }
+      } else {
+#pragma omp simd reduction(min : low)
+        for (int64_t j = c; j < e; ++j) low = a[j] < low ? a[j] : low;
+      }
       if (!(low <= thr)) continue;
       for (int64_t j = c; j < e; ++j) {
-        if (!(a[j] <= thr)) continue;
+        if (Guard ? (a[j] > thr && a[j] < inf) : !(a[j] <= thr)) continue;
         const T* x = X + (j0 + j) * D;
         const T v = static_cast<T>(ip ? direct_neg_ip(q, x, D) : direct_l2(q, x, D));
         h.push(v, j0 + j);
         thr = threshold(h.worst(), qn, qnorm);
       }
     }
+  }
+
+  // The direct formula against every database point, from an empty heap.
+  void exact_row(TopK<T>& h, const T* q) const {
+    h.n = 0;
+    for (int64_t j = 0; j < N; ++j)
+      h.push(static_cast<T>(ip ? direct_neg_ip(q, X + j * D, D) : direct_l2(q, X + j * D, D)), j);
   }
 
   void search(T* out_d, int64_t* out_i) {
@@ -387,6 +437,7 @@ struct Brute {
         h.n = hcount[i];  // a split with fewer than k points holds fewer than k pairs
         for (int64_t s = 1; s < splits; ++s)
           for (int64_t r = 0; r < hcount[s * M + i]; ++r) h.push(hval[(s * M + i) * k + r], hidx[(s * M + i) * k + r]);
+        if (h.n < k) exact_row(h, Q + i * D);  // never expected; a short heap would leave slots unwritten
         finish(h, ip, out_d + i * k, out_i + i * k);
       }
     }
@@ -523,6 +574,7 @@ struct KdTree {
     TopK<T>& heap;
     double* off;   // per dimension: the query's offset from the current cell (0 inside it)
     double slack;  // relative: admits cells whose computed distance rounds just above the k-th best
+    double floor;  // absolute: the same below the smallest normal, where T's spacing is fixed
   };
 
   double distance(const T* q, const T* x) const {
@@ -548,7 +600,7 @@ struct KdTree {
     else search(s, 2 * node + 2, mid, hi, rd);
     const double old = s.off[d];
     const double far = rd - old * old + diff * diff;
-    if (far <= s.heap.worst() * (1.0 + s.slack)) {
+    if (far <= s.heap.worst() * (1.0 + s.slack) + s.floor) {
       s.off[d] = diff;
       if (left_first) search(s, 2 * node + 2, mid, hi, far);
       else search(s, 2 * node + 1, lo, mid, far);
@@ -560,8 +612,11 @@ struct KdTree {
 template <typename T, int DD>
 void kdtree_search(const T* Q, const T* X, int64_t M, int64_t N, int64_t D, int64_t k, T* out_d, int64_t* out_i) {
   const KdTree<T, DD> tree(X, N, D);
-  // Covers the incremental cell distance's rounding and a value that rounds to the k-th best in T.
+  // Covers the incremental cell distance's rounding and a value that rounds to the k-th best in T;
+  // the floor, (4 D + 8) subnormal spacings, a distance of 0 or a subnormal k-th best, where a far
+  // cell's points may still round to it (and win the tie by index).
   const double slack = 8.0 * (D + 2) * unit_roundoff<T>();
+  const double floor = slack * std::numeric_limits<T>::min();
 #pragma omp parallel num_threads(threads())
   {
     std::vector<double> off(D);
@@ -569,7 +624,7 @@ void kdtree_search(const T* Q, const T* X, int64_t M, int64_t N, int64_t D, int6
     for (int64_t i = 0; i < M; ++i) {
       std::fill(off.begin(), off.end(), 0.0);
       TopK<T> h{out_d + i * k, out_i + i * k, k};
-      typename KdTree<T, DD>::Query s{Q + i * D, h, off.data(), slack};
+      typename KdTree<T, DD>::Query s{Q + i * D, h, off.data(), slack, floor};
       tree.search(s, 0, 0, N, 0.0);
       finish(h, false, out_d + i * k, out_i + i * k);
     }

@@ -14,6 +14,7 @@ for ip), with ``input_precision="ieee"`` so the product is true float32 (TF32 wo
 margin). The launcher then re-ranks the candidates by the direct formula and certifies each row
 with the torch backend's ``finish`` (plugins/torch_backend/nearest_neighbor.py): rows whose margin
 cannot exclude every left-out point are recomputed exactly, so rounding never loses a neighbour.
+A value that overflowed float32 (data beyond about 1e19) is selected as -inf, so it is re-ranked too.
 Extra memory: [M, slices, KP] keys, slices <= 4 x SMs / query blocks; the re-rank's float64 gather.
 
 ``gpu_check(device)`` checks and times the kernel at full size on a real GPU for ``scripts/gpu_check.py``.
@@ -70,6 +71,9 @@ def _select_kernel(Q, X, MEAN, OUT, M, N, D, stride_qm, stride_xn, stride_om, NU
             value = -acc
         else:
             value = xn[None, :] - 2.0 * acc
+        # An overflowed value (inf, or inf - inf = NaN, whose sign bit varies by device) bounds nothing:
+        # as -inf it is kept first and re-ranked, and a row keeping only such values is never certified.
+        value = tl.where(value < float("inf"), value, -float("inf"))
         # Signed-int order of these bits is the float order; the index below breaks ties.
         bits = value.to(tl.int32, bitcast=True)
         bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
@@ -156,6 +160,7 @@ def nearest_neighbor(queries: torch.Tensor, database: torch.Tensor, *, k: int, m
     """Triton candidate selection, then the exact re-rank and per-row certification."""
     if queries.shape[0] == 0:
         return KnnResult(queries.new_empty(0, k), torch.empty(0, k, dtype=torch.int64, device=queries.device))
+    queries, database = queries.detach(), database.detach()  # not differentiable: plain tensors out
     cand, worst, margin_ = select_candidates(queries, database, k, metric, config)
     return finish(queries, database, cand, worst, margin_, k, metric)
 
