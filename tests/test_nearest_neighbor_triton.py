@@ -86,6 +86,7 @@ def test_more_ties_than_candidates_fall_back_to_the_exact_scan(gen):
     assert out.indices[0].tolist() == [40, 41, 42, 43] and out.distances[0].tolist() == [0.0] * 4
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter runs the overflowing products in numpy
 @pytest.mark.parametrize("name", list(overflow_cases(torch.Generator(), 300)))
 def test_overflowing_products_lose_no_neighbour(gen, name):
     q, x, k, metric = overflow_cases(gen, 300)[name]
@@ -94,6 +95,7 @@ def test_overflowing_products_lose_no_neighbour(gen, name):
     assert torch.equal(out.indices, want.indices) and torch.equal(out.distances, want.distances)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter runs the overflowing products in numpy
 def test_an_overflowed_selection_value_is_kept_as_a_candidate(gen):
     # +inf (|x_c|^2 overflows, 2 q_c.x_c does not) for the true nearest point, index 7: it must be
     # selected, not sorted last behind finite values that certify. (A NaN's sign differs between the
