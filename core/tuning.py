@@ -460,6 +460,7 @@ def _pilot_times(spec: OpSpec, sample: Sample, candidates: Sequence[Variant], ne
     for v in candidates:
         progress(f"pilot {v.name}")
         try:
+            # hopeless_s=0: any first run exceeds it, so _measure times exactly one run
             times[v.name] = _measure(v.fn, part, needs_grad, spec, 0.0, None, gen, hopeless_s=0.0)[0]
         except Exception:
             continue

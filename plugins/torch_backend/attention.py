@@ -6,7 +6,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from core.ops.attention import allowed_positions
+from core.ops.attention import allowed_positions, plain_math
 from registry import Kernel
 
 
@@ -16,29 +16,15 @@ def _grouped(q: torch.Tensor, Hkv: int) -> torch.Tensor:
     return q.reshape(B, Hkv, Hq // Hkv, Lq, D)
 
 
-def _dense_nonfinite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact masking when k or v hold inf/NaN: every key and value is selected per (query, key) by
-    ``allowed`` before any product, so a non-finite value at a masked position reaches neither the
-    output nor the gradients, while one at an attended position does what IEEE arithmetic does with it
-    (the reference's rule). Costs [Lq, Lk, D] and [Lq, Lk, Dv] temporaries."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    sel = allowed[..., None]
-    ks = torch.where(sel, k[:, :, None, :, :], 0)  # [B, H, Lq, Lk, D]
-    s = torch.where(allowed, (q[:, :, :, None, :] * ks).sum(-1) * scale, float("-inf"))
-    lse = torch.logsumexp(s.float(), dim=-1)  # -inf for a row that attends nothing, NaN or +inf if poisoned
-    p = torch.softmax(s, dim=-1).masked_fill(torch.isneginf(lse)[..., None], 0.0) if s.numel() else s
-    vs = torch.where(sel, v[:, :, None, :, :], 0)  # [B, H, Lq, Lk, Dv]
-    return (p[..., None] * vs).sum(-2), lse
-
-
 def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
           attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
+        # Exact masking: every key and value is selected per (query, key) before any product, so a
+        # non-finite one at a masked position reaches nothing (the op's plain math, [Lq, Lk, D] temporaries).
+        return plain_math(q, k, v, causal, scale, attn_mask)
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     allowed = allowed_positions(Lq, Lk, causal, attn_mask, q.device)
-    if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
-        return _dense_nonfinite(q, k, v, allowed.expand(B, Hq, Lq, Lk), scale)
     g = _grouped(q, Hkv)
     s = (g @ k.unsqueeze(2).transpose(-1, -2)) * scale  # [B, Hkv, group, Lq, Lk]
     allowed5 = allowed.expand(B, Hq, Lq, Lk).reshape(B, Hkv, Hq // Hkv, Lq, Lk) if allowed.dim() == 4 else allowed
