@@ -1,15 +1,24 @@
 """Compile-at-first-use for the fused backend's C++ kernels, kept in one place for every op.
 
-Each ``csrc/<op>.cpp`` holds its kernels and a ``TORCH_LIBRARY_FRAGMENT(switchyard, m)`` block, and
+Each ``csrc/<op>.cpp`` holds its kernels and a ``TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m)`` block, and
 includes only ATen (not ``torch/extension.h``), which halves the compile time. ``library(op)`` builds
 it through ``torch.utils.cpp_extension.load`` into the project's cache directory (one folder per
 source hash, compiler flags, torch and Python version, so a stale build is never loaded), loads it,
-and returns ``torch.ops.switchyard``. The first build of an op takes about 10-30 s; later processes
+and returns its op namespace, ``torch.ops.switchyard_<isa>``.
+
+Instruction-set levels, not ``-march=native``: each source is built for one level, ``avx512``
+(x86-64-v4: AVX-512 F/BW/DQ/VL, with AVX2, FMA and F16C), ``avx2`` (x86-64-v3: AVX2, FMA, F16C, no
+AVX-512) or ``scalar`` (baseline x86-64, or the compiler's default elsewhere), and the sources pick
+their code paths with ``#if defined(__AVX512F__)`` / ``__AVX2__`` / ``__F16C__``. ``library(op)``
+takes the best level this CPU has (``machine_isa()``); ``SWITCHYARD_CPU_ISA`` or ``forced_isa(...)``
+picks a lower one, and ``library(op, isa)`` loads a given level beside the default one (each level
+registers its own namespace, so the test suite checks the AVX2 path on an AVX-512 machine). The first build of an op takes about 10-30 s; later processes
 load the cached library in milliseconds. When no compiler is present, ``unavailable_reason()`` says
 so, every fused CPU kernel declares it as its reason, and dispatch goes on without them.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -17,16 +26,98 @@ import shutil
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]
 LDFLAGS = ["-fopenmp"]
 ENV_DISABLE = "SWITCHYARD_DISABLE_CPP"
+ENV_ISA = "SWITCHYARD_CPU_ISA"
+
+ISA_LEVELS = ("avx512", "avx2", "scalar")  # best first
+# What each level needs of the CPU (its /proc/cpuinfo flags) and the flags it is compiled with.
+_ISA_NEEDS = {
+    "avx512": {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma", "f16c", "bmi2"},
+    "avx2": {"avx2", "fma", "f16c", "bmi2"},
+    "scalar": set(),
+}
+_ISA_FLAGS_X86 = {
+    "avx512": ["-march=x86-64-v4", "-mf16c", "-mfma", "-mtune=generic"],
+    "avx2": ["-march=x86-64-v3", "-mno-avx512f", "-mtune=generic"],
+    "scalar": ["-march=x86-64", "-mtune=generic"],
+}
 
 _lock = threading.Lock()
-_loaded: dict[str, Any] = {}
-_failed: dict[str, str] = {}
+_loaded: dict[tuple[str, str], Any] = {}
+_failed: dict[tuple[str, str], str] = {}
+_forced: str | None = None
+_machine: str | None = None
+_from_env: str | None = None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def machine_isa() -> str:
+    """The best instruction-set level this CPU runs (``scalar`` off x86 or when it cannot tell)."""
+    global _machine
+    if _machine is None:
+        flags = _cpu_flags() if platform.machine() in ("x86_64", "AMD64") else set()
+        _machine = next(isa for isa in ISA_LEVELS if _ISA_NEEDS[isa] <= flags)
+    return _machine
+
+
+def supported_isas() -> tuple[str, ...]:
+    """Every level this CPU can run, best first (each is a separate build)."""
+    best = ISA_LEVELS.index(machine_isa())
+    return ISA_LEVELS[best:]
+
+
+def _check_isa(isa: str, source: str) -> str:
+    if isa not in ISA_LEVELS:
+        raise ValueError(f"{source}: expected one of {list(ISA_LEVELS)}, got {isa!r}")
+    if isa not in supported_isas():
+        raise ValueError(f"{source}: {isa!r} needs CPU flags {sorted(_ISA_NEEDS[isa])}; this CPU runs "
+                         f"{list(supported_isas())}")
+    return isa
+
+
+def _env_isa() -> str:
+    """``SWITCHYARD_CPU_ISA`` (read once per process: kernels ask on every call), else the machine's best."""
+    global _from_env
+    if _from_env is None:
+        env = os.environ.get(ENV_ISA, "").strip().lower()
+        _from_env = _check_isa(env, ENV_ISA) if env else machine_isa()
+    return _from_env
+
+
+def default_isa() -> str:
+    """The level ``library(op)`` loads: ``forced_isa``, else ``SWITCHYARD_CPU_ISA``, else the machine's best."""
+    return _forced or _env_isa()
+
+
+@contextlib.contextmanager
+def forced_isa(isa: str) -> Iterator[None]:
+    """Make ``library(op)`` load the ``isa`` build inside this block (tests run a lower level's path)."""
+    global _forced
+    previous, _forced = _forced, _check_isa(isa, "forced_isa")
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def isa_flags(isa: str) -> list[str]:
+    """The compiler flags of one level (none beyond the defaults off x86)."""
+    return _ISA_FLAGS_X86[isa] if platform.machine() in ("x86_64", "AMD64") else []
 
 
 def _compiler() -> str | None:
@@ -45,8 +136,10 @@ def unavailable_reason(op: str | None = None) -> str | None:
             import ninja  # noqa: F401  (the pip package puts the binary beside Python)
         except ImportError:
             return "the ninja build tool is not installed (pip install ninja)"
-    if op is not None and op in _failed:
-        return f"its C++ build failed earlier in this process: {_failed[op]}"
+    if op is not None:
+        failed = _failed.get((op, default_isa()))
+        if failed is not None:
+            return f"its C++ build failed earlier in this process: {failed}"
     return None
 
 
@@ -58,32 +151,42 @@ def build_root() -> Path:
     return Path(env).expanduser() if env else cache_dir() / "build"
 
 
-def _build_dir(op: str, sources: list[Path]) -> Path:
-    from core.cache import cpu_model
+def _flags(isa: str) -> list[str]:
+    return CFLAGS + isa_flags(isa) + [f"-DSWITCHYARD_NS=switchyard_{isa}"]
+
+
+def _build_dir(op: str, sources: list[Path], isa: str) -> Path:
     import torch
 
     h = hashlib.sha256()
     for src in sources:
         h.update(src.read_bytes())
-    h.update(" ".join(CFLAGS + LDFLAGS).encode())
-    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}|{cpu_model()}".encode())
-    return build_root() / f"{op}-{h.hexdigest()[:16]}"
+    h.update(" ".join(_flags(isa) + LDFLAGS).encode())
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}".encode())
+    return build_root() / f"{op}-{isa}-{h.hexdigest()[:16]}"
 
 
-def is_built(op: str) -> bool:
-    """Whether ``csrc/<op>.cpp`` has a cached build for this source, these flags and this machine."""
+def is_built(op: str, isa: str | None = None) -> bool:
+    """Whether ``csrc/<op>.cpp`` has a cached build for this source, these flags and this level."""
+    isa = isa or default_isa()
     source = CSRC / f"{op}.cpp"
-    return source.exists() and (_build_dir(op, [source]) / f"switchyard_{op}.so").exists()
+    return source.exists() and (_build_dir(op, [source], isa) / f"switchyard_{op}_{isa}.so").exists()
 
 
-def library(op: str) -> Any:
-    """Build (first use) and load ``csrc/<op>.cpp``; returns the ``torch.ops.switchyard`` namespace."""
-    if op in _loaded:
-        return _loaded[op]
+def library(op: str, isa: str | None = None) -> Any:
+    """Build (first use) and load ``csrc/<op>.cpp`` for ``isa`` (default: ``default_isa()``); returns its
+    op namespace ``torch.ops.switchyard_<isa>``."""
+    isa = isa or _forced or _env_isa()
+    lib = _loaded.get((op, isa))
+    if lib is not None:
+        return lib
     with _lock:
-        if op in _loaded:
-            return _loaded[op]
-        reason = unavailable_reason(op)
+        if (op, isa) in _loaded:
+            return _loaded[(op, isa)]
+        _check_isa(isa, "isa")
+        reason = unavailable_reason()
+        if reason is None and (op, isa) in _failed:
+            reason = f"its C++ build failed earlier in this process: {_failed[(op, isa)]}"
         if reason:
             raise RuntimeError(f"fused {op}: {reason}")
         import torch
@@ -94,35 +197,36 @@ def library(op: str) -> Any:
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         sources = [CSRC / f"{op}.cpp"]
-        build = _build_dir(op, sources)
+        build = _build_dir(op, sources, isa)
         build.mkdir(parents=True, exist_ok=True)
         try:
-            load(name=f"switchyard_{op}", sources=[str(s) for s in sources], extra_cflags=CFLAGS,
+            load(name=f"switchyard_{op}_{isa}", sources=[str(s) for s in sources], extra_cflags=_flags(isa),
                  extra_ldflags=LDFLAGS, build_directory=str(build), is_python_module=False, verbose=False)
         except Exception as e:
-            _failed[op] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            raise RuntimeError(f"fused {op}: building {sources[0].name} failed: {e}") from e
-        _loaded[op] = torch.ops.switchyard
-        return _loaded[op]
+            _failed[(op, isa)] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            raise RuntimeError(f"fused {op}: building {sources[0].name} for {isa} failed: {e}") from e
+        _loaded[(op, isa)] = getattr(torch.ops, f"switchyard_{isa}")
+        return _loaded[(op, isa)]
 
 
-def prebuild(ops: list[str] | None = None, jobs: int | None = None) -> dict[str, str | None]:
+def prebuild(ops: list[str] | None = None, jobs: int | None = None, isa: str | None = None) -> dict[str, str | None]:
     """Build several ops' libraries at once, one compiler process per op (a single-file build uses one
     core, so on N cores this is up to N times faster than building them one after the other at first
     use). Returns op -> None when built, or the reason it could not be. Never raises."""
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
-    ops = [op for op in (ops if ops is not None else sorted(p.stem for p in CSRC.glob("*.cpp"))) if not is_built(op)]
+    isa = isa or default_isa()
+    ops = [op for op in (ops if ops is not None else sorted(p.stem for p in CSRC.glob("*.cpp"))) if not is_built(op, isa)]
     reason = unavailable_reason()
     if reason:
         return {op: reason for op in ops}
-    code = "import sys; from plugins.fused import _build; _build.library(sys.argv[1])"
+    code = "import sys; from plugins.fused import _build; _build.library(sys.argv[1], sys.argv[2])"
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
 
     def one(op: str) -> str | None:
-        done = subprocess.run([sys.executable, "-c", code, op], capture_output=True, text=True, env=env)
+        done = subprocess.run([sys.executable, "-c", code, op, isa], capture_output=True, text=True, env=env)
         return None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["build failed"])[-1]
 
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 2) as pool:

@@ -346,7 +346,7 @@ bool attention_use_blas(bool on) {
   return on && sgemm_ != nullptr;
 }
 
-TORCH_LIBRARY_FRAGMENT(switchyard, m) {
+TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m) {
   m.def("attention_fwd", &attention_fwd);
   m.def("attention_bwd", &attention_bwd);
   m.def("attention_use_blas", &attention_use_blas);

@@ -445,6 +445,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_step_run(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(switchyard, m) {
+TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m) {
   m.def("decode_step_run", &decode_step_run);
 }

@@ -681,7 +681,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_neighbor_kdtree(const at::Tensor& que
   return {dist, idx};
 }
 
-TORCH_LIBRARY_FRAGMENT(switchyard, m) {
+TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m) {
   m.def("nearest_neighbor_brute", &nearest_neighbor_brute);
   m.def("nearest_neighbor_kdtree", &nearest_neighbor_kdtree);
 }

@@ -583,7 +583,7 @@ Result precision_cast_cpu(const at::Tensor& x, at::ScalarType dtype, bool stocha
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(switchyard, m) {
+TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m) {
   m.def("precision_cast_cpu", &precision_cast_cpu);
   m.def("precision_cast_pool_stats", &precision_cast_pool_stats);
   m.def("precision_cast_pool_clear", &precision_cast_pool_clear);

@@ -194,6 +194,6 @@ std::vector<at::Tensor> split_finding_cpu(const at::Tensor& bins_in, const at::T
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(switchyard, m) {
+TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m) {
   m.def("split_finding_cpu", &split_finding_cpu);
 }
