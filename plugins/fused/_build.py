@@ -209,28 +209,32 @@ def library(op: str, isa: str | None = None) -> Any:
         return _loaded[(op, isa)]
 
 
-def prebuild(ops: list[str] | None = None, jobs: int | None = None, isa: str | None = None) -> dict[str, str | None]:
-    """Build several ops' libraries at once, one compiler process per op (a single-file build uses one
-    core, so on N cores this is up to N times faster than building them one after the other at first
-    use). Returns op -> None when built, or the reason it could not be. Never raises."""
+def prebuild(ops: list[str] | None = None, jobs: int | None = None,
+             isas: tuple[str, ...] | None = None) -> dict[str, str | None]:
+    """Build several ops' libraries at once, one compiler process per (op, level) (a single-file build
+    uses one core, so on N cores this is up to N times faster than building them one after the other at
+    first use). ``isas`` defaults to ``(default_isa(),)``. Returns "op" (or "op[isa]" for a level other
+    than the default) -> None when built, or the reason it could not be. Never raises."""
     import subprocess
     from concurrent.futures import ThreadPoolExecutor
 
-    isa = isa or default_isa()
-    ops = [op for op in (ops if ops is not None else sorted(p.stem for p in CSRC.glob("*.cpp"))) if not is_built(op, isa)]
+    levels = isas or (default_isa(),)
+    names = ops if ops is not None else sorted(p.stem for p in CSRC.glob("*.cpp"))
+    todo = [(op, isa) for isa in levels for op in names if not is_built(op, isa)]
+    label = {(op, isa): op if isa == default_isa() else f"{op}[{isa}]" for op, isa in todo}
     reason = unavailable_reason()
     if reason:
-        return {op: reason for op in ops}
+        return {label[t]: reason for t in todo}
     code = "import sys; from plugins.fused import _build; _build.library(sys.argv[1], sys.argv[2])"
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
 
-    def one(op: str) -> str | None:
-        done = subprocess.run([sys.executable, "-c", code, op, isa], capture_output=True, text=True, env=env)
+    def one(task: tuple[str, str]) -> str | None:
+        done = subprocess.run([sys.executable, "-c", code, *task], capture_output=True, text=True, env=env)
         return None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["build failed"])[-1]
 
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 2) as pool:
-        return dict(zip(ops, pool.map(one, ops)))
+        return dict(zip((label[t] for t in todo), pool.map(one, todo)))
 
 
 def triton_reason() -> str | None:
