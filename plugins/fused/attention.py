@@ -16,11 +16,11 @@ non-finite keys and values as 0 themselves.)
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from core.ops.attention import allowed_positions
 from core.spec import dtype_name
 from plugins.fused import _build
 from plugins.torch_backend.attention import attention as torch_attention
@@ -51,27 +51,6 @@ def _mask4(attn_mask: torch.Tensor | None, full: tuple[int, int, int, int]) -> t
     return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).expand(full)
 
 
-def _zero_nonfinite(t: torch.Tensor) -> torch.Tensor:
-    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def _nonfinite_attended(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                        attn_mask: torch.Tensor | None) -> bool | None:
-    """None when q, k and v are all finite (the common case: one pass over each); otherwise whether a
-    non-finite query, or a non-finite key or value at a key some query may attend, is present."""
-    if not bool(torch.isfinite(q).all()):
-        return True
-    bad = ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))  # [B, Hkv, Lk]
-    if not bool(bad.any()):
-        return None
-    B, Hq, Lq, _ = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    allowed = allowed_positions(Lq, Lk, causal, attn_mask, q.device)
-    attended = allowed.reshape((1,) * (4 - allowed.dim()) + tuple(allowed.shape)).any(-2)  # [b, h, Lk]
-    attended = attended.expand(B, Hq, Lk).reshape(B, Hkv, Hq // Hkv, Lk).any(2)
-    return bool((bad & attended).any())
-
-
 class _Cpu:
     """The C++ path (``CPP``): float32 tiles whatever the input dtype, results cast back."""
 
@@ -79,9 +58,8 @@ class _Cpu:
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                 mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         lib = _build.library(OP)
-        q32, k32, v32 = (t.float().contiguous() for t in (q, k, v))
         blocks = _cpu_blocks(CPU_FWD_BLOCKS, q.shape[0] * q.shape[1], q.shape[2], 0)
-        return lib.attention_fwd(q32, k32, v32, mask, causal, scale, *blocks)
+        return lib.attention_fwd(q, k, v, mask, causal, scale, *blocks)  # (o, lse, rare)
 
     @staticmethod
     def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
@@ -98,10 +76,10 @@ class _Cuda:
 
     @staticmethod
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
-                mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
         from plugins.fused.triton import attention as tri
 
-        return tri.forward(q, k, v, causal=causal, scale=scale, mask=mask)
+        return tri.forward(q, k, v, causal=causal, scale=scale, mask=mask)  # (o, lse, rare flags on the device)
 
     @staticmethod
     def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
@@ -114,11 +92,28 @@ class _Cuda:
 CPP, TRITON = _Cpu, _Cuda
 
 
+def _exact_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None,
+                 causal: bool, scale: float, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The gradients through the torch kernel's exact dense path (the rare path: inputs holding inf or NaN)."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        o, lse = torch_attention(*leaves, causal=causal, scale=scale, attn_mask=mask, return_lse=True)
+        outs, cotangents = [o], [do.to(o.dtype)]
+        if dlse is not None:
+            outs.append(lse)
+            cotangents.append(dlse.to(lse.dtype))
+        grads = torch.autograd.grad(outs, leaves, cotangents, allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, (q, k, v)))
+
+
 class FusedAttention(torch.autograd.Function):
-    """(o, lse) by the tiled forward; (dq, dk, dv) by the tiled backward from the saved lse.
+    """(o, lse) by the tiled (or, for few query rows, the split-K decode) forward; (dq, dk, dv) by the
+    tiled backward from the saved lse.
 
     ``path`` is ``CPP`` or ``TRITON``; the kernel picks it by device, tests pick TRITON on CPU tensors
-    to run the Triton kernels in the interpreter.
+    to run the Triton kernels in the interpreter. The forward kernels handle non-finite inputs themselves
+    (see the module doc) and say whether any row took their exact path; the backward takes the exact
+    dense gradients after such a forward.
     """
 
     @staticmethod
@@ -126,12 +121,13 @@ class FusedAttention(torch.autograd.Function):
                 attn_mask: torch.Tensor | None, path: Any) -> tuple[torch.Tensor, torch.Tensor]:
         B, Hq, Lq, _ = q.shape
         mask = _mask4(attn_mask, (B, Hq, Lq, k.shape[2]))
+        rare: Any = False
         if q.numel() == 0 or k.shape[2] == 0:  # nothing to attend: o = 0, lse = -inf
             o = q.new_zeros(B, Hq, Lq, v.shape[3])
             lse = torch.full((B, Hq, Lq), float("-inf"), device=q.device)
         else:
-            o, lse = path.forward(q, k, v, causal, scale, mask)
-        ctx.causal, ctx.scale, ctx.mask, ctx.path = causal, scale, mask, path
+            o, lse, rare = path.forward(q, k, v, causal, scale, mask)
+        ctx.causal, ctx.scale, ctx.mask, ctx.path, ctx.rare = causal, scale, mask, path, rare
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.set_materialize_grads(False)
         return o.to(q.dtype), lse
@@ -142,22 +138,27 @@ class FusedAttention(torch.autograd.Function):
         if q.numel() == 0 or k.shape[2] == 0 or (do is None and dlse is None):
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None
         do = torch.zeros_like(o) if do is None else do
+        args = (ctx.causal, ctx.scale, ctx.mask)
+        rare = ctx.rare
+        if isinstance(rare, torch.Tensor):  # Triton's per-row flags: read here, the backward's one host sync
+            rare = bool(rare.any())
+        if rare:
+            return (*_exact_grads(q, k, v, do, dlse, *args), None, None, None, None)
         # dS = P * (dP - delta), with delta = rowsum(o * do) - dlse (FlashAttention-2, eq. for D_i).
         delta = (o.float() * do.float()).sum(-1)
         if dlse is not None:
             delta = delta - dlse.float()
-        dq, dk, dv = ctx.path.backward(q, k, v, do, lse, delta, ctx.causal, ctx.scale, ctx.mask)
+        dq, dk, dv = ctx.path.backward(q, k, v, do, lse, delta, *args)
+        # The C++ tiles multiply a masked key by a zero dS (0 * NaN); finite gradients show none was
+        # non-finite (one reduction each, no temporary), otherwise the exact path decides.
+        if ctx.path is CPP and not math.isfinite(float(dq.sum()) + float(dk.sum()) + float(dv.sum())):
+            return (*_exact_grads(q, k, v, do, dlse, *args), None, None, None, None)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def attend(path: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
            attn_mask: torch.Tensor | None, return_lse: bool) -> Any:
-    """The kernel on ``path`` (CPP or TRITON), non-finite inputs handled as the module's doc says."""
-    poisoned = _nonfinite_attended(q, k, v, causal, attn_mask)
-    if poisoned:
-        return torch_attention(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, return_lse=return_lse)
-    if poisoned is False:  # non-finite only at keys nobody attends: reading them as 0 changes nothing
-        k, v = _zero_nonfinite(k), _zero_nonfinite(v)
+    """The kernel on ``path`` (CPP or TRITON); no pass over the inputs before it (see the module doc)."""
     o, lse = FusedAttention.apply(q, k, v, causal, scale, attn_mask, path)
     return (o, lse) if return_lse else o
 

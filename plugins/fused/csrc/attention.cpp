@@ -14,6 +14,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <omp.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -66,10 +69,11 @@ constexpr float kLn2 = 0.693147180559945309f;
 
 // 2^x to under 1 ulp for x <= 0 (scores are kept in base 2, scaled by log2(e) in the tile product):
 // 2^n * 2^f with n = round(x), |f| <= 1/2, and a degree-6 polynomial fitted to 2^f on [-1/2, 1/2].
-// Branch-free, so that the row loops vectorise; 2^-inf is exactly 0, as a masked score must become.
+// Branch-free, so that the row loops vectorise; 2^-inf is exactly 0, as a masked score must become,
+// and 2^NaN is NaN, so that a NaN score shows in its row's result (which then takes the exact path).
 #pragma omp declare simd notinbranch
 inline float fast_exp2(float x) {
-  const float c = x > -126.0f ? x : -126.0f;
+  const float c = x < -126.0f ? -126.0f : x;  // NaN stays NaN (a NaN score must poison its row)
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
   const float n = (c + magic) - magic;
   const float f = c - n;
@@ -125,6 +129,11 @@ struct Problem {
     }
   }
 
+  bool allowed(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    if (causal && j > i + shift) return false;
+    return mask == nullptr || mask[b * msb + h * msh + i * msi + j * msj];
+  }
+
   // True when some position of the tile may be disallowed (so mask_tile has work to do).
   bool tile_needs_mask(int64_t q0, int64_t k0, int64_t n) const {
     return mask != nullptr || (causal && k0 + n - 1 > q0 + shift);
@@ -139,9 +148,9 @@ struct Problem {
 
 Problem describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                  bool causal, double scale) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "attention: the C++ kernels take float32 q, k, v");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "attention: q, k, v must be contiguous");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt,
+              "attention: the C++ kernels take float32 or bfloat16 q, k, v of one dtype");
   Problem p{};
   p.B = q.size(0); p.Hq = q.size(1); p.Lq = q.size(2); p.D = q.size(3);
   p.Hkv = k.size(1); p.Lk = k.size(2); p.Dv = v.size(3);
@@ -168,26 +177,322 @@ int threads() { return std::max(1, at::get_num_threads()); }
 
 }  // namespace
 
-// Forward: (o [B, Hq, Lq, Dv], lse [B, Hq, Lq]), both float32. One task is one (batch, head, query
-// block); it streams the key/value blocks its queries may attend and skips every tile past the
-// causal diagonal. A row that may attend nothing gets o = 0 and lse = -inf.
-std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                 const std::optional<at::Tensor>& mask, bool causal, double scale,
-                                                 int64_t block_q, int64_t block_k) {
-  const Problem p = describe(q, k, v, mask, causal, scale);
-  at::Tensor o = at::empty({p.B, p.Hq, p.Lq, p.Dv}, q.options());
-  at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options());
+namespace {
+
+// -- SIMD helpers: one vector of W floats per instruction-set level (bfloat16 loads widen in-register) --
+#if defined(__AVX512F__)
+constexpr int64_t W = 16;
+using vec = __m512;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vbcast(float x) { return _mm512_set1_ps(x); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vload(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline void vstore(float* p, vec a) { _mm512_storeu_ps(p, a); }
+// The four sums of a0..a3, in one reduction tree (a horizontal sum each would cost twice the shuffles).
+inline void vsum4(vec a0, vec a1, vec a2, vec a3, float* out) {
+  const __m256 b0 = _mm256_add_ps(_mm512_castps512_ps256(a0), _mm512_extractf32x8_ps(a0, 1));
+  const __m256 b1 = _mm256_add_ps(_mm512_castps512_ps256(a1), _mm512_extractf32x8_ps(a1, 1));
+  const __m256 b2 = _mm256_add_ps(_mm512_castps512_ps256(a2), _mm512_extractf32x8_ps(a2, 1));
+  const __m256 b3 = _mm256_add_ps(_mm512_castps512_ps256(a3), _mm512_extractf32x8_ps(a3, 1));
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+#elif defined(__AVX2__)
+constexpr int64_t W = 8;
+using vec = __m256;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vbcast(float x) { return _mm256_set1_ps(x); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vload(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline void vstore(float* p, vec a) { _mm256_storeu_ps(p, a); }
+inline void vsum4(vec a0, vec a1, vec a2, vec a3, float* out) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+}
+inline float vsum(vec a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+#else
+constexpr int64_t W = 1;
+using vec = float;
+inline vec vzero() { return 0.0f; }
+inline vec vbcast(float x) { return x; }
+inline vec vload(const float* p) { return *p; }
+inline vec vload(const c10::BFloat16* p) { return static_cast<float>(*p); }
+inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
+inline void vstore(float* p, vec a) { *p = a; }
+inline void vsum4(vec a0, vec a1, vec a2, vec a3, float* out) { out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3; }
+inline float vsum(vec a) { return a; }
+#endif
+
+inline double widen(float x) { return x; }
+inline double widen(c10::BFloat16 x) { return static_cast<float>(x); }
+
+// A [B, H, L, D] tensor read through its strides; the last dimension is contiguous.
+template <typename T>
+struct Rows {
+  const T* p;
+  int64_t sb, sh, sl;
+  const T* at(int64_t b, int64_t h, int64_t l) const { return p + b * sb + h * sh + l * sl; }
+};
+
+template <typename T>
+Rows<T> rows_of(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Whether a[0..n) is all finite: x * 0 is 0 for a finite x and NaN for inf or NaN (no branch, vectorises).
+inline bool all_finite(const float* a, int64_t n) {
+  float z = 0.0f;
+#pragma omp simd reduction(+ : z)
+  for (int64_t i = 0; i < n; ++i) z += a[i] * 0.0f;
+  return z == 0.0f;
+}
+
+// A result row the fast path may have got wrong: its query holds inf or NaN, its output is not finite, or
+// its lse is NaN or +inf. Finite inputs never produce one (but for overflow); a non-finite key or value
+// reaches a row only as NaN or inf (0 * NaN at a masked key included), and NaN or inf never turns finite.
+inline bool suspect(bool q_bad, const float* out, int64_t Dv, float lse) {
+  return q_bad || !all_finite(out, Dv) || lse != lse || lse == std::numeric_limits<float>::infinity();
+}
+
+// One result row by the op's plain rules, in float64: each key is selected by the mask before any product,
+// so a masked key or value has no influence whatever it holds; attended inf and NaN follow IEEE arithmetic
+// as the plain math does (a NaN or +inf score makes the row NaN, with lse NaN or +inf); a row that attends
+// nothing gets 0 and lse -inf. The rare path of every forward kernel here.
+template <typename T>
+void exact_row(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const Rows<T>& V, int64_t b, int64_t h,
+               int64_t i, float* out, float* lse) {
+  const int64_t hk = h / p.group;
+  const float* q = Q.at(b, h, i);
+  const double ninf = -std::numeric_limits<double>::infinity();
+  std::vector<double> s(p.Lk, ninf), acc(p.Dv, 0.0);
+  bool nan = false;
+  double m = ninf;
+  for (int64_t j = 0; j < p.Lk; ++j) {
+    if (!p.allowed(b, h, i, j)) continue;
+    const T* k = K.at(b, hk, j);
+    double dot = 0.0;
+    for (int64_t d = 0; d < p.D; ++d) dot += static_cast<double>(q[d]) * widen(k[d]);
+    s[j] = dot * static_cast<double>(p.scale);
+    if (s[j] != s[j]) nan = true;
+    else if (s[j] > m) m = s[j];
+  }
+  if (nan || m == -ninf) {
+    std::fill(out, out + p.Dv, std::numeric_limits<float>::quiet_NaN());
+    *lse = nan ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+    return;
+  }
+  if (m == ninf) {
+    std::fill(out, out + p.Dv, 0.0f);
+    *lse = kNegInf;
+    return;
+  }
+  double l = 0.0;
+  for (int64_t j = 0; j < p.Lk; ++j) {
+    if (!p.allowed(b, h, i, j)) continue;
+    const double w = std::exp(s[j] - m);  // 0 for an attended -inf score, and 0 * inf is NaN, as in IEEE
+    l += w;
+    const T* v = V.at(b, hk, j);
+    for (int64_t d = 0; d < p.Dv; ++d) acc[d] += w * widen(v[d]);
+  }
+  for (int64_t d = 0; d < p.Dv; ++d) out[d] = static_cast<float>(acc[d] / l);
+  *lse = static_cast<float>(m + std::log(l));
+}
+
+// -- decode: few query rows, many keys (flash-decoding) -------------------------------------------------
+
+constexpr int64_t kDecodeMaxLq = 8;     // query rows per head up to which the decode path is taken
+constexpr int64_t kDecodeBlock = 32;    // keys per block: a block of k rows stays in L1 for every query row
+constexpr int64_t kDecodeMinSplit = 256;  // keys per split at least, so that the merge stays negligible
+
+// s[0..n) = c * (q . k_j) for the n keys at k, k + skn, ...; four keys share each load of q.
+template <typename T>
+inline void score_block(const float* q, const T* k, int64_t skn, int64_t n, int64_t D, float c, float* s) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const T* k0 = k + j * skn;
+    const T* k1 = k0 + skn;
+    const T* k2 = k1 + skn;
+    const T* k3 = k2 + skn;
+    vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+    for (int64_t d = 0; d < D; d += W) {
+      const vec qv = vload(q + d);
+      a0 = vfma(qv, vload(k0 + d), a0);
+      a1 = vfma(qv, vload(k1 + d), a1);
+      a2 = vfma(qv, vload(k2 + d), a2);
+      a3 = vfma(qv, vload(k3 + d), a3);
+    }
+    vsum4(a0, a1, a2, a3, s + j);
+    for (int t = 0; t < 4; ++t) s[j + t] *= c;
+  }
+  for (; j < n; ++j) {
+    const T* kj = k + j * skn;
+    vec a = vzero();
+    for (int64_t d = 0; d < D; d += W) a = vfma(vload(q + d), vload(kj + d), a);
+    s[j] = c * vsum(a);
+  }
+}
+
+// acc[d0, d0 + NV * W) += sum_j p[j] * v_j[d0, ...): NV independent accumulators held in registers.
+template <int NV, typename T>
+inline void axpy_block(float* acc, const float* p, const T* v, int64_t svn, int64_t n, int64_t d0) {
+  vec a[NV];
+  for (int t = 0; t < NV; ++t) a[t] = vload(acc + d0 + t * W);
+  for (int64_t j = 0; j < n; ++j) {
+    const vec pj = vbcast(p[j]);
+    const T* vr = v + j * svn + d0;
+    for (int t = 0; t < NV; ++t) a[t] = vfma(pj, vload(vr + t * W), a[t]);
+  }
+  for (int t = 0; t < NV; ++t) vstore(acc + d0 + t * W, a[t]);
+}
+
+template <typename T>
+inline void axpy_row(float* acc, const float* p, const T* v, int64_t svn, int64_t n, int64_t Dv) {
+  int64_t d0 = 0;
+  for (; d0 + 8 * W <= Dv; d0 += 8 * W) axpy_block<8>(acc, p, v, svn, n, d0);
+  for (; d0 + 4 * W <= Dv; d0 += 4 * W) axpy_block<4>(acc, p, v, svn, n, d0);
+  for (; d0 < Dv; d0 += W) axpy_block<1>(acc, p, v, svn, n, d0);
+}
+
+// Online-softmax update of one row with its block of base-2 scores s[0..n) (overwritten by the weights);
+// returns false when the row has attended nothing yet (its weights are all 0 and nothing is to be added).
+inline bool softmax_update(float* s, int64_t n, float& m, float& l, float* acc, int64_t Dv) {
+  const float m_new = std::max(m, row_max(s, n));
+  if (m_new == kNegInf) return false;
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = fast_exp2(s[j] - m_new);
+    sum += s[j];
+  }
+  const float alpha = fast_exp2(m - m_new);
+  l = l * alpha + sum;
+  m = m_new;
+  if (alpha != 1.0f) {
+#pragma omp simd
+    for (int64_t d = 0; d < Dv; ++d) acc[d] *= alpha;
+  }
+  return true;
+}
+
+// Split-K decode (Dao et al., "Flash-Decoding", 2023): one task is (batch, kv head, key split) and takes
+// every query row of the kv head's group at once (G * Lq rows), so each key and value row is read once
+// for the whole group; the splits' partial softmaxes are merged by their log-sum-exp. D and Dv are
+// multiples of W. Returns whether some row took the exact path.
+template <typename T>
+bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const Rows<T>& V, float* O, float* LSE) {
+  const int64_t R = p.group * p.Lq, base = p.B * p.Hkv, nt = threads();
+  const int64_t kend = p.key_end(0, p.Lq);
+  int64_t splits = 1;
+  while (base * splits < 4 * nt && kend >= 2 * splits * kDecodeMinSplit) splits *= 2;
+  const int64_t chunk = ((kend + splits - 1) / splits + kDecodeBlock - 1) / kDecodeBlock * kDecodeBlock;
+  splits = chunk == 0 ? 1 : (kend + chunk - 1) / chunk;
+  const int64_t stride = p.Dv + 2;  // a partial row: acc[Dv], m, l
+  std::vector<float> part(splits > 1 ? base * splits * R * stride : 0);
+  const float c = p.scale * kLog2e;
+  std::atomic<bool> rare{false};
+
+  auto finish = [&](int64_t b, int64_t hk, int64_t r, float m, float l, const float* acc) {
+    const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq, row = (b * p.Hq + h) * p.Lq + i;
+    float* out = O + row * p.Dv;
+    const bool alive = l > 0.0f;
+    const float inv = alive ? 1.0f / l : 0.0f;
+    for (int64_t d = 0; d < p.Dv; ++d) out[d] = acc[d] * inv;
+    LSE[row] = alive ? (m + std::log2(l)) * kLn2 : (l == 0.0f ? kNegInf : l);
+    if (suspect(!all_finite(Q.at(b, h, i), p.D), out, p.Dv, LSE[row])) {
+      exact_row(p, Q, K, V, b, h, i, out, LSE + row);
+      rare.store(true, std::memory_order_relaxed);
+    }
+  };
+
+#pragma omp parallel num_threads(std::min(nt, base * splits))
+  {
+    std::vector<float> S(R * kDecodeBlock), acc(R * p.Dv), m(R), l(R);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < base * splits; ++t) {
+      const int64_t bk = t / splits, sp = t % splits, b = bk / p.Hkv, hk = bk % p.Hkv;
+      const int64_t lo = sp * chunk, hi = std::min(kend, lo + chunk);
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.0f);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t k0 = lo; k0 < hi; k0 += kDecodeBlock) {
+        const int64_t n = std::min(kDecodeBlock, hi - k0);
+        const T* kb = K.at(b, hk, k0);
+        const T* vb = V.at(b, hk, k0);
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
+          float* s = S.data() + r * kDecodeBlock;
+          score_block(Q.at(b, h, i), kb, K.sl, n, p.D, c, s);
+          if (p.tile_needs_mask(i, k0, n)) p.mask_tile(s, kDecodeBlock, b, h, i, 1, k0, n);
+          float* a = acc.data() + r * p.Dv;
+          if (softmax_update(s, n, m[r], l[r], a, p.Dv)) axpy_row(a, s, vb, V.sl, n, p.Dv);
+        }
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        if (splits == 1) {
+          finish(b, hk, r, m[r], l[r], acc.data() + r * p.Dv);
+        } else {
+          float* dst = part.data() + ((bk * splits + sp) * R + r) * stride;
+          std::copy(acc.data() + r * p.Dv, acc.data() + (r + 1) * p.Dv, dst);
+          dst[p.Dv] = m[r];
+          dst[p.Dv + 1] = l[r];
+        }
+      }
+    }
+  }
+  if (splits > 1) {
+#pragma omp parallel num_threads(nt)
+    {
+      std::vector<float> acc(p.Dv);
+#pragma omp for
+      for (int64_t t = 0; t < base * R; ++t) {
+        const int64_t bk = t / R, r = t % R;
+        const float* first = part.data() + (bk * splits * R + r) * stride;
+        float M = kNegInf;
+        for (int64_t sp = 0; sp < splits; ++sp) M = std::max(M, first[sp * R * stride + p.Dv]);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        float L = 0.0f;
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const float* src = first + sp * R * stride;
+          if (src[p.Dv] == kNegInf) continue;  // this split attended nothing for the row
+          const float w = std::exp2(src[p.Dv] - M);
+          L += w * src[p.Dv + 1];
+#pragma omp simd
+          for (int64_t d = 0; d < p.Dv; ++d) acc[d] += w * src[d];
+        }
+        finish(bk / p.Hkv, bk % p.Hkv, r, M, L, acc.data());
+      }
+    }
+  }
+  return rare.load();
+}
+
+// -- prefill: FlashAttention-2 tiles --------------------------------------------------------------------
+
+bool prefill_fwd(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, float* O,
+                 float* LSE, int64_t block_q, int64_t block_k) {
   const float* Q = q.data_ptr<float>();
   const float* K = k.data_ptr<float>();
   const float* V = v.data_ptr<float>();
-  float* O = o.data_ptr<float>();
-  float* LSE = lse.data_ptr<float>();
-  TORCH_CHECK(block_q > 0 && block_k > 0, "attention: tile sizes must be positive");
+  const Rows<float> Qr = rows_of<float>(q), Kr = rows_of<float>(k), Vr = rows_of<float>(v);
   // Tiles no larger than the sequences, so that short calls allocate small scratch buffers.
   const int64_t BQ = std::max<int64_t>(1, std::min(block_q, p.Lq)), BK = std::max<int64_t>(1, std::min(block_k, p.Lk));
   const int64_t nqb = (p.Lq + BQ - 1) / BQ;
   const int64_t heads = p.B * p.Hq;
   const int64_t tasks = nqb * heads;
+  std::atomic<bool> rare{false};
 
 #pragma omp parallel num_threads(threads())
   {
@@ -212,39 +517,64 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
         if (p.tile_needs_mask(q0, k0, n)) p.mask_tile(s0, BK, b, h, q0, rows, k0, n);
         for (int64_t r = 0; r < rows; ++r) {
           float* s = s0 + r * BK;
-          const float m_new = std::max(m[r], row_max(s, n));
-          if (m_new == kNegInf) {  // nothing attended so far: this row of the tile adds nothing
-            std::fill(s, s + n, 0.0f);
-            continue;
-          }
-          float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < n; ++j) {
-            s[j] = fast_exp2(s[j] - m_new);
-            sum += s[j];
-          }
-          const float alpha = fast_exp2(m[r] - m_new);
-          l[r] = l[r] * alpha + sum;
-          m[r] = m_new;
-          if (alpha != 1.0f) {
-            float* a = acc.data() + r * p.Dv;
-#pragma omp simd
-            for (int64_t d = 0; d < p.Dv; ++d) a[d] *= alpha;
-          }
+          if (!softmax_update(s, n, m[r], l[r], acc.data() + r * p.Dv, p.Dv)) std::fill(s, s + n, 0.0f);
         }
         gemm(false, false, rows, p.Dv, n, 1.0f, s0, BK, Vh + k0 * p.Dv, p.Dv, 1.0f, acc.data(), p.Dv);
       }
       for (int64_t r = 0; r < rows; ++r) {
-        float* out = O + (bh * p.Lq + q0 + r) * p.Dv;
+        const int64_t row = bh * p.Lq + q0 + r;
+        float* out = O + row * p.Dv;
         const float* a = acc.data() + r * p.Dv;
         const bool alive = l[r] > 0.0f;
         const float inv = alive ? 1.0f / l[r] : 0.0f;
         for (int64_t d = 0; d < p.Dv; ++d) out[d] = a[d] * inv;
-        LSE[bh * p.Lq + q0 + r] = alive ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
+        LSE[row] = alive ? (m[r] + std::log2(l[r])) * kLn2 : (l[r] == 0.0f ? kNegInf : l[r]);
+        if (suspect(!all_finite(Qb + r * p.D, p.D), out, p.Dv, LSE[row])) {
+          exact_row(p, Qr, Kr, Vr, b, h, q0 + r, out, LSE + row);
+          rare.store(true, std::memory_order_relaxed);
+        }
       }
     }
   }
-  return {o, lse};
+  return rare.load();
+}
+
+}  // namespace
+
+// Forward: (o [B, Hq, Lq, Dv] float32, lse [B, Hq, Lq] float32, rare). Decode shapes (Lq <= 8, head dims
+// a multiple of the vector width) take the split-K kernel, which reads bfloat16 or float32 k and v in
+// place through their strides; the rest takes the FlashAttention-2 tiles on float32 copies. A row that
+// may attend nothing gets o = 0 and lse = -inf. Non-finite inputs cost the common path nothing: each row's
+// result is checked where it is written, and a suspect row (see ``suspect``) is recomputed by
+// ``exact_row``; ``rare`` says whether any row was, so that the backward pass knows to take the exact path.
+std::tuple<at::Tensor, at::Tensor, int64_t> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                                                          bool causal, double scale, int64_t block_q, int64_t block_k) {
+  const Problem p = describe(q, k, v, mask, causal, scale);
+  TORCH_CHECK(block_q > 0 && block_k > 0, "attention: tile sizes must be positive");
+  at::Tensor o = at::empty({p.B, p.Hq, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  bool rare = false;
+  if (p.Lq <= kDecodeMaxLq && p.D % W == 0 && p.Dv % W == 0) {
+    const at::Tensor kk = k.stride(3) == 1 ? k : k.contiguous(), vv = v.stride(3) == 1 ? v : v.contiguous();
+    const Rows<float> Qr = rows_of<float>(qf);
+    if (k.scalar_type() == at::kBFloat16) {
+      rare = decode_fwd(p, Qr, rows_of<c10::BFloat16>(kk), rows_of<c10::BFloat16>(vv), o.data_ptr<float>(),
+                        lse.data_ptr<float>());
+    } else {
+      rare = decode_fwd(p, Qr, rows_of<float>(kk), rows_of<float>(vv), o.data_ptr<float>(), lse.data_ptr<float>());
+    }
+  } else {
+    rare = prefill_fwd(p, qf, k.to(at::kFloat).contiguous(), v.to(at::kFloat).contiguous(), o.data_ptr<float>(),
+                       lse.data_ptr<float>(), block_q, block_k);
+  }
+  return {o, lse, rare ? 1 : 0};
+}
+
+// Whether shapes with Lq query rows and head dims D, Dv take the decode kernel.
+bool attention_takes_decode(int64_t Lq, int64_t D, int64_t Dv) {
+  return Lq <= kDecodeMaxLq && D % W == 0 && Dv % W == 0;
 }
 
 // Backward: (dq, dk, dv), float32. ``delta`` is rowsum(o * do) minus the cotangent of lse (when there
@@ -256,6 +586,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& delta, const std::optional<at::Tensor>& mask, bool causal, double scale, int64_t block_q,
     int64_t block_k) {
   const Problem p = describe(q, k, v, mask, causal, scale);
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
+              "attention: the backward takes contiguous float32 q, k, v");
   TORCH_CHECK(dout.scalar_type() == at::kFloat && dout.is_contiguous(), "attention: dout must be contiguous float32");
   TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous(), "attention: lse and delta must be contiguous");
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
@@ -350,4 +682,5 @@ TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m) {
   m.def("attention_fwd", &attention_fwd);
   m.def("attention_bwd", &attention_bwd);
   m.def("attention_use_blas", &attention_use_blas);
+  m.def("attention_takes_decode", &attention_takes_decode);
 }

@@ -11,8 +11,12 @@ log-sum-exp. Where this differs from the tutorial:
 - GQA/MQA: query head h reads key/value head h // (Hq // Hkv); the dk/dv kernel sums over the group;
 - head dims up to 256, padded to a power of two with masked loads (D and Dv may differ);
 - a boolean ``attn_mask`` (any broadcast of [B, Hq, Lq, Lk], read through strides, 0 where it broadcasts);
-- a row that may attend nothing gets o = 0 and lse = -inf; non-finite k or v at masked positions
-  never reach o or the gradients (tiles that hold masked positions read them as 0);
+- a row that may attend nothing gets o = 0 and lse = -inf; non-finite q, k or v: the forward flags every
+  row whose query or result is not finite and ``attention_decode.exact_rows`` recomputes those rows by the
+  op's plain rules, on the device (no host synchronization); the backward kernels read non-finite keys
+  and values as 0 (exact for masked ones; after a flagged forward the autograd Function takes the exact
+  dense gradients instead);
+- few query rows (Lq <= 8) take the split-K decode kernels of ``attention_decode``;
 - two backward kernels, dk/dv per key block and dq per query block, so nothing is accumulated atomically.
 
 ``gpu_check(device)`` checks and times the kernels at full size on a real GPU for ``scripts/gpu_check.py``.
@@ -25,6 +29,8 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+
+from plugins.fused.triton import attention_decode as dec
 
 LOG2E = 1.4426950408889634
 
@@ -70,7 +76,6 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, offs_m, offs_n, offs
                 keep = tl.load(mask_base + cols[None, :] * stride_mj, mask=allowed, other=0)
                 allowed = allowed & (keep != 0)
             s = tl.where(allowed, s, float("-inf"))
-            v = tl.where(tl.abs(v) < float("inf"), v, 0.0)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing attended yet stays 0
         p = tl.math.exp2(s - m_ref[:, None])
@@ -108,7 +113,7 @@ def _prune_fwd(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) ->
 
 @triton.autotune(configs=_configs(FWD_CONFIGS), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, M,
+def _attn_fwd(Q, K, V, O, LSE, FLAGS, M,
               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, smb, smh, smi, smj,
               Hq, group, Lq, Lk, D: tl.constexpr, Dv: tl.constexpr, qk_scale, BUCKET_Q, BUCKET_K,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -155,6 +160,9 @@ def _attn_fwd(Q, K, V, O, LSE, M,
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :], o.to(O.dtype.element_ty),
              mask=in_q[:, None] & (offs_dv[None, :] < Dv))
     tl.store(LSE + bh * Lq + offs_m, lse, mask=in_q)
+    # Rows the exact-row pass recomputes: a non-finite query, or a result that is not finite.
+    bad = tl.max(tl.where(tl.abs(q) < float("inf"), 0, 1), 1) + tl.max(tl.where(tl.abs(o) < float("inf"), 0, 1), 1)
+    tl.store(FLAGS + bh * Lq + offs_m, (bad > 0).to(tl.int8), mask=in_q)
 
 
 # -- backward --------------------------------------------------------------------------------------
@@ -358,25 +366,36 @@ def _precision(dtype: torch.dtype) -> dict[str, Any]:
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
-            mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o in q's dtype, lse float32) for q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o in q's dtype, lse float32, int8 flags of the rows that took the exact path) for q [B, Hq, Lq, D],
+    k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]: the decode kernels for Lq <= DECODE_MAX_LQ, else the tiles;
+    then the exact-row pass. Nothing here reads a device value on the host."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    o = torch.empty(B, Hq, Lq, Dv, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32)
     block_d, block_dv = _dims(q, v)
     m, ms = _mask_args(mask, q, Lk)
+    if Lq <= dec.DECODE_MAX_LQ:
+        k = k if k.stride(3) == 1 else k.contiguous()
+        v = v if v.stride(3) == 1 else v.contiguous()
+        o, lse, flags = dec.decode_forward(q, k, v, causal=causal, scale=scale, m=m, ms=ms, has_mask=mask is not None,
+                                           block_d=block_d, block_dv=block_dv)
+    else:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o = torch.empty(B, Hq, Lq, Dv, device=q.device, dtype=q.dtype)
+        lse = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32)
+        flags = torch.empty(B * Hq * Lq, device=q.device, dtype=torch.int8)
 
-    def grid(meta: dict[str, Any]) -> tuple[int, int]:
-        return triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq
+        def grid(meta: dict[str, Any]) -> tuple[int, int]:
+            return triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq
 
-    _attn_fwd[grid](q, k, v, o, lse, m, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                    v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), *ms,
-                    Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * LOG2E, _bucket(Lq), _bucket(Lk),
-                    BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=causal, HAS_MASK=mask is not None,
-                    **_precision(q.dtype))
-    return o, lse
+        _attn_fwd[grid](q, k, v, o, lse, flags, m, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                        k.stride(2), v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), *ms,
+                        Hq, Hq // Hkv, Lq, Lk, D, Dv, scale * LOG2E, _bucket(Lq), _bucket(Lk),
+                        BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=causal, HAS_MASK=mask is not None,
+                        **_precision(q.dtype))
+    dec.exact_rows(q, k, v, o, lse, flags, causal=causal, scale=scale, m=m, ms=ms, has_mask=mask is not None,
+                   block_d=block_d, block_dv=block_dv)
+    return o, lse, flags
 
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
