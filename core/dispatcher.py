@@ -143,16 +143,30 @@ def _dispatch(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any
         return _fall_back(state, spec, key, args, attrs, choice, e)
 
 
+# While Dynamo traces a call it takes the custom op instead (core.library): one graph node whose real
+# implementation is _dispatch at run time. Eager calls keep the direct path: is_dynamo_compiling costs
+# about 25 ns (torch.compiler.is_compiling about 170 ns, the custom-op boundary about 10 us);
+# _is_compiling_flag covers the other tracers (non-strict export).
+_dynamo_compiling = torch.compiler.is_dynamo_compiling
+_compiler = torch.compiler
+
+
 def call(op: str, /, *args: Any, **attrs: Any) -> Any:
     """Run ``op`` on these inputs with the kernel chosen for their dispatch key."""
     spec = _SPECS.get(op)
     if spec is None:
         spec = get_spec(op)
+    if _dynamo_compiling() or _compiler._is_compiling_flag:
+        return _library.compiled_call(spec.name, args, attrs)
     return _dispatch(spec, args, attrs)
 
 
 def _make_entry(spec: OpSpec) -> Any:
+    name = spec.name
+
     def entry(*args: Any, **attrs: Any) -> Any:
+        if _dynamo_compiling() or _compiler._is_compiling_flag:
+            return _library.compiled_call(name, args, attrs)
         return _dispatch(spec, args, attrs)
 
     entry.__name__ = entry.__qualname__ = spec.name
@@ -163,6 +177,8 @@ def _make_entry(spec: OpSpec) -> Any:
 
 for _name, _spec in _SPECS.items():
     globals()[_name] = _make_entry(_spec)
+
+from core import library as _library  # noqa: E402  (registers torch.ops.switchyard.*; it reads this module)
 
 
 # -- the miss path ---------------------------------------------------------------------------------
@@ -185,8 +201,33 @@ def _decision(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[Any
     tuner = state.tuner
     decision = tuner.decisions.get((spec.name, key))
     if decision is None:
+        if _stream_capturing(spec, args, attrs):
+            return _decided_for_capture(tuner, spec, key, args, attrs)
         decision = tuner.decide(spec, key, args, attrs, needs_grad=key[-1:] == ("grad",), mode=_mode(), budget=_budget())
     return decision
+
+
+def _stream_capturing(spec: OpSpec, args: tuple[Any, ...], attrs: Mapping[str, Any]) -> bool:
+    """Whether this call is being captured into a CUDA graph (a CUDA call while its stream captures).
+    Asked on the miss path only: a warm key's call needs no answer."""
+    return spec.device(args, attrs) == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _decided_for_capture(tuner: tuning.Tuner, spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...],
+                         attrs: Mapping[str, Any]) -> tuning.Decision:
+    """A miss during CUDA graph capture: only a decision already made (the tuning cache's) may serve it,
+    since tuning launches, times and synchronizes, all of which capture forbids."""
+    cached = None
+    if tuner.cache is not None:
+        cached = tuner._from_cache(spec, key, tuning.lockstep_for(spec, args, attrs) if spec.collective else None)
+    if cached is not None and cached.winner:
+        tuner.decisions[(spec.name, key)] = cached
+        return cached
+    raise Unsupported(
+        f"{spec.name}: no kernel is decided for dispatch key {key}, and this call is being captured into a CUDA "
+        f"graph, where tuning cannot run (validation, timing and their synchronizations break a capture); tune "
+        f"the key before capturing: make one warm-up call with the same shapes and attributes outside the "
+        f"capture, or run `python -m core.autotune --ops {spec.name}` on cases of this key")
 
 
 def _resolve(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...], attrs: Mapping[str, Any]) -> _Choice:
@@ -278,7 +319,7 @@ def _call_special(spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...], att
         fn, name = choice.fn, choice.name
     out = fn(*args, **attrs)
     mode = os.environ.get(ENV_VALIDATE, "").strip().lower()
-    if mode == "always":
+    if mode == "always" and not _stream_capturing(spec, args, attrs):  # a shadow check syncs
         _shadow_check(spec, args, attrs, out, name)
     elif mode not in ("", "never", "off"):
         raise InvalidInput(f"{ENV_VALIDATE}: expected 'always' or 'never', got {mode!r}")

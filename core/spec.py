@@ -233,6 +233,31 @@ def require_tensor(op: str, arg: str, value: Any) -> torch.Tensor:
     return value
 
 
+def reads_data(t: torch.Tensor) -> bool:
+    """Whether a check may read ``t``'s values now. Not on a FakeTensor or meta tensor (torch.compile
+    traces the op's fake implementation with those; the custom op's real implementation runs the check
+    on the real tensors at run time), nor on a CUDA tensor while its stream is captured into a CUDA
+    graph (a read would synchronize, which capture forbids). A plain CPU tensor answers at once."""
+    if type(t) is not torch.Tensor and (t.is_meta or _is_fake(t)):
+        return False
+    if t.is_meta:
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return bool(is_fake(t))
+
+
+def unknown_size(low: int, high: Any = None) -> Any:
+    """A size only the data decides, for an ``infer`` run by the fake implementation (an unbacked
+    symbolic size in ``[low, high]``; ``high`` may be symbolic, then only ``low`` bounds it)."""
+    ctx = torch.library.get_ctx()
+    return ctx.new_dynamic_size(min=low, max=high if isinstance(high, int) else None)
+
+
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest |a - b| in float64, where positions both non-finite and equal count as 0."""
     a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()

@@ -64,7 +64,8 @@ import numpy as np
 import torch
 
 from core.errors import InvalidInput, invalid
-from core.spec import Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, dtype_name, require_tensor
+from core.spec import (Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, dtype_name, reads_data, require_tensor,
+                       unknown_size)
 
 NAME = "decode_step"
 RULES = ("greedy", "typical", "rejection")
@@ -209,7 +210,8 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> None:
         raise invalid(NAME, "parents", f"shape [T] = [{T}] (the node count of target_logits)", f"shape {list(parents.shape)}")
     if parents.device.type not in ("cpu", logits.device.type):
         raise invalid(NAME, "parents", f"device cpu or {logits.device}", parents.device)
-    problem = _parents_problem(tuple(parents.tolist()))
+    data = reads_data(parents) and reads_data(draft_tokens) and reads_data(logits)
+    problem = _parents_problem(tuple(parents.tolist())) if data else None
     if problem:
         raise InvalidInput(f"{NAME}: argument 'parents': expected {problem}")
     rule = attrs["rule"]
@@ -225,6 +227,9 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> None:
     generator = attrs["generator"]
     if generator is not None and not isinstance(generator, torch.Generator):
         raise invalid(NAME, "generator", "a torch.Generator or None", type(generator).__name__)
+    if not data:  # traced (the real implementation checks the values at run time) or captured
+        _verify_draft_probs(attrs, rule, logits, None)
+        return
     if T > 1 and B > 0:
         drafts = draft_tokens[:, 1:]
         low, high = int(drafts.min()), int(drafts.max())
@@ -234,7 +239,7 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> None:
     _verify_draft_probs(attrs, rule, logits, parents)
 
 
-def _verify_draft_probs(attrs: dict[str, Any], rule: str, logits: torch.Tensor, parents: torch.Tensor) -> None:
+def _verify_draft_probs(attrs: dict[str, Any], rule: str, logits: torch.Tensor, parents: torch.Tensor | None) -> None:
     q = attrs["draft_probs"]
     if q is None:
         if rule == "rejection":
@@ -247,7 +252,7 @@ def _verify_draft_probs(attrs: dict[str, Any], rule: str, logits: torch.Tensor, 
         raise invalid(NAME, "draft_probs", f"shape {list(logits.shape)} (the shape of target_logits)", f"shape {list(q.shape)}")
     if q.device != logits.device:
         raise invalid(NAME, "draft_probs", f"device {logits.device} (the device of target_logits)", q.device)
-    if rule != "rejection":
+    if rule != "rejection" or parents is None or not reads_data(q):
         return
     t = tree(parents)
     if not t.is_chain:
@@ -288,8 +293,9 @@ def _dtypes(args: tuple[Any, ...], attrs: Mapping[str, Any]) -> tuple[torch.dtyp
 
 
 def _infer(args: tuple[Any, ...], attrs: Mapping[str, Any]) -> Any:
-    B = args[2].shape[0]
-    width = tree(args[1]).max_depth + 1
+    B, T = args[2].shape[:2]
+    # The width is the tree's depth + 1, which only the values of parents tell.
+    width = tree(args[1]).max_depth + 1 if reads_data(args[1]) else unknown_size(1, T)
     return DecodeResult(TensorMeta(shape=(B, width), dtype=torch.int64), TensorMeta(shape=(B,), dtype=torch.int64),
                         TensorMeta(shape=(B, width), dtype=torch.int64))
 

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from core.errors import InvalidInput
-from core.spec import Attr, OpSpec, REQUIRED, Sample, TensorMeta, Verdict, bucket, dtype_name, require_tensor
+from core.spec import (Attr, OpSpec, REQUIRED, Sample, TensorMeta, Verdict, bucket, dtype_name, reads_data,
+                       require_tensor)
 
 NAME = "split_finding"
 MISSING = 255
@@ -108,7 +109,7 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> None:
     num_bins = _integer(attrs, "num_bins", 1, MISSING)
     for name in ("reg_lambda", "reg_alpha", "gamma", "min_child_weight"):
         _nonnegative(attrs, name)
-    if n == 0:
+    if n == 0 or not all(reads_data(t) for t in (bins, grad, hess, node_ids)):
         return
     # The contract's value ranges: each is one pass over the data (num_bins=255 needs none for bins).
     if num_bins < MISSING:
