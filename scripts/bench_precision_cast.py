@@ -2,7 +2,15 @@
 torch's own ``x.to(dtype)`` and ``(x * s).to(dtype)``, with a float32 copy measured in the same run as
 the ceiling.
 
-    python scripts/bench_precision_cast.py [--log2n 26] [--rounds 7] [--dtypes bfloat16 float8_e4m3fn]
+    python scripts/bench_precision_cast.py [--log2n 26] [--rounds 7] [--dtypes bfloat16 float8_e4m3fn] [--isa avx2]
+    python scripts/bench_precision_cast.py --sweep [--sizes 10 26] [--isa avx2]
+
+``--isa`` runs the fused kernel's build for that instruction-set level (``avx2`` on an AVX-512 machine
+measures the AVX2 paths; ``scalar`` the fallback). ``--sweep`` is the parity table instead: at every
+size 2**10 .. 2**26, every target, scaling "none" and "amax", ``dispatcher.precision_cast`` as called
+(warm key) against the peer called directly, ``x.to(dtype)`` and ``(x * s).to(dtype)`` with s the
+contract's scale, alternated call by call; per row the median of the paired time ratios and the
+difference of the best times, the worst row last. The target: at most 1.10x, or at most 5 us more.
 
 Effective bandwidth counts each input byte read once and each output byte written once (4 + 1 or
 4 + 2 bytes per element), whatever the kernel really moves: scaling="amax" reads the input twice and
@@ -20,6 +28,7 @@ of the copy bandwidth with scaling="none", >= 50% with "amax", and faster than t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -32,8 +41,9 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from core import dispatcher  # noqa: E402
-from core.ops.precision_cast import FORMATS  # noqa: E402
+from core.ops.precision_cast import FORMATS, SPEC, amax_scale  # noqa: E402
 from plugins.fused import _build  # noqa: E402
+from plugins.fused.precision_cast import cpu_flags  # noqa: E402
 from plugins.fused.precision_cast import precision_cast_cpu as fused  # noqa: E402
 from plugins.torch_backend.precision_cast import precision_cast as torch_kernel  # noqa: E402
 
@@ -54,7 +64,7 @@ def _entries(x: torch.Tensor, dtype: torch.dtype) -> list[Entry]:
         entries.append(("dispatcher", scaling, lambda a=attrs: dispatcher.precision_cast(x, **a), None))
         entries.append(("fused", scaling, lambda a=attrs: fused(x, **a), None))
         entries.append(("fused, into out", scaling,
-                        lambda sc=scaling: lib.precision_cast_cpu(x, dtype, False, sc == "amax", False, 0, 0, out),
+                        lambda f=cpu_flags(dtype, "nearest", scaling, False, 0): lib.precision_cast_cpu_out(x, f, 0, out),
                         None))
         entries.append(("torch kernel", scaling, lambda a=attrs: torch_kernel(x, **a), None))
     entries.append(("x.to(dtype)", "none", lambda: x.to(dtype), None))
@@ -72,15 +82,73 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def _sweep(sizes: range, dtypes: list[str]) -> None:
+    """The parity table: dispatcher as called against the peer called directly, paired call by call."""
+    rows, worst = [], None
+    for lg in sizes:
+        n = 1 << lg
+        x = torch.randn(n, generator=torch.Generator().manual_seed(lg))
+        reps = max(7, min(2000, (1 << 25) >> lg))
+        for name in dtypes:
+            dtype = getattr(torch, name)
+            for scaling in ("none", "amax"):
+                attrs = {"dtype": dtype, "rounding": "nearest", "scaling": scaling, "saturate": False, "margin": 0,
+                         "seed": None}
+                if scaling == "none":
+                    peer = lambda d=dtype: x.to(d)  # noqa: E731
+                else:
+                    s = float(amax_scale(x.abs().amax().float(), dtype, 0))
+                    peer = lambda d=dtype, s=s: (x * s).to(d)  # noqa: E731
+                ours = lambda a=attrs: dispatcher.precision_cast(x, **a)  # noqa: E731
+                ours(), peer(), ours(), peer()  # tune the key, first-touch the pools
+                ratios, t_ours, t_peer = [], [], []
+                for i in range(reps):
+                    first, second = (ours, peer) if i % 2 == 0 else (peer, ours)
+                    a, b = _time(first), _time(second)
+                    o, p = (a, b) if i % 2 == 0 else (b, a)
+                    t_ours.append(o)
+                    t_peer.append(p)
+                    ratios.append(o / p)
+                ratio = statistics.median(ratios)
+                extra_us = (min(t_ours) - min(t_peer)) * 1e6
+                ok = ratio <= 1.10 or extra_us <= 5.0
+                chosen = dispatcher._state.choices.get(("precision_cast", SPEC.key((x,), attrs)))
+                row = [f"2**{lg}", name, scaling, f"{min(t_peer) * 1e6:.1f}", f"{min(t_ours) * 1e6:.1f}",
+                       f"{ratio:.2f}x", f"{extra_us:+.1f}", chosen.name if chosen else "?", "ok" if ok else "MISSES"]
+                rows.append(row)
+                score = min(ratio / 1.10, max(extra_us, 0.0) / 5.0)
+                if worst is None or score > worst[0]:
+                    worst = (score, row)
+                print(" ".join(row), flush=True)
+    print()
+    print(tabulate(rows, headers=["n", "target", "scaling", "peer best us", "dispatcher best us",
+                                  "ratio (median of pairs)", "best-time difference us", "kernel", "target"]))
+    if worst is not None:
+        print("\nworst row (relative to the target: 1.10x or +5 us):", " ".join(worst[1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--log2n", type=int, default=26)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float8_e4m3fn", "float8_e5m2"])
+    parser.add_argument("--isa", choices=_build.ISA_LEVELS, default=None,
+                        help="the fused kernel's instruction-set level (default: the machine's best)")
+    parser.add_argument("--sweep", action="store_true", help="the dispatcher-against-peer table over sizes")
+    parser.add_argument("--sizes", nargs=2, type=int, default=[10, 26], metavar=("LOG2_FIRST", "LOG2_LAST"))
     args = parser.parse_args()
     reason = _build.unavailable_reason("precision_cast")
     if reason:
         sys.exit(f"the fused C++ kernel cannot be built here: {reason}")
+    with _build.forced_isa(args.isa) if args.isa else contextlib.nullcontext():
+        print(f"fused kernel level: {_build.default_isa()} (machine: {_build.machine_isa()})")
+        if args.sweep:
+            _sweep(range(args.sizes[0], args.sizes[1] + 1), args.dtypes)
+        else:
+            _table(args)
+
+
+def _table(args: argparse.Namespace) -> None:
     n = 1 << args.log2n
     x = torch.randn(n, generator=torch.Generator().manual_seed(0))
     dst = torch.empty_like(x)

@@ -14,7 +14,7 @@ from registry import Kernel
 OP = "precision_cast"
 POOL_ENV = "SWITCHYARD_POOL_MB"
 POOL_DEFAULT_MB = 1024
-_pool_configured = False
+_pool_configured: list = []  # the libraries whose pool cap is set (one per level at most)
 
 
 def _seed(seed: int | None) -> int:
@@ -41,23 +41,37 @@ def pool_limit_from_env() -> int:
 
 
 def _library():
-    """The C++ library, with the output pool's cap set from the environment on first use."""
-    global _pool_configured
+    """The C++ library, with the output pool's cap set from the environment on first use (each
+    instruction-set level's build has its own pool)."""
     lib = _build.library(OP)
-    if not _pool_configured:
+    if lib not in _pool_configured:
         lib.precision_cast_pool_limit(pool_limit_from_env())
-        _pool_configured = True
+        _pool_configured.append(lib)
     return lib
+
+
+# The C++ kernel's options in one int (see cast_into in csrc/precision_cast.cpp): a small cast costs a
+# few microseconds, and each argument converted on the way into a torch op costs a fraction of one.
+_TARGET_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
+_OPTION_BITS = {("nearest", "none"): 0, ("nearest", "amax"): 8, ("stochastic", "none"): 4, ("stochastic", "amax"): 12}
+
+
+def cpu_flags(dtype: torch.dtype, rounding: str, scaling: str, saturate: bool, margin: int) -> int:
+    """The flags argument of the C++ ops for these attributes."""
+    return _TARGET_CODES[dtype] | _OPTION_BITS[(rounding, scaling)] | (16 if saturate else 0) | (margin << 8)
 
 
 def precision_cast_cpu(x: torch.Tensor, *, dtype: torch.dtype, rounding: str, scaling: str, saturate: bool, margin: int,
                        seed: int | None) -> CastResult:
     """One OpenMP pass: amax, non-finite count, round and store (two passes with scaling='amax')."""
     lib = _library()
-    stochastic = rounding == "stochastic"
-    y, scale, amax, nonfinite = lib.precision_cast_cpu(x.detach().contiguous(), dtype, stochastic, scaling == "amax",
-                                                       saturate, margin, _seed(seed) if stochastic else 0, None)
-    return CastResult(y=y, scale=scale, amax=amax, nonfinite=nonfinite)
+    if x.requires_grad or not x.is_contiguous():
+        x = x.detach().contiguous()  # a cast has no gradient
+    flags = _TARGET_CODES[dtype] | _OPTION_BITS[(rounding, scaling)] | (16 if saturate else 0) | (margin << 8)
+    return _make(lib.precision_cast_cpu(x, flags, _seed(seed) if flags & 4 else 0))
+
+
+_make = CastResult._make
 
 
 def output_pool_stats() -> dict[str, int]:

@@ -19,7 +19,7 @@
 #include <torch/library.h>
 #include <omp.h>
 #include <sys/mman.h>
-#if defined(__SSE2__)
+#if defined(__SSE2__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -297,6 +297,159 @@ void cast(const S* __restrict x, typename T::Out* __restrict y, int64_t n, int64
   }
 }
 
+// -- explicit vector paths, one per instruction-set level ---------------------------------------------
+//
+// float32 -> any target, round to nearest, with or without the scale: the case every training step
+// takes. GCC vectorizes the scalar loops above, but on AVX2 it packs the 32-bit results into bytes
+// badly and cannot use F16C, so each level has its own loop here. float16 goes through the hardware
+// conversion (vcvtps2ph, IEEE round to nearest even, subnormals and inf included; saturation is a
+// clamp before it, which keeps NaN: min/max return their second operand when either is NaN); the
+// other targets use the add-and-shift rule of nearest_bits on 8 or 16 lanes. The statistics ride in
+// the same loop (a max over |x|'s bits). The scalar build (no AVX2) keeps the loops above.
+#if defined(__AVX512F__)
+#define SWITCHYARD_PC_SIMD 1
+struct Simd {
+  static constexpr int lanes = 16;
+  using F = __m512;
+  using I = __m512i;
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F addf(F a, F b) { return _mm512_add_ps(a, b); }
+  static F set1f(float v) { return _mm512_set1_ps(v); }
+  static I set1(uint32_t v) { return _mm512_set1_epi32(int32_t(v)); }
+  static I bits(F v) { return _mm512_castps_si512(v); }
+  static F flt(I v) { return _mm512_castsi512_ps(v); }
+  static I band(I a, I b) { return _mm512_and_si512(a, b); }
+  static I bor(I a, I b) { return _mm512_or_si512(a, b); }
+  static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  template <int k> static I shr(I a) { return _mm512_srli_epi32(a, k); }
+  template <int k> static I shl(I a) { return _mm512_slli_epi32(a, k); }
+  static I max(I a, I b) { return _mm512_max_epi32(a, b); }
+  static I gt_sel(I x, I y, I a, I b) { return _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(x, y), b, a); }
+  static F clamp(F v, F lo, F hi) { return _mm512_max_ps(lo, _mm512_min_ps(hi, v)); }
+  static int32_t hmax(I a) { return _mm512_reduce_max_epi32(a); }
+  static void store_half(uint16_t* y, F v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static void store4(uint16_t* y, const I* r) {
+    for (int k = 0; k < 4; ++k) _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + k * lanes), _mm512_cvtepi32_epi16(r[k]));
+  }
+  static void store4(uint8_t* y, const I* r) {
+    for (int k = 0; k < 4; ++k) _mm_storeu_si128(reinterpret_cast<__m128i*>(y + k * lanes), _mm512_cvtepi32_epi8(r[k]));
+  }
+};
+#elif defined(__AVX2__) && defined(__F16C__)
+#define SWITCHYARD_PC_SIMD 1
+struct Simd {
+  static constexpr int lanes = 8;
+  using F = __m256;
+  using I = __m256i;
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F addf(F a, F b) { return _mm256_add_ps(a, b); }
+  static F set1f(float v) { return _mm256_set1_ps(v); }
+  static I set1(uint32_t v) { return _mm256_set1_epi32(int32_t(v)); }
+  static I bits(F v) { return _mm256_castps_si256(v); }
+  static F flt(I v) { return _mm256_castsi256_ps(v); }
+  static I band(I a, I b) { return _mm256_and_si256(a, b); }
+  static I bor(I a, I b) { return _mm256_or_si256(a, b); }
+  static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
+  template <int k> static I shr(I a) { return _mm256_srli_epi32(a, k); }
+  template <int k> static I shl(I a) { return _mm256_slli_epi32(a, k); }
+  static I max(I a, I b) { return _mm256_max_epi32(a, b); }
+  static I gt_sel(I x, I y, I a, I b) { return _mm256_blendv_epi8(b, a, _mm256_cmpgt_epi32(x, y)); }
+  static F clamp(F v, F lo, F hi) { return _mm256_max_ps(lo, _mm256_min_ps(hi, v)); }
+  static int32_t hmax(I a) {
+    __m128i m = _mm_max_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4E));
+    m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xB1));
+    return _mm_cvtsi128_si32(m);
+  }
+  static void store_half(uint16_t* y, F v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  // packus works within 128-bit halves: the permutes put the lanes back in order (all values fit).
+  static void store4(uint16_t* y, const I* r) {
+    for (int k = 0; k < 4; k += 2) {
+      const I p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r[k], r[k + 1]), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + k * lanes), p);
+    }
+  }
+  static void store4(uint8_t* y, const I* r) {
+    const I b = _mm256_packus_epi16(_mm256_packus_epi32(r[0], r[1]), _mm256_packus_epi32(r[2], r[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y),
+                        _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+};
+#endif
+
+#if defined(SWITCHYARD_PC_SIMD)
+// Rounds and stores the longest prefix of x that is a whole number of 4-vector blocks; returns its
+// length (the caller does the rest with the scalar loop). With Stats, mx becomes the max of mx and of
+// |x|'s bits over the prefix. The integer rule is nearest_bits' float32 one, lane by lane.
+template <class T, bool Scaled, bool WithStats>
+int64_t simd_cast(const float* __restrict x, typename T::Out* __restrict y, int64_t n, float scale, bool saturate,
+                  int32_t& mx) {
+  static_assert(!(Scaled && WithStats), "the statistics are of x, taken in the unscaled pass");
+  using V = Simd;
+  using VI = typename V::I;
+  using VF = typename V::F;
+  constexpr int L = V::lanes, B = 4 * L;
+  const VF vscale = V::set1f(scale);
+  const VI absmask = V::set1(0x7FFFFFFFu);
+  VI vmax = V::set1(0);
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, F16>) {
+    const float bound = saturate ? T::max_finite() : std::numeric_limits<float>::infinity();
+    const VF hi = V::set1f(bound), lo = V::set1f(-bound);
+    for (; i + B <= n; i += B) {
+      for (int k = 0; k < 4; ++k) {
+        VF v = V::load(x + i + k * L);
+        if constexpr (Scaled) v = V::mul(v, vscale);
+        if constexpr (WithStats) vmax = V::max(vmax, V::band(V::bits(v), absmask));
+        V::store_half(reinterpret_cast<uint16_t*>(y) + i + k * L, V::clamp(v, lo, hi));
+      }
+    }
+  } else {
+    using W = Wide<float>;
+    constexpr int d = W::man - T::man;
+    const VI addc = V::set1(((1u << (d - 1)) - 1) - (uint32_t(W::bias - T::bias) << (T::man + d)));
+    const VI one = V::set1(1u);
+    const VI normal = V::set1(bits_of(std::ldexp(1.0f, T::emin)));
+    const float magic = std::ldexp(1.0f, T::emin - T::man + W::man);
+    const VF vmagic = V::set1f(magic);
+    const VI magic_bits = V::set1(bits_of(magic));
+    const VI last =
+        V::set1(bits_of(float(T::max_finite_d() + std::ldexp(0.5, T::top_exp() - T::man))) - (T::max_bits & 1u));
+    const VI over = V::set1(saturate ? T::max_bits : T::overflow_bits);
+    const VI inf = V::set1(W::inf), nan = V::set1(T::nan_bits);
+    for (; i + B <= n; i += B) {
+      VI r[4];
+      for (int k = 0; k < 4; ++k) {
+        VF v = V::load(x + i + k * L);
+        if constexpr (Scaled) v = V::mul(v, vscale);
+        const VI u = V::bits(v);
+        const VI a = V::band(u, absmask);
+        if constexpr (WithStats) vmax = V::max(vmax, a);
+        VI out = V::template shr<d>(V::add(V::add(a, addc), V::band(V::template shr<d>(a), one)));
+        if constexpr (T::emin > 1 - W::bias) {
+          const VI subnormal = V::sub(V::bits(V::addf(V::flt(a), vmagic)), magic_bits);
+          out = V::gt_sel(normal, a, subnormal, out);
+        }
+        out = V::gt_sel(a, last, over, out);
+        out = V::gt_sel(a, inf, nan, out);
+        r[k] = V::bor(out, V::template shl<T::bits - 1>(V::template shr<31>(u)));
+      }
+      V::store4(y + i, r);
+    }
+  }
+  if constexpr (WithStats) mx = std::max(mx, V::hmax(vmax));
+  return i;
+}
+#endif
+
 enum class Phase { Stats, Cast, CastAndStats };
 
 // Outputs larger than this are written with non-temporal (streaming) stores: they cannot stay in the
@@ -342,19 +495,39 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
   using Out = typename T::Out;
   constexpr int64_t kChunk = 2048;
   const bool streaming = P != Phase::Stats && n * int64_t(sizeof(Out)) >= kStreamBytes;
-  Stats<C> total;
-#pragma omp parallel if (n >= kParallelGrain)
-  {
-    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t begin = n * t / threads, end = n * (t + 1) / threads;
+  // One thread's share [begin, end); below the grain the caller's thread does it all, outside any
+  // parallel region (an OpenMP region of one thread still costs a team start-up on every call).
+  auto share = [&](int64_t begin, int64_t end) {
     alignas(64) Out staged[kChunk];
     Stats<C> mine;
     for (int64_t b = begin; b < end; b += kChunk) {
       const int64_t m = std::min(kChunk, end - b);
+      Out* dst = streaming ? staged : y + b;
+#if defined(SWITCHYARD_PC_SIMD)
+      if constexpr (P != Phase::Stats && std::is_same_v<S, float> && !Stochastic) {
+        constexpr bool with_stats = P == Phase::CastAndStats;
+        using I = typename Stats<C>::I;
+        int32_t mx = 0;
+        const int64_t done = simd_cast<T, Scaled, with_stats>(x + b, dst, m, scale, over == T::max_bits, mx);
+        if (done < m) {
+          if constexpr (with_stats)
+            for (int64_t i = done; i < m; ++i) mx = std::max(mx, int32_t(bits_of(x[b + i]) & 0x7FFFFFFFu));
+          cast<S, T, false, Scaled, true>(x + b + done, dst + done, m - done, b + done, scale, over, seed);
+        }
+        if constexpr (with_stats) {
+          if (mx < int32_t(Wide<float>::inf)) {
+            mine.amax = std::max(mine.amax, I(mx));
+          } else {
+            gather_exact(x + b, m, mine);  // the chunk holds inf or NaN: the exact statistics, still in L1
+          }
+        }
+        if (streaming) stream_copy(y + b, staged, m * int64_t(sizeof(Out)));
+        continue;
+      }
+#endif
       bool nan = may_nan;
       if constexpr (P != Phase::Cast) nan = gather(x + b, m, mine);
       if constexpr (P != Phase::Stats) {
-        Out* dst = streaming ? staged : y + b;
         if constexpr (std::is_same_v<C, float> && !Stochastic) {
           if (nan) {
             cast<S, T, Stochastic, Scaled, true>(x + b, dst, m, b, scale, over, seed);
@@ -370,6 +543,14 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
 #if defined(__SSE2__)
     if (streaming) _mm_sfence();  // the streaming stores are visible before the region ends
 #endif
+    return mine;
+  };
+  if (n < kParallelGrain) return share(0, n);
+  Stats<C> total;
+#pragma omp parallel
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const Stats<C> mine = share(n * t / threads, n * (t + 1) / threads);
 #pragma omp critical
     total.merge(mine);
   }
@@ -526,6 +707,14 @@ int64_t precision_cast_pool_limit(int64_t limit) { return OutputPool::get().set_
 
 using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // (y, scale, amax, nonfinite)
 
+// A 0-d CPU tensor holding v, made without a trip through the dispatcher (at::scalar_tensor is an
+// empty and a fill_, each dispatched: about a microsecond of a small call's few).
+template <class V> at::Tensor scalar_out(V v) {
+  at::Tensor t = at::detail::empty_cpu({}, c10::CppTypeToScalarType<V>::value);
+  *static_cast<V*>(t.data_ptr()) = v;
+  return t;
+}
+
 template <class S, class T>
 Result run(const at::Tensor& x, at::Tensor y, bool stochastic, bool amax_scaling, bool saturate, int64_t margin,
            uint64_t seed) {
@@ -545,9 +734,7 @@ Result run(const at::Tensor& x, at::Tensor y, bool stochastic, bool amax_scaling
     st = stochastic ? pass<Phase::CastAndStats, S, T, true, false>(xp, yp, n, C(1), over, seed)
                     : pass<Phase::CastAndStats, S, T, false, false>(xp, yp, n, C(1), over, seed);
   }
-  auto opts = x.options().dtype(at::kFloat);
-  return {y, at::scalar_tensor(scale, opts), at::scalar_tensor(st.amax_float(), opts),
-          at::scalar_tensor(st.nonfinite, x.options().dtype(at::kLong))};
+  return {y, scalar_out(scale), scalar_out(st.amax_float()), scalar_out(st.nonfinite)};
 }
 
 template <class S>
@@ -562,15 +749,18 @@ Result run_source(const at::Tensor& x, const at::Tensor& y, bool stochastic, boo
   }
 }
 
-// (y, scale, amax, nonfinite) for a contiguous CPU x; scaling "amax" when amax_scaling, else "none".
-// ``out``, when given, is a contiguous tensor of x's shape and the target dtype to write y into (the
-// benchmark uses it to time the kernel apart from the allocation of its output).
-Result precision_cast_cpu(const at::Tensor& x, at::ScalarType dtype, bool stochastic, bool amax_scaling, bool saturate,
-                          int64_t margin, int64_t seed, const std::optional<at::Tensor>& out) {
+// The call's options in one int (a small call spends microseconds converting each argument):
+// bits 0-1 the target (float16, bfloat16, float8_e4m3fn, float8_e5m2), bit 2 stochastic, bit 3
+// scaling="amax", bit 4 saturate, bits 8 and up the margin. plugins/fused/precision_cast.py packs it.
+constexpr at::ScalarType kTargets[] = {at::kHalf, at::kBFloat16, at::kFloat8_e4m3fn, at::kFloat8_e5m2};
+
+Result cast_into(const at::Tensor& x, at::Tensor y, int64_t flags, int64_t seed) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "precision_cast_cpu: x must be a contiguous CPU tensor");
-  at::Tensor y = out.has_value() ? *out : fresh_output(x, dtype);
+  const at::ScalarType dtype = kTargets[flags & 3];
   TORCH_CHECK(y.scalar_type() == dtype && y.sizes() == x.sizes() && y.is_contiguous() && y.device().is_cpu(),
               "precision_cast_cpu: out must be a contiguous CPU tensor of x's shape and dtype ", dtype);
+  const bool stochastic = flags & 4, amax_scaling = flags & 8, saturate = flags & 16;
+  const int64_t margin = flags >> 8;
   const uint64_t s = uint64_t(seed);
   switch (x.scalar_type()) {
     case at::kFloat: return run_source<float>(x, y, stochastic, amax_scaling, saturate, margin, s);
@@ -581,10 +771,24 @@ Result precision_cast_cpu(const at::Tensor& x, at::ScalarType dtype, bool stocha
   }
 }
 
+// (y, scale, amax, nonfinite) for a contiguous CPU x, y from the output pool.
+Result precision_cast_cpu(const at::Tensor& x, int64_t flags, int64_t seed) {
+  TORCH_CHECK(flags >= 0 && (flags >> 8) <= 127, "precision_cast_cpu: bad flags ", flags);
+  return cast_into(x, fresh_output(x, kTargets[flags & 3]), flags, seed);
+}
+
+// The same into a given contiguous tensor of x's shape and the target dtype (the benchmark times the
+// kernel apart from the allocation of its output with it).
+Result precision_cast_cpu_out(const at::Tensor& x, int64_t flags, int64_t seed, const at::Tensor& out) {
+  TORCH_CHECK(flags >= 0 && (flags >> 8) <= 127, "precision_cast_cpu_out: bad flags ", flags);
+  return cast_into(x, out, flags, seed);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m) {
   m.def("precision_cast_cpu", &precision_cast_cpu);
+  m.def("precision_cast_cpu_out", &precision_cast_cpu_out);
   m.def("precision_cast_pool_stats", &precision_cast_pool_stats);
   m.def("precision_cast_pool_clear", &precision_cast_pool_clear);
   m.def("precision_cast_pool_limit", &precision_cast_pool_limit);

@@ -1,0 +1,202 @@
+"""precision_cast on every instruction-set level of the fused C++ kernel (the machine's best, AVX2 and the
+scalar fallback, each a separate build of csrc/precision_cast.cpp), and the torch-cast kernel (the peer
+``x.to(dtype)`` where it is exact): bit for bit against ml_dtypes and the numpy reference on fresh
+random data with the boundary values mixed in (subnormals, ties, max finite, the overflow threshold and
+around it, inf, NaN), all four targets, both overflow rules, scaling "none" and "amax", stochastic
+rounding by the neighbour rule."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from core import dispatcher
+from core.ops.precision_cast import FORMATS, SPEC, TARGETS, mixed_values, neighbour_problem, scaled_values, special_values
+from core.spec import Sample
+from core.tuning import judge
+from plugins.fused import _build
+from plugins.fused.precision_cast import cpu_flags
+from plugins.fused.precision_cast import precision_cast_cpu as fused_kernel
+from plugins.reference.precision_cast import precision_cast as reference
+from plugins.torch_backend.precision_cast import CAST_SOURCES, _cast_check, cast, cast_saturates
+from test_precision_cast import NAMES, assert_same_bits, attrs, bits, peer_bits, wide_random
+
+OP = "precision_cast"
+LEVELS = [isa for isa in ("avx512", "avx2", "scalar") if isa in _build.supported_isas()]
+
+pytestmark = pytest.mark.skipif(_build.unavailable_reason(OP) is not None,
+                                reason=f"fused C++ kernel unavailable here: {_build.unavailable_reason(OP)}")
+
+
+def boundary_mix(gen, dtype, n):
+    """float32 values: the boundary values of ``dtype`` scattered among mixed values (exact patterns,
+    exact ties, log-uniform magnitudes, specials) and random float32 bit patterns, so that the vector
+    loops see them in every lane and the scalar tails see them too."""
+    special = special_values(dtype).float()
+    values = torch.cat([mixed_values(gen, n, dtype).float(), wide_random(gen, n // 4)])
+    at = torch.randint(0, values.numel(), (4 * special.numel(),), generator=gen)
+    values[at] = special.repeat(4)
+    return torch.cat([special, values])
+
+
+def run(isa, x, **kw):
+    """The whole fused kernel (the Python wrapper included) on the ``isa`` build."""
+    with _build.forced_isa(isa):
+        assert _build.library(OP) is _build.library(OP, isa)
+        return fused_kernel(x, **attrs(kw.pop("dtype"), **kw))
+
+
+@pytest.mark.parametrize("isa", LEVELS)
+@pytest.mark.parametrize("dtype", TARGETS, ids=NAMES.get)
+def test_every_level_bit_exact(isa, dtype, gen):
+    """scaling none against ml_dtypes (both overflow rules), scaling amax against the reference (y, scale,
+    amax and the non-finite count exact); lengths that leave every tail length of the vector loops."""
+    for saturate in (False, True):
+        for n in (3000 + int(torch.randint(0, 64, (), generator=gen)), 61):
+            values = boundary_mix(gen, dtype, n)
+            out = run(isa, values, dtype=dtype, saturate=saturate)
+            assert_same_bits(out.y, peer_bits(values, dtype, saturate), values)
+            finite = values.isfinite()
+            assert float(out.amax) == float(values[finite].abs().max())
+            assert int(out.nonfinite) == int((~finite).sum())
+            assert float(out.scale) == 1.0
+            scaled = run(isa, values, dtype=dtype, saturate=saturate, scaling="amax", margin=n % 3)
+            want = reference(values, **attrs(dtype, saturate=saturate, scaling="amax", margin=n % 3))
+            for field in ("scale", "amax", "nonfinite"):
+                assert float(getattr(scaled, field)) == float(getattr(want, field)), field
+            assert_same_bits(scaled.y, bits(want.y).reshape(-1), values)
+
+
+@pytest.mark.parametrize("isa", LEVELS)
+def test_every_level_parallel_and_chunk_edges(isa, gen):
+    """Past the parallel grain (two threads' shares, 2048-element chunks) with specials at the chunk and
+    share boundaries, and a chunk holding NaN beside chunks that do not."""
+    n = (1 << 20) + 37
+    values = torch.randn(n, generator=gen) * 2.0 ** torch.randint(-30, 30, (n,), generator=gen)
+    special = special_values(torch.float8_e4m3fn).float()
+    for at in (0, 2048 - 5, n // 2 - 20, n - special.numel()):
+        values[at:at + special.numel()] = special
+    for dtype in (torch.float16, torch.float8_e4m3fn):
+        out = run(isa, values, dtype=dtype)
+        assert_same_bits(out.y, peer_bits(values, dtype), values)
+        finite = values.isfinite()
+        assert float(out.amax) == float(values[finite].abs().max())
+        assert int(out.nonfinite) == int((~finite).sum())
+
+
+@pytest.mark.parametrize("isa", LEVELS)
+def test_every_level_other_sources(isa, gen):
+    """float64 (rounded once), bfloat16 and float16 sources take the level's scalar loops."""
+    for source in (torch.float64, torch.bfloat16, torch.float16):
+        for dtype in TARGETS:
+            x = boundary_mix(gen, dtype, 700).to(source)
+            if source == torch.float64:  # bits below float32's resolution, where one rounding matters
+                x = x + x * torch.rand(x.shape, generator=gen, dtype=torch.float64) * 2.0 ** -30
+            for scaling in ("none", "amax"):
+                got = run(isa, x, dtype=dtype, scaling=scaling)
+                want = reference(x, **attrs(dtype, scaling=scaling))
+                verdict = judge(SPEC, got, want, Sample(args=(x,), attrs=attrs(dtype, scaling=scaling)))
+                assert verdict.ok, (source, dtype, scaling, verdict.reason)
+
+
+@pytest.mark.parametrize("isa", LEVELS)
+def test_every_level_stochastic(isa, gen):
+    """Stochastic rounding on each level: every element one of the two neighbours, scalars exact, the
+    draws reproducible by seed and on average unbiased at the midpoint."""
+    for dtype in TARGETS:
+        x = boundary_mix(gen, dtype, 2000)
+        for saturate, scaling in ((False, "none"), (True, "amax")):
+            kw = {"dtype": dtype, "rounding": "stochastic", "saturate": saturate, "scaling": scaling, "seed": 11}
+            out = run(isa, x, **kw)
+            want = reference(x, **attrs(**kw))
+            assert float(out.scale) == float(want.scale) and float(out.amax) == float(want.amax)
+            count, example = neighbour_problem(out.y, scaled_values(x, out.scale), FORMATS[dtype], saturate)
+            assert count == 0, example
+            assert torch.equal(bits(run(isa, x, **kw).y), bits(out.y))
+    fmt = FORMATS[torch.bfloat16]
+    mid = torch.full((20000,), 1.0 + 2.0 ** -fmt.man_bits / 2)  # halfway between 1 and the next bfloat16
+    up = float((run(isa, mid, dtype=torch.bfloat16, rounding="stochastic", seed=5).y.float() > 1).float().mean())
+    assert abs(up - 0.5) < 0.03  # 20000 draws: 4 standard deviations is 0.014
+
+
+def test_levels_agree_on_random_bits(gen):
+    """Every level gives the same bits on random float32 patterns (the whole range) for every target."""
+    x = wide_random(gen, 1 << 14)
+    for dtype in TARGETS:
+        for scaling in ("none", "amax"):
+            ys = [bits(run(isa, x, dtype=dtype, scaling=scaling).y) for isa in LEVELS]
+            for isa, y in zip(LEVELS, ys):
+                nan = torch.isnan(run(isa, x, dtype=dtype, scaling=scaling).y.double())
+                assert torch.equal(y[~nan], ys[0][~nan]), (isa, dtype, scaling)
+
+
+def test_out_variant_and_flags(gen):
+    """The ``_out`` op writes into a given tensor with the same bits, and rejects a wrong one."""
+    lib = _build.library(OP)
+    x = boundary_mix(gen, torch.bfloat16, 500)
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    flags = cpu_flags(torch.bfloat16, "nearest", "amax", True, 2)
+    y, scale, amax, nonfinite = lib.precision_cast_cpu_out(x, flags, 0, out)
+    assert y.data_ptr() == out.data_ptr()
+    want = reference(x, **attrs(torch.bfloat16, scaling="amax", saturate=True, margin=2))
+    assert_same_bits(out, bits(want.y).reshape(-1), x)
+    assert float(scale) == float(want.scale)
+    with pytest.raises(RuntimeError, match="out must be"):
+        lib.precision_cast_cpu_out(x, flags, 0, torch.empty(x.shape, dtype=torch.float16))
+
+
+# -- torch-cast: the peer as a candidate ------------------------------------------------------------
+
+def test_torch_cast_overflow_rules_probe():
+    """The probe finds torch's overflow rule per target; torch-cast serves exactly the matching keys."""
+    for source in CAST_SOURCES:
+        for dtype in TARGETS:
+            rule = cast_saturates("cpu", source, dtype)
+            x = torch.ones(4, dtype=source)
+            for saturate in (False, True):
+                reasons = _cast_check(x, **attrs(dtype, saturate=saturate))
+                assert (reasons == []) == (rule is not None and rule == saturate), (source, dtype, saturate, reasons)
+    assert _cast_check(torch.ones(3, dtype=torch.float64), **attrs(torch.float16))
+    assert _cast_check(torch.ones(3), **attrs(torch.float16, rounding="stochastic"))
+
+
+@pytest.mark.parametrize("dtype", TARGETS, ids=NAMES.get)
+def test_torch_cast_bit_exact_where_it_serves(dtype, gen):
+    for source in CAST_SOURCES:
+        for saturate in (False, True):
+            for scaling in ("none", "amax"):
+                x = boundary_mix(gen, dtype, 4000).to(source)
+                a = attrs(dtype, saturate=saturate, scaling=scaling, margin=1 if scaling == "amax" else 0)
+                if _cast_check(x, **a):
+                    continue
+                got, want = cast(x, **a), reference(x, **a)
+                verdict = judge(SPEC, got, want, Sample(args=(x,), attrs=a))
+                assert verdict.ok, (source, saturate, scaling, verdict.reason)
+                assert got.scale.dtype == torch.float32 and got.amax.dtype == torch.float32
+                assert got.nonfinite.dtype == torch.int64 and got.y.dtype == dtype
+    finite = torch.randn(3000, generator=gen)  # the all-finite path (one reduction, no count)
+    got = cast(finite, **attrs(dtype, scaling="amax", saturate=dtype == torch.float8_e4m3fn))
+    want = reference(finite, **attrs(dtype, scaling="amax", saturate=dtype == torch.float8_e4m3fn))
+    assert torch.equal(bits(got.y), bits(want.y)) and float(got.scale) == float(want.scale)
+    assert int(got.nonfinite) == 0 and float(got.amax) == float(finite.abs().max())
+
+
+def test_torch_cast_edges(gen):
+    empty = cast(torch.empty(0, 3), **attrs(torch.float16, scaling="amax"))
+    assert empty.y.shape == (0, 3) and float(empty.amax) == 0.0 and float(empty.scale) == 1.0
+    x = torch.randn(5, dtype=torch.float16, requires_grad=True)
+    same = cast(x, **attrs(torch.float16))
+    assert not same.y.requires_grad and same.y.data_ptr() != x.data_ptr()  # never the input itself
+    huge = torch.tensor([3e38, -1.0, math.nan])  # 448 / 3e38 is a float32 subnormal-free quotient
+    got, want = cast(huge, **attrs(torch.float16, scaling="amax")), reference(huge, **attrs(torch.float16, scaling="amax"))
+    assert float(got.scale) == float(want.scale) and int(got.nonfinite) == 1
+
+
+def test_dispatcher_can_serve_with_torch_cast(gen):
+    x = torch.randn(1000, generator=gen)
+    with dispatcher.use_backend("torch-cast"):
+        out = dispatcher.precision_cast(x, dtype=torch.float16)
+    assert torch.equal(out.y, x.to(torch.float16))
+    with dispatcher.use_backend("torch-cast"), pytest.raises(Exception, match="stochastic"):
+        dispatcher.precision_cast(x, dtype=torch.float16, rounding="stochastic")
