@@ -470,7 +470,6 @@ SPEC = OpSpec(
     ),
     verify=_verify,
     key=_key,
-    key_sizes=(7,),
     device=_device,
     dtypes=_dtypes,
     infer=_infer,
