@@ -5,14 +5,21 @@ write the [Lq, Lk] score matrix; the backward pass recomputes the scores from th
 (Dao, "FlashAttention-2", 2023, Algorithms 1 and 2). The C++ kernels are ``csrc/attention.cpp``,
 the Triton kernels ``triton/attention.py``; one ``torch.autograd.Function`` serves both.
 
-Non-finite keys and values: the tiles multiply every key and value of a tile, masked or not, so a NaN
-or inf where no query may look would still reach the output (0 * NaN). ``attend`` therefore looks
-at q, k and v first (one pass each): when all are finite, the tiled kernels run as they are; when the
-non-finite ones sit only at keys no query may attend, they are read as 0 (exact, since those keys
-have no influence) and the tiled kernels run; when a query may attend one, or q itself holds one, the
-call goes to the torch kernel's exact dense path, so the NaN or inf does in the rows that meet it
-what IEEE arithmetic does, as in the reference and SDPA's math backend. (The Triton kernels also read
-non-finite keys and values as 0 themselves.)
+Few query rows (Lq <= 8, the decode step) take split-K kernels instead (flash-decoding): the keys are
+split across threads, each split's partial softmax kept with its log-sum-exp and merged; under GQA one
+task takes all the query heads of a key/value head, so each key and value is read once for the group.
+Both kernels choose by shape themselves; the C++ one reads bfloat16 or float32 k and v in place.
+
+Non-finite inputs, at no cost to finite ones: no pass over q, k and v before the kernels. Each kernel
+checks every result row where it writes it (its query, its output, its lse; a few values a row): finite
+inputs give a finite row (but for overflow), while a non-finite key or value reaches a row only as NaN
+or inf (a masked one through 0 * NaN in a tile product) and NaN or inf never turns finite again. So a
+row that comes out non-finite, or whose query is, is recomputed by the op's plain rules (keys selected
+by the mask before any product, attended inf and NaN as IEEE arithmetic has them, as in the reference
+and SDPA's math backend), in float64 in C++, and by a device-side pass over flagged rows in Triton (no
+host synchronization in the forward). The backward pass takes the exact dense gradients of the torch
+kernel when the forward recomputed any row, or (C++) when its gradients come out non-finite (a masked
+non-finite key meets a zero dS in a tile product); the Triton backward reads the flags there.
 """
 from __future__ import annotations
 
@@ -30,9 +37,10 @@ OP = "attention"
 CPU_DTYPES = (torch.float32, torch.bfloat16)
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM_CUDA = 256
-# Tile sizes of the C++ kernels (query rows, keys), measured on one core at B=1, H=8, L=2048, D=64; the
-# tile along the parallel axis shrinks (halving, down to 32) until each thread has 4 tiles to take.
-CPU_FWD_BLOCKS = (256, 512)
+# Tile sizes of the C++ kernels (query rows, keys), measured at B=1, H=8, L=2048, D=64 on AVX-512 and AVX2
+# builds (a 128 x 256 score tile, 128 KiB, stays in a Zen 3 core's 512 KiB L2 beside its k and v tiles);
+# the tile along the parallel axis shrinks (halving, down to 32) until each thread has 4 tiles to take.
+CPU_FWD_BLOCKS = (128, 256)
 CPU_BWD_BLOCKS = (128, 128)
 
 
@@ -92,6 +100,16 @@ class _Cuda:
 CPP, TRITON = _Cpu, _Cuda
 
 
+def _forward(path: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+             attn_mask: torch.Tensor | None) -> tuple[Any, torch.Tensor, torch.Tensor, Any]:
+    """(the 4-D mask, o as the kernel wrote it, lse, the kernel's rare-path flag)."""
+    B, Hq, Lq, _ = q.shape
+    mask = _mask4(attn_mask, (B, Hq, Lq, k.shape[2]))
+    if q.numel() == 0 or k.shape[2] == 0:  # nothing to attend: o = 0, lse = -inf
+        return mask, q.new_zeros(B, Hq, Lq, v.shape[3]), torch.full((B, Hq, Lq), float("-inf"), device=q.device), False
+    return (mask, *path.forward(q, k, v, causal, scale, mask))
+
+
 def _exact_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, dlse: torch.Tensor | None,
                  causal: bool, scale: float, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """The gradients through the torch kernel's exact dense path (the rare path: inputs holding inf or NaN)."""
@@ -119,14 +137,7 @@ class FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                 attn_mask: torch.Tensor | None, path: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        B, Hq, Lq, _ = q.shape
-        mask = _mask4(attn_mask, (B, Hq, Lq, k.shape[2]))
-        rare: Any = False
-        if q.numel() == 0 or k.shape[2] == 0:  # nothing to attend: o = 0, lse = -inf
-            o = q.new_zeros(B, Hq, Lq, v.shape[3])
-            lse = torch.full((B, Hq, Lq), float("-inf"), device=q.device)
-        else:
-            o, lse, rare = path.forward(q, k, v, causal, scale, mask)
+        mask, o, lse, rare = _forward(path, q, k, v, causal, scale, attn_mask)
         ctx.causal, ctx.scale, ctx.mask, ctx.path, ctx.rare = causal, scale, mask, path, rare
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.set_materialize_grads(False)
@@ -159,7 +170,11 @@ class FusedAttention(torch.autograd.Function):
 def attend(path: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
            attn_mask: torch.Tensor | None, return_lse: bool) -> Any:
     """The kernel on ``path`` (CPP or TRITON); no pass over the inputs before it (see the module doc)."""
-    o, lse = FusedAttention.apply(q, k, v, causal, scale, attn_mask, path)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        o, lse = FusedAttention.apply(q, k, v, causal, scale, attn_mask, path)
+    else:  # no graph to record: the forward alone, without the autograd Function's per-call cost
+        _, o, lse, _ = _forward(path, q, k, v, causal, scale, attn_mask)
+        o = o.to(q.dtype)
     return (o, lse) if return_lse else o
 
 

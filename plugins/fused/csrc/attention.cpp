@@ -175,6 +175,10 @@ Problem describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
 
 int threads() { return std::max(1, at::get_num_threads()); }
 
+// Threads for a call of ``work`` multiply-adds: one below about 2^17 (waking a team costs more than the
+// work itself, and far more on a loaded machine).
+int threads_for(int64_t work) { return work < (int64_t(1) << 17) ? 1 : threads(); }
+
 }  // namespace
 
 namespace {
@@ -202,6 +206,26 @@ inline void vsum4(vec a0, vec a1, vec a2, vec a3, float* out) {
   _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
 }
 inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline float vhmax(vec a) { return _mm512_reduce_max_ps(a); }
+// 2^x as fast_exp2 does, with scalef for 2^n: max(-200, x) keeps a NaN (the second operand is returned
+// when one is NaN), and 2^-200 rounds to exactly 0, as a masked score's weight must.
+inline vec vexp2(vec x) {
+  const vec c = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);
+  const vec n = _mm512_roundscale_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vec f = _mm512_sub_ps(c, n);
+  vec p = _mm512_set1_ps(1.4990888e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3393083e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6196737e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503473e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022637e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
 #elif defined(__AVX2__)
 constexpr int64_t W = 8;
 using vec = __m256;
@@ -223,6 +247,32 @@ inline float vsum(vec a) {
   s = _mm_hadd_ps(s, s);
   return _mm_cvtss_f32(_mm_hadd_ps(s, s));
 }
+inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline float vhmax(vec a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+// 2^x as fast_exp2 does: max(-126, x) keeps a NaN (the second operand is returned when one is NaN), and
+// the final select (not-less-than, true when unordered) zeroes x < -126 but keeps a NaN.
+inline vec vexp2(vec x) {
+  const vec c = _mm256_max_ps(_mm256_set1_ps(-126.0f), x);
+  const vec n = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vec f = _mm256_sub_ps(c, n);
+  vec p = _mm256_set1_ps(1.4990888e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3393083e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6196737e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5503473e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022637e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const vec r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return _mm256_and_ps(r, _mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_NLT_UQ));
+}
 #else
 constexpr int64_t W = 1;
 using vec = float;
@@ -234,6 +284,12 @@ inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
 inline void vstore(float* p, vec a) { *p = a; }
 inline void vsum4(vec a0, vec a1, vec a2, vec a3, float* out) { out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3; }
 inline float vsum(vec a) { return a; }
+inline vec vmax(vec a, vec b) { return a > b ? a : b; }
+inline vec vmul(vec a, vec b) { return a * b; }
+inline vec vsub(vec a, vec b) { return a - b; }
+inline vec vadd(vec a, vec b) { return a + b; }
+inline float vhmax(vec a) { return a; }
+inline vec vexp2(vec x) { return fast_exp2(x); }
 #endif
 
 inline double widen(float x) { return x; }
@@ -369,11 +425,37 @@ inline void axpy_row(float* acc, const float* p, const T* v, int64_t svn, int64_
 // Online-softmax update of one row with its block of base-2 scores s[0..n) (overwritten by the weights);
 // returns false when the row has attended nothing yet (its weights are all 0 and nothing is to be added).
 inline bool softmax_update(float* s, int64_t n, float& m, float& l, float* acc, int64_t Dv) {
-  const float m_new = std::max(m, row_max(s, n));
+  // Row max in four vector lanes (a single max chain would serialise on its latency).
+  vec x0 = vbcast(kNegInf), x1 = x0, x2 = x0, x3 = x0;
+  int64_t j = 0;
+  for (; j + 4 * W <= n; j += 4 * W) {
+    x0 = vmax(x0, vload(s + j));
+    x1 = vmax(x1, vload(s + j + W));
+    x2 = vmax(x2, vload(s + j + 2 * W));
+    x3 = vmax(x3, vload(s + j + 3 * W));
+  }
+  for (; j + W <= n; j += W) x0 = vmax(x0, vload(s + j));
+  float mx = vhmax(vmax(vmax(x0, x1), vmax(x2, x3)));
+  for (; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+  const float m_new = std::max(m, mx);
   if (m_new == kNegInf) return false;
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
+  const vec mv = vbcast(m_new);
+  vec a0 = vzero(), a1 = vzero();
+  j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    const vec e0 = vexp2(vsub(vload(s + j), mv)), e1 = vexp2(vsub(vload(s + j + W), mv));
+    vstore(s + j, e0);
+    vstore(s + j + W, e1);
+    a0 = vadd(a0, e0);
+    a1 = vadd(a1, e1);
+  }
+  for (; j + W <= n; j += W) {
+    const vec e0 = vexp2(vsub(vload(s + j), mv));
+    vstore(s + j, e0);
+    a0 = vadd(a0, e0);
+  }
+  float sum = vsum(vadd(a0, a1));
+  for (; j < n; ++j) {
     s[j] = fast_exp2(s[j] - m_new);
     sum += s[j];
   }
@@ -381,8 +463,10 @@ inline bool softmax_update(float* s, int64_t n, float& m, float& l, float* acc, 
   l = l * alpha + sum;
   m = m_new;
   if (alpha != 1.0f) {
-#pragma omp simd
-    for (int64_t d = 0; d < Dv; ++d) acc[d] *= alpha;
+    const vec av = vbcast(alpha);
+    int64_t d = 0;
+    for (; d + W <= Dv; d += W) vstore(acc + d, vmul(av, vload(acc + d)));
+    for (; d < Dv; ++d) acc[d] *= alpha;
   }
   return true;
 }
@@ -393,7 +477,7 @@ inline bool softmax_update(float* s, int64_t n, float& m, float& l, float* acc, 
 // multiples of W. Returns whether some row took the exact path.
 template <typename T>
 bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const Rows<T>& V, float* O, float* LSE) {
-  const int64_t R = p.group * p.Lq, base = p.B * p.Hkv, nt = threads();
+  const int64_t R = p.group * p.Lq, base = p.B * p.Hkv, nt = threads_for(p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv));
   const int64_t kend = p.key_end(0, p.Lq);
   int64_t splits = 1;
   while (base * splits < 4 * nt && kend >= 2 * splits * kDecodeMinSplit) splits *= 2;
@@ -417,7 +501,7 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
     }
   };
 
-#pragma omp parallel num_threads(std::min(nt, base * splits))
+#pragma omp parallel num_threads(std::min(nt, base * splits)) if (nt > 1 && base * splits > 1)
   {
     std::vector<float> S(R * kDecodeBlock), acc(R * p.Dv), m(R), l(R);
 #pragma omp for schedule(dynamic, 1)
@@ -453,7 +537,7 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
     }
   }
   if (splits > 1) {
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (nt > 1)
     {
       std::vector<float> acc(p.Dv);
 #pragma omp for
@@ -493,8 +577,9 @@ bool prefill_fwd(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
   const int64_t heads = p.B * p.Hq;
   const int64_t tasks = nqb * heads;
   std::atomic<bool> rare{false};
+  const int nt = threads_for(p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv));
 
-#pragma omp parallel num_threads(threads())
+#pragma omp parallel num_threads(nt) if (nt > 1 && tasks > 1)
   {
     std::vector<float> S(BQ * BK), acc(BQ * p.Dv), m(BQ), l(BQ);
     // The last query blocks attend the most keys under causal: hand them out first.
