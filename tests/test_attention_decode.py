@@ -1,0 +1,185 @@
+"""The fused attention's split-K decode kernels (C++ on the machine's level and on the AVX2 build, Triton in
+the interpreter), and its non-finite rules now that no pass over q, k and v precedes the kernels: each
+checked against the float64 reference through the spec's compare rule (forward and gradients), on fresh
+random inputs at small sizes that still cross the kernels' splits, tiles and merges."""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from core.ops.attention import SPEC, make_inputs, random_mask
+from core.spec import Sample
+from core.tuning import check, expected
+from plugins.fused import _build
+from plugins.fused import attention as fused
+from test_attention_fused import NO_CPP, NO_TRITON, _check, _reference, _run, _sample
+
+needs_cpp = pytest.mark.skipif(NO_CPP is not None, reason=f"the fused C++ kernels cannot be built here: {NO_CPP}")
+needs_triton = pytest.mark.skipif(NO_TRITON is not None, reason=f"{NO_TRITON}")
+# The machine's level, and AVX2 beside it where the machine has AVX-512 (conftest builds both).
+ISAS = [_build.machine_isa()] + [i for i in ("avx2",) if i in _build.supported_isas() and i != _build.machine_isa()]
+
+DECODE = {  # (dtype, B, Hq, Hkv, Lq, Lk, D, extra): splits > 1 need Lk >= 512 at B * Hkv < 4 * threads
+    "mha-lq1": (torch.float32, 2, 3, 3, 1, 300, 64, {}),
+    "gqa4-lq3-causal-split": (torch.float32, 1, 8, 2, 3, 700, 32, {"causal": True}),
+    "gqa8-lq8-mask-split": (torch.float32, 1, 8, 1, 8, 600, 64, {"mask": "random"}),
+    "bf16-gqa4-lq2-causal-split": (torch.bfloat16, 1, 8, 2, 2, 530, 128, {"causal": True}),
+    "lq-gt-lk-causal": (torch.float32, 1, 4, 2, 8, 5, 16, {"causal": True}),
+    "d48-dv16-gqa2": (torch.float32, 2, 4, 2, 4, 130, 48, {"Dv": 16}),
+}
+
+
+def _level(isa):
+    return contextlib.nullcontext() if isa == _build.machine_isa() else _build.forced_isa(isa)
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", DECODE)
+def test_cpp_decode_forward_and_gradients(gen, isa, name):
+    dtype, B, Hq, Hkv, Lq, Lk, D, extra = DECODE[name]
+    with _level(isa):
+        assert _build.library("attention").attention_takes_decode(Lq, D, extra.get("Dv", D))
+        _check(fused.CPP, _sample(gen, dtype, B, Hq, Hkv, Lq, Lk, D, **extra), gen)
+
+
+@needs_cpp
+def test_cpp_decode_reads_strided_caches_in_place(gen):
+    # A key/value cache is often a view (the first Lk slots of a longer buffer): read through its strides.
+    q, k, v = make_inputs(gen, "cpu", torch.bfloat16, 1, 8, 2, 2, 900, 64)
+    k, v = k[:, :, :611], v[:, :, :611]
+    sample = Sample(args=(q, k, v), attrs={"causal": True, "scale": 0.125, "attn_mask": None, "return_lse": True})
+    verdict = check(SPEC, fused.attention, expected(SPEC, _reference(), sample, False, gen))
+    assert verdict.ok, verdict.reason
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpp_prefill_on_each_level(gen, monkeypatch, isa):
+    monkeypatch.setattr(fused, "CPU_FWD_BLOCKS", (24, 40))  # many tiles, the diagonal crossing them
+    with _level(isa):
+        _check(fused.CPP, _sample(gen, torch.float32, 1, 4, 2, 70, 90, 32, causal=True, mask="random"), gen)
+        _check(fused.CPP, _sample(gen, torch.bfloat16, 1, 2, 1, 40, 40, 59, causal=True), gen)
+
+
+# -- non-finite inputs, with no pass over them before the kernels --------------------------------------
+
+def _poison(gen, dtype, B, Hq, Hkv, Lq, Lk, D, where, causal=False):
+    """A sample whose inputs hold inf or NaN: at masked keys only (``masked``), or attended (the others)."""
+    q, k, v = make_inputs(gen, "cpu", dtype, B, Hq, Hkv, Lq, Lk, D)
+    mask = None
+    if where == "masked":  # key padding: the last keys masked for every query, garbage in them
+        mask = torch.ones(B, 1, 1, Lk, dtype=torch.bool)
+        mask[..., -3:] = False
+        k[:, :, -3:] = float("nan")
+        v[:, :, -2:] = float("inf")
+        v[:, :, -3, 1] = float("nan")
+    elif where == "dead-rows":  # rows that attend nothing, NaN in the values they do not attend
+        mask = random_mask(gen, (B, Hq, Lq, Lk), "cpu")
+        mask[..., 0, :] = False
+        v[..., 1, :] = float("nan")
+        mask[..., :, 1] = False
+    elif where == "v-attended":
+        v[:, 0, Lk // 2, 0] = float("nan")
+        v[:, -1, 1, :] = float("inf")
+    elif where == "k-attended":
+        k[:, 0, Lk // 3, 2] = float("inf")
+        k[:, -1, 0, :] = -float("inf")
+    elif where == "q-nan":
+        q[:, 0, Lq // 2, 3] = float("nan")
+    attrs = {"causal": causal, "scale": 1.0 / math.sqrt(D), "attn_mask": mask, "return_lse": True}
+    return Sample(args=(q, k, v), attrs=attrs)
+
+
+SHAPES = {  # (B, Hq, Hkv, Lq, Lk, D): decode (split over the keys) and prefill (tiles of 16 x 32)
+    "decode": (1, 4, 2, 3, 600, 32),
+    "prefill": (1, 4, 2, 20, 45, 16),
+}
+PLACES = ("masked", "dead-rows", "v-attended", "k-attended", "q-nan")
+
+
+def _entry(path):
+    return fused.attention if path == "CPP" else _run(fused.TRITON)
+
+
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("path", [pytest.param("CPP", marks=needs_cpp), pytest.param("TRITON", marks=needs_triton)])
+def test_nonfinite_inputs_follow_the_contract(gen, monkeypatch, path, shape, place):
+    monkeypatch.setattr(fused, "CPU_FWD_BLOCKS", (16, 32))
+    B, Hq, Hkv, Lq, Lk, D = SHAPES[shape]
+    if path == "TRITON":
+        Lk = min(Lk, 100)  # the interpreter is slow; 100 keys still make two splits
+    sample = _poison(gen, torch.float32, B, Hq, Hkv, Lq, Lk, D, place, causal=shape == "prefill")
+    # Gradients are checked where the poison has no influence (the attended NaN's are NaN by IEEE rules).
+    grads = place in ("masked", "dead-rows")
+    verdict = check(SPEC, _entry(path), expected(SPEC, _reference(), sample, grads, gen))
+    assert verdict.ok, verdict.reason
+    if grads:
+        inputs = [t.clone().requires_grad_(True) for t in sample.args]
+        o, _ = _entry(path)(*inputs, **sample.attrs)
+        o.sum().backward()
+        assert torch.isfinite(o).all() and all(torch.isfinite(t.grad).all() for t in inputs)
+
+
+@needs_cpp
+@pytest.mark.skipif(len(ISAS) < 2, reason="this CPU has no level above AVX2 to test AVX2 beside")
+@pytest.mark.parametrize("place", ("masked", "v-attended", "q-nan"))
+def test_nonfinite_on_the_avx2_build(gen, place):
+    with _build.forced_isa("avx2"):
+        for shape in SHAPES.values():
+            sample = _poison(gen, torch.float32, *shape, place)
+            verdict = check(SPEC, fused.attention, expected(SPEC, _reference(), sample, False, gen))
+            assert verdict.ok, verdict.reason
+
+
+@needs_cpp
+def test_cpp_finite_inputs_take_no_pass_before_the_kernel(gen, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("a pass over the inputs before the kernel")
+
+    monkeypatch.setattr(torch, "isfinite", boom)
+    monkeypatch.setattr(torch, "nan_to_num", boom)
+    for Lq, Lk in ((1, 300), (40, 40)):
+        q, k, v = make_inputs(gen, "cpu", torch.float32, 1, 4, 2, Lq, Lk, 32)
+        fused.attention(q, k, v, causal=True, scale=0.2, attn_mask=None, return_lse=True)
+
+
+# -- Triton decode (interpreter) -------------------------------------------------------------------------
+
+TRITON_DECODE = {  # small enough for the interpreter; Lk = 100 makes two splits of 64 keys
+    "gqa4-lq5-causal": (torch.float32, 1, 8, 2, 5, 100, 32, {"causal": True}),
+    "mqa16-lq5-two-row-blocks": (torch.float32, 1, 16, 1, 5, 70, 16, {}),
+    "mha-lq1-mask": (torch.float32, 2, 2, 2, 1, 100, 16, {"mask": "random"}),
+    "bf16-gqa2-lq2": (torch.bfloat16, 1, 4, 2, 2, 90, 64, {"causal": True}),
+    "lq-gt-lk-causal": (torch.float32, 1, 2, 1, 6, 4, 16, {"causal": True}),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("name", TRITON_DECODE)
+def test_triton_decode_forward_and_gradients(gen, name):
+    dtype, B, Hq, Hkv, Lq, Lk, D, extra = TRITON_DECODE[name]
+    _check(fused.TRITON, _sample(gen, dtype, B, Hq, Hkv, Lq, Lk, D, **extra), gen)
+
+
+@needs_triton
+@pytest.mark.parametrize("Lq", (2, 20))
+def test_triton_forward_never_reads_a_device_value_on_the_host(gen, monkeypatch, Lq):
+    # On CUDA, bool(t) or t.item() is a host synchronization; the forward (decode and tiles, flags and
+    # exact-row pass included, non-finite inputs too) must need none.
+    sample = _poison(gen, torch.float32, 1, 4, 2, Lq, 40, 16, "v-attended", causal=True)
+
+    def sync(*args, **kwargs):
+        raise AssertionError("a host synchronization in the Triton forward")
+
+    exp = expected(SPEC, _reference(), sample, False, gen)
+    with monkeypatch.context() as patch:
+        for name in ("__bool__", "item", "tolist", "cpu", "numpy"):
+            patch.setattr(torch.Tensor, name, sync)
+        with torch.no_grad():
+            out = fused.attend(fused.TRITON, *sample.args, **sample.attrs)
+    assert SPEC.compare(out, exp.ref, sample).ok
