@@ -104,9 +104,13 @@ def _attention_real(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     attrs = {"causal": causal, "scale": scale, "attn_mask": attn_mask, "return_lse": return_lse}
     # needs_grad: the eager call would have required grad, so the key is the same "grad" key and the
     # kernel the same differentiable one (the forward values equal eager's, not just a valid kernel's).
-    with torch.enable_grad() if needs_grad else torch.no_grad():
-        leaves = tuple(t.detach().requires_grad_(needs_grad) for t in (q, k, v))
-        out = dispatcher._dispatch(_SPECS["attention"], leaves, attrs)
+    if needs_grad:
+        with torch.enable_grad():
+            leaves = tuple(t.detach().requires_grad_(True) for t in (q, k, v))
+            out = dispatcher._dispatch(_SPECS["attention"], leaves, attrs)
+    else:
+        with torch.no_grad():
+            out = dispatcher._dispatch(_SPECS["attention"], (q, k, v), attrs)
     o, lse = out if return_lse else (out, torch.empty(0, dtype=torch.float32, device=q.device))
     taken = _storages((q, k, v, attn_mask))
     return _fresh(o, taken), _fresh(lse, taken)

@@ -2,13 +2,17 @@
 
 Tiny inputs (so the kernel itself is as cheap as possible); the difference of the two medians is the
 cost of the dispatcher's hot path (bind, verify, key, dict lookup). Target: at most 5 microseconds.
+Also: the entry point as it was before the compile branch (a plain call of _dispatch) beside today's,
+the custom-op route (torch.ops.switchyard.attention, what a compiled graph calls) called eagerly, and
+a small model of core.nn.Attention layers, eager against torch.compile.
 
-    python scripts/bench_dispatch.py
+    python scripts/bench_dispatch.py [--no-model]
 """
 from __future__ import annotations
 
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -50,13 +54,23 @@ def main() -> None:
         # The hot path alone: the same call with the chosen kernel swapped for a function that returns
         # at once, against calling that function directly. This isolates the dispatcher's own cost
         # from the kernel's run-to-run noise, which on a shared machine is larger than the overhead.
+        result = torch.empty(1, 1, 1, 8)
+
         def noop(*args, **attrs):
-            return None
+            return result
 
         dispatcher._state.choices[("attention", key)] = type(choice)(noop, "noop")
         noop_direct = per_call_us(lambda: noop(q, k, v, causal=True, scale=scale, attn_mask=None, return_lse=False))
         noop_attr = per_call_us(lambda: dispatcher.attention(q, k, v, causal=True))
         noop_call = per_call_us(lambda: dispatcher.call("attention", q, k, v, causal=True))
+        spec = dispatcher._SPECS["attention"]
+
+        def before(*args, **attrs):  # the entry point before the compile branch: _dispatch, nothing else
+            return dispatcher._dispatch(spec, args, attrs)
+
+        before_entry = per_call_us(lambda: before(q, k, v, causal=True))
+        op = torch.ops.switchyard.attention
+        custom_op = per_call_us(lambda: op(q, k, v, None, True, None, False, False), n=5000)
         dispatcher._state.choices[("attention", key)] = choice
     rows = [
         [f"{choice.name} called directly", f"{direct:.2f}", ""],
@@ -65,12 +79,54 @@ def main() -> None:
         ["no-op kernel called directly", f"{noop_direct:.2f}", ""],
         ["dispatcher.attention(...) -> no-op", f"{noop_attr:.2f}", f"{noop_attr - noop_direct:+.2f}"],
         ['dispatcher.call("attention", ...) -> no-op', f"{noop_call:.2f}", f"{noop_call - noop_direct:+.2f}"],
+        ["entry before the compile branch -> no-op", f"{before_entry:.2f}", f"{before_entry - noop_direct:+.2f}"],
+        ["torch.ops.switchyard.attention -> no-op", f"{custom_op:.2f}", f"{custom_op - noop_direct:+.2f}"],
     ]
     print(f"chosen kernel: {choice.name}; torch threads: 1; tiny inputs q[1,1,1,8], k/v[1,1,4,8]")
     print(tabulate(rows, headers=["path", "us per call", "overhead us"]))
     print(f"\ndispatch overhead (hot path alone): {noop_attr - noop_direct:.2f} us per call via dispatcher.attention, "
           f"{noop_call - noop_direct:.2f} us via dispatcher.call (target <= 5 us); "
           f"with the real kernel: {via_attr / direct:.2f}x the direct call")
+    print(f"compile branch's cost on eager calls: {noop_attr - before_entry:+.2f} us (today's entry against the "
+          f"one before it); the custom-op route: {custom_op - noop_direct:+.2f} us per call")
+    if "--no-model" not in sys.argv:
+        small_model()
+
+
+def small_model() -> None:
+    """Two pre-norm blocks of core.nn.Attention (causal, GQA) and an MLP: eager against torch.compile."""
+    from core.nn import Attention
+
+    class Block(torch.nn.Module):
+        def __init__(self, e: int) -> None:
+            super().__init__()
+            self.n1, self.n2 = torch.nn.LayerNorm(e), torch.nn.LayerNorm(e)
+            self.attn = Attention(e, 8, 2, causal=True)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(e, 4 * e), torch.nn.GELU(), torch.nn.Linear(4 * e, e))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.attn(self.n1(x))[0]
+            return x + self.mlp(self.n2(x))
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = torch.nn.Sequential(Block(128), Block(128)).eval()
+    x = torch.randn(2, 128, 128)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        want = compiled(x)
+        first = time.perf_counter() - t0
+        assert torch.allclose(want, model(x), rtol=1e-4, atol=1e-4)
+        eager_ms, comp_ms = [], []
+        for _ in range(15):  # alternated, so load drifts hit both alike
+            for fn, out in ((model, eager_ms), (compiled, comp_ms)):
+                t0 = time.perf_counter()
+                fn(x)
+                out.append((time.perf_counter() - t0) * 1e3)
+    e, c = statistics.median(eager_ms), statistics.median(comp_ms)
+    print(f"\nsmall model (2 blocks of core.nn.Attention E=128 H=8 KV=2 causal + MLP, B=2 L=128, 1 thread, "
+          f"no_grad): eager {e:.2f} ms, torch.compile(inductor, fullgraph) {c:.2f} ms ({e / c:.2f}x); "
+          f"first compiled call {first:.1f} s")
 
 
 if __name__ == "__main__":
