@@ -25,6 +25,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -372,6 +373,25 @@ void exact_row(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const R
 constexpr int64_t kDecodeMaxLq = 8;     // query rows per head up to which the decode path is taken
 constexpr int64_t kDecodeBlock = 32;    // keys per block: a block of k rows stays in L1 for every query row
 constexpr int64_t kDecodeMinSplit = 256;  // keys per split at least, so that the merge stays negligible
+// From this many query rows per kv head (group * Lq) on, the rows share each key and value block through
+// the tile products (BLAS), on blocks this long, widened to float32 once for all the rows.
+constexpr int64_t kDecodeGemmRows = 8;
+constexpr int64_t kDecodeGemmBlock = 128;
+
+// A block of n rows of width D as float32 rows: in place for float32, widened into buf for bfloat16.
+template <typename T>
+const float* as_float(const T* src, int64_t ld, int64_t n, int64_t D, float* buf, int64_t& ld_out) {
+  if constexpr (std::is_same<T, float>::value) {
+    ld_out = ld;
+    return src;
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t d = 0; d < D; d += W) vstore(buf + j * D + d, vload(src + j * ld + d));
+    }
+    ld_out = D;
+    return buf;
+  }
+}
 
 // s[0..n) = c * (q . k_j) for the n keys at k, k + skn, ...; four keys share each load of q.
 template <typename T>
@@ -479,9 +499,11 @@ template <typename T>
 bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const Rows<T>& V, float* O, float* LSE) {
   const int64_t R = p.group * p.Lq, base = p.B * p.Hkv, nt = threads_for(p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv));
   const int64_t kend = p.key_end(0, p.Lq);
+  const bool tiles = R >= kDecodeGemmRows;  // the group's rows are one contiguous [R, D] block of q
+  const int64_t KB = tiles ? kDecodeGemmBlock : kDecodeBlock;
   int64_t splits = 1;
   while (base * splits < 4 * nt && kend >= 2 * splits * kDecodeMinSplit) splits *= 2;
-  const int64_t chunk = ((kend + splits - 1) / splits + kDecodeBlock - 1) / kDecodeBlock * kDecodeBlock;
+  const int64_t chunk = ((kend + splits - 1) / splits + KB - 1) / KB * KB;
   splits = chunk == 0 ? 1 : (kend + chunk - 1) / chunk;
   const int64_t stride = p.Dv + 2;  // a partial row: acc[Dv], m, l
   std::vector<float> part(splits > 1 ? base * splits * R * stride : 0);
@@ -503,7 +525,8 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
 
 #pragma omp parallel num_threads(std::min(nt, base * splits)) if (nt > 1 && base * splits > 1)
   {
-    std::vector<float> S(R * kDecodeBlock), acc(R * p.Dv), m(R), l(R);
+    std::vector<float> S(R * KB), acc(R * p.Dv), m(R), l(R);
+    std::vector<float> kbuf(tiles && !std::is_same<T, float>::value ? KB * p.D : 0), vbuf(kbuf.empty() ? 0 : KB * p.Dv);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < base * splits; ++t) {
       const int64_t bk = t / splits, sp = t % splits, b = bk / p.Hkv, hk = bk % p.Hkv;
@@ -511,15 +534,29 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t k0 = lo; k0 < hi; k0 += kDecodeBlock) {
-        const int64_t n = std::min(kDecodeBlock, hi - k0);
+      for (int64_t k0 = lo; k0 < hi; k0 += KB) {
+        const int64_t n = std::min(KB, hi - k0);
         const T* kb = K.at(b, hk, k0);
         const T* vb = V.at(b, hk, k0);
+        if (tiles) {
+          int64_t ldk = 0, ldv = 0;
+          const float* kf = as_float(kb, K.sl, n, p.D, kbuf.data(), ldk);
+          const float* vf = as_float(vb, V.sl, n, p.Dv, vbuf.data(), ldv);
+          gemm(false, true, R, n, p.D, c, Q.at(b, hk * p.group, 0), p.D, kf, ldk, 0.0f, S.data(), KB);
+          for (int64_t r = 0; r < R; ++r) {
+            const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
+            float* s = S.data() + r * KB;
+            if (p.tile_needs_mask(i, k0, n)) p.mask_tile(s, KB, b, h, i, 1, k0, n);
+            if (!softmax_update(s, n, m[r], l[r], acc.data() + r * p.Dv, p.Dv)) std::fill(s, s + n, 0.0f);
+          }
+          gemm(false, false, R, p.Dv, n, 1.0f, S.data(), KB, vf, ldv, 1.0f, acc.data(), p.Dv);
+          continue;
+        }
         for (int64_t r = 0; r < R; ++r) {
           const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
-          float* s = S.data() + r * kDecodeBlock;
+          float* s = S.data() + r * KB;
           score_block(Q.at(b, h, i), kb, K.sl, n, p.D, c, s);
-          if (p.tile_needs_mask(i, k0, n)) p.mask_tile(s, kDecodeBlock, b, h, i, 1, k0, n);
+          if (p.tile_needs_mask(i, k0, n)) p.mask_tile(s, KB, b, h, i, 1, k0, n);
           float* a = acc.data() + r * p.Dv;
           if (softmax_update(s, n, m[r], l[r], a, p.Dv)) axpy_row(a, s, vb, V.sl, n, p.Dv);
         }
