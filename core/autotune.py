@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"timing budget per candidate and case (default: {DEFAULT_BUDGET})")
     p.add_argument("--world-size", type=int, default=2, help="processes in the local group for collective ops (default: 2)")
     p.add_argument("--seed", type=int, default=None, help="seed for the cases' random inputs")
+    p.add_argument("--build", action="store_true", help="compile the fused C++ kernels ahead of time, then exit")
+    p.add_argument("--replay", metavar="PATH", help="tune exactly the dispatch keys recorded in PATH "
+                   "(SWITCHYARD_RECORD=PATH while a program runs), instead of the default cases")
     return p
 
 
@@ -91,16 +94,53 @@ def tune_op(spec: OpSpec, tuner: tuning.Tuner, *, device: str, cases: Sequence[s
             spec, key, args, attrs, mode="lazy", budget=budget, backends=backends, time_reference=True,
             timing_sample=Sample(args=args, attrs=attrs), use_cache=False, store=write_cache,
             progress=lambda text, c=case: progress(f"{spec.name} / {c}: {text}"))
-        times = {r.backend: r.median_ms for r in decision.rows}
-        for r in decision.rows:
-            rows.append({
-                "op": spec.name, "case": case, "backend": r.backend, "status": r.status,
-                "median_ms": r.median_ms, "spread_ms": r.spread_ms,
-                "vs_reference": _ratio(times.get("reference"), r.median_ms),
-                "vs_torch": _ratio(times.get("torch"), r.median_ms),
-                "max_error": None if r.max_error is None or math.isnan(r.max_error) else r.max_error,
-                "reason": r.reason, "key": [_json_scalar(part) for part in key],
-            })
+        rows += _rows(spec, case, key, decision)
+    return rows
+
+
+def _rows(spec: OpSpec, case: str, key: tuple[Any, ...], decision: tuning.Decision) -> list[dict[str, Any]]:
+    """The table's rows for one decision; the chosen row carries the decision's confidence."""
+    times = {r.backend: r.median_ms for r in decision.rows}
+    return [{
+        "op": spec.name, "case": case, "backend": r.backend, "status": r.status, "priority": r.priority,
+        "median_ms": r.median_ms, "spread_ms": r.spread_ms,
+        "vs_reference": _ratio(times.get("reference"), r.median_ms),
+        "vs_torch": _ratio(times.get("torch"), r.median_ms),
+        "confidence": decision.confidence if r.status == "chosen" else None,
+        "final": decision.final if r.status == "chosen" else None,
+        "max_error": None if r.max_error is None or math.isnan(r.max_error) else r.max_error,
+        "reason": r.reason, "key": [_json_scalar(part) for part in key],
+    } for r in decision.rows]
+
+
+def replay(path: str, tuner: tuning.Tuner, *, budget: float, write_cache: bool, seed: int,
+           progress: _Progress) -> list[dict[str, Any]]:
+    """Tune every (op, key) recorded in ``path`` on fresh inputs of its recorded description; a key
+    already decided in the cache is taken from there."""
+    from core import record
+
+    specs = all_specs()
+    rows: list[dict[str, Any]] = []
+    for n, line in record.lines(path):
+        spec = specs.get(line["op"])
+        if spec is None:
+            raise InvalidInput(f"--replay: {path} line {n}: unknown op {line['op']!r}; known: {sorted(specs)}")
+        gen = torch.Generator().manual_seed(seed * 1009 + n)
+        args, attrs, needs_grad = record.inputs(spec, line, gen)
+        key = spec.key(args, attrs) + (("grad",) if needs_grad and spec.grad_inputs else ())
+        recorded = tuple(line["key"])
+        if [_json_scalar(k) for k in key] != list(recorded):
+            raise InvalidInput(f"--replay: {path} line {n}: the rebuilt inputs have dispatch key {key}, expected the "
+                               f"recorded {recorded}")
+        case = f"line {n}"
+        progress(f"{spec.name} / {case}: preparing inputs")
+        for attempt in range(3):  # a decision measured under contention is not final: measure again, longer
+            decision = tuner.decide(spec, key, args, attrs, needs_grad=needs_grad, mode="lazy", budget=budget * 2 ** attempt,
+                                    use_cache=write_cache, store=write_cache,
+                                    progress=lambda text, c=case, s=spec.name: progress(f"{s} / {c}: {text}"))
+            if decision.final:
+                break
+        rows += _rows(spec, case, key, decision)
     return rows
 
 
@@ -128,8 +168,10 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     body = [[r["case"], r["backend"], r["status"], _fmt(r["median_ms"], ".4g"), _fmt(r["spread_ms"], ".2g"),
              _fmt(r["vs_reference"], ".3g") + ("x" if r["vs_reference"] else ""),
              _fmt(r["vs_torch"], ".3g") + ("x" if r["vs_torch"] else ""),
+             _fmt(r.get("confidence"), ".2f") + (" (not final)" if r.get("final") is False else ""),
              _fmt(r["max_error"], ".3g"), _clip(r["reason"])] for r in rows]
-    headers = ["case", "backend", "status", "median ms", "spread ms", "vs reference", "vs torch", "max error", "reason"]
+    headers = ["case", "backend", "status", "median ms", "spread ms", "vs reference", "vs torch", "confidence",
+               "max error", "reason"]
     return tabulate(body, headers=headers)
 
 
@@ -214,13 +256,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank0 = _is_rank0()
     progress = _Progress(rank0)
     started = time.perf_counter()
-    if args.device == "cpu" and (options["backends"] is None or "fused" in options["backends"]):
+    if args.build or (args.device == "cpu" and (options["backends"] is None or "fused" in options["backends"])):
         from plugins.fused import _build
 
         missing = [op for op in ops if (_build.CSRC / f"{op}.cpp").exists() and not _build.is_built(op)]
         if missing:
             progress(f"compiling the fused C++ kernels of {', '.join(missing)} (first run only)")
-            _build.prebuild(missing)
+            failed_builds = {op: why for op, why in _build.prebuild(missing).items() if why}
+            if args.build and failed_builds:
+                print(f"build failed: {failed_builds}", file=sys.stderr)
+                return 1
+        if args.build:
+            progress.done()
+            print(f"fused C++ kernels built in {time.perf_counter() - started:.1f} s "
+                  f"({len(missing)} compiled, the rest already built)")
+            return 0
+    if args.replay:
+        return _main_replay(args, options, progress, started)
     all_rows: list[dict[str, Any]] = []
     for name in ops:
         spec = specs[name]
@@ -250,6 +302,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ntuned in {elapsed:.1f} s; the tuning cache was not used (--no-cache)")
     else:
         print(f"\ntuned in {elapsed:.1f} s; winners stored in the tuning cache: {cache_dir() / FILE_NAME}")
+    return 0
+
+
+def _main_replay(args: argparse.Namespace, options: dict[str, Any], progress: _Progress, started: float) -> int:
+    try:
+        rows = replay(args.replay, tuning.new_tuner(use_cache=not args.no_cache), budget=args.budget,
+                      write_cache=not args.no_cache, seed=options["seed"], progress=progress)
+    except (InvalidInput, OSError) as e:
+        progress.done()
+        print(f"--replay: {e}" if isinstance(e, OSError) else str(e), file=sys.stderr)
+        return 2
+    progress.done()
+    print(f"\n== replayed {args.replay} ==")
+    print(table(rows) if rows else "(no key recorded)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+    print(f"\nreplayed in {time.perf_counter() - started:.1f} s"
+          + ("" if args.no_cache else f"; winners stored in the tuning cache: {cache_dir() / FILE_NAME}"))
     return 0
 
 

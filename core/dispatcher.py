@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from core import tuning
+from core import record, tuning
 from core.errors import InvalidInput, Unsupported, ValidationError
 from core.ops import all_specs, get_spec
 from core.spec import OpSpec, Sample, describe_call
@@ -32,6 +32,7 @@ ENV_BACKEND = "SWITCHYARD_BACKEND"
 ENV_AUTOTUNE = "SWITCHYARD_AUTOTUNE"
 ENV_VALIDATE = "SWITCHYARD_VALIDATE"
 ENV_BUDGET = "SWITCHYARD_TUNE_BUDGET"
+ENV_RECORD = record.ENV_RECORD
 
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("switchyard_backend", default=None)
 
@@ -106,8 +107,11 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
+_grad_enabled = torch.is_grad_enabled
+
+
 def _needs_grad(spec: OpSpec, args: tuple[Any, ...]) -> bool:
-    if not torch.is_grad_enabled():
+    if not _grad_enabled():
         return False
     for i in spec.grad_inputs:
         if getattr(args[i], "requires_grad", False):
@@ -115,9 +119,11 @@ def _needs_grad(spec: OpSpec, args: tuple[Any, ...]) -> bool:
     return False
 
 
-def _key(spec: OpSpec, args: tuple[Any, ...], attrs: Mapping[str, Any]) -> tuple[Any, ...]:
-    """The spec's dispatch key, marked when gradients will flow (only differentiable kernels serve it)."""
-    key = spec.key(args, attrs)
+def _key(spec: OpSpec, args: tuple[Any, ...], attrs: Mapping[str, Any], key: tuple[Any, ...] | None = None) -> tuple[Any, ...]:
+    """The spec's dispatch key (``key`` when the caller has it already, as verify may hand it back),
+    marked when gradients will flow (only differentiable kernels serve it)."""
+    if key is None:
+        key = spec.key(args, attrs)
     if spec.grad_inputs and _needs_grad(spec, args):
         key = (*key, "grad")
     return key
@@ -125,8 +131,7 @@ def _key(spec: OpSpec, args: tuple[Any, ...], attrs: Mapping[str, Any]) -> tuple
 
 def _dispatch(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any:
     args, attrs = spec.bind(args, attrs)
-    spec.verify(args, attrs)
-    key = _key(spec, args, attrs)
+    key = _key(spec, args, attrs, spec.verify(args, attrs))  # a verify may return the key it computed
     if _slow_env() or _forced.get() is not None:
         return _call_special(spec, key, args, attrs)
     state = _state
@@ -185,8 +190,8 @@ from core import library as _library  # noqa: E402  (registers torch.ops.switchy
 
 def _mode() -> str:
     mode = os.environ.get(ENV_AUTOTUNE, "lazy").strip().lower() or "lazy"
-    if mode not in ("lazy", "off"):
-        raise InvalidInput(f"{ENV_AUTOTUNE}: expected 'lazy' or 'off', got {mode!r}")
+    if mode not in ("lazy", "off", "predict"):
+        raise InvalidInput(f"{ENV_AUTOTUNE}: expected 'lazy', 'predict' or 'off', got {mode!r}")
     return mode
 
 
@@ -203,6 +208,9 @@ def _decision(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[Any
     if decision is None:
         if _stream_capturing(spec, args, attrs):
             return _decided_for_capture(tuner, spec, key, args, attrs)
+        path = os.environ.get(ENV_RECORD)
+        if path:  # before tuning: a key whose tuning raises is still worth tuning ahead
+            record.record(path, spec, key, args, attrs)
         decision = tuner.decide(spec, key, args, attrs, needs_grad=key[-1:] == ("grad",), mode=_mode(), budget=_budget())
     return decision
 
@@ -354,6 +362,7 @@ class Explanation:
     why: str
     rows: tuple[tuning.Row, ...]
     failed_plugins: tuple[str, ...] = ()
+    confidence: float | None = None  # P(chosen within epsilon of the fastest); None when not timed
 
     def table(self) -> str:
         from tabulate import tabulate
@@ -362,7 +371,8 @@ class Explanation:
         return tabulate(body, headers=["backend", "status", "priority", "median ms", "max error", "reason"])
 
     def __str__(self) -> str:
-        lines = [self.call, f"dispatch key: {self.key}", f"chosen: {self.chosen} ({self.why})", self.table()]
+        conf = "" if self.confidence is None or "confidence" in self.why else f", confidence {self.confidence:.2f}"
+        lines = [self.call, f"dispatch key: {self.key}", f"chosen: {self.chosen} ({self.why}{conf})", self.table()]
         lines += [f"failed plugin: {p}" for p in self.failed_plugins]
         return "\n".join(lines)
 
@@ -384,18 +394,18 @@ def explain(op: str, /, *args: Any, **attrs: Any) -> Explanation:
     forced = _forced.get() or os.environ.get(ENV_BACKEND) or None
     with state.lock:
         decision = _decision(state, spec, key, args, full)
-        chosen, why = decision.winner, decision.why
+        chosen, why, conf = decision.winner, decision.why, decision.confidence
         rows = list(decision.rows)
         for i, row in enumerate(rows):
             error = state.quarantined.get((spec.name, key, row.backend))
             if error is not None:
                 rows[i] = replace(row, status="failed", reason=f"quarantined after raising on a call: {error}")
         if forced:
-            chosen, why = _forced_variant(spec, key, args, full, forced).name, f"forced to {forced!r}"
+            chosen, why, conf = _forced_variant(spec, key, args, full, forced).name, f"forced to {forced!r}", None
         elif (spec.name, key) in state.choices:
             current = state.choices[(spec.name, key)].name
             if current != chosen:
-                chosen, why = current, f"next validated candidate after {decision.winner!r} was quarantined"
+                chosen, why, conf = current, f"next validated candidate after {decision.winner!r} was quarantined", None
     failed = tuple(f"{p.name}: {p.error}" for p in loader.get_registry().failed())
     return Explanation(op=op, call=describe_call(spec, args, full), key=key, chosen=chosen, why=why,
-                       rows=tuple(rows), failed_plugins=failed)
+                       rows=tuple(rows), failed_plugins=failed, confidence=conf)

@@ -86,10 +86,13 @@ class OpSpec:
 
     - ``verify(args, attrs)``: raise ``InvalidInput`` for bad input; may resolve derived defaults by
       writing into ``attrs`` (attention fills ``scale``). Cheap: reads no tensor data unless the
-      contract demands it.
+      contract demands it. It may return the dispatch key it built from the sizes it read (the same
+      tuple as ``key``), which the hot path then uses instead of calling ``key``; ``None`` otherwise.
     - ``key(args, attrs)``: the dispatch key, a hashable tuple (device, dtypes, bucketed shapes, the
       attributes that change the kernel) of JSON scalars or objects whose ``str`` is stable (a
       ``torch.device``, a ``torch.dtype``): the cache stores it as JSON through ``str``.
+    - ``key_sizes``: the indices of the key's bucketed size parts; the tuner predicts an unseen key's
+      winner from decided keys equal in every other part and near in these.
     - ``device(args, attrs)`` / ``dtypes(args, attrs)``: what a kernel's declared devices and dtypes
       are checked against.
     - ``infer(args, attrs)``: a pytree (tuple / list / namedtuple) of ``TensorMeta`` the output must
@@ -128,6 +131,7 @@ class OpSpec:
     attrs: tuple[Attr, ...]
     verify: Callable[[tuple[Any, ...], dict[str, Any]], None]
     key: Callable[[tuple[Any, ...], Mapping[str, Any]], tuple[Any, ...]]
+    key_sizes: tuple[int, ...] = ()
     device: Callable[[tuple[Any, ...], Mapping[str, Any]], str]
     dtypes: Callable[[tuple[Any, ...], Mapping[str, Any]], tuple[torch.dtype, ...]]
     infer: Callable[[tuple[Any, ...], Mapping[str, Any]], Any]

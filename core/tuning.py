@@ -10,7 +10,6 @@ slowest rank's time counts), rank 0 decides and broadcasts, and every rank recor
 from __future__ import annotations
 
 import os
-import statistics
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -18,6 +17,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from core import racing
 from core.cache import TuningCache, fingerprint
 from core.spec import OpSpec, Sample, TensorMeta, Verdict
 from registry.kernel import Kernel, Variant
@@ -52,7 +52,9 @@ class Decision:
     winner: str | None
     rows: tuple[Row, ...]
     why: str
-    source: str  # "tuned", "priority" or "cache"
+    source: str  # "tuned", "priority", "predicted" or "cache"
+    confidence: float | None = None  # P(winner within epsilon of the fastest), for a timed decision
+    final: bool = True  # False: measured under heavy contention; not cached, so a later miss retunes
 
     def fallbacks(self) -> list[str]:
         """Validated candidates in the order to try them: fastest first, then by priority."""
@@ -62,6 +64,10 @@ class Decision:
 
     def row(self, name: str) -> Row | None:
         return next((r for r in self.rows if r.backend == name), None)
+
+
+def _json_part(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
 def _describe_error(e: BaseException) -> str:
@@ -247,6 +253,9 @@ class Tuner:
                     "winner": decision.winner,
                     "why": decision.why,
                     "rows": [r.to_json() for r in decision.rows],
+                    "confidence": decision.confidence,
+                    "final": decision.final,  # a contended decision is kept for the record, never served
+                    "key": [_json_part(k) for k in key],  # for the neighbours of unseen keys
                 })
             return decision
 
@@ -254,14 +263,16 @@ class Tuner:
         entry = self.cache.lookup(spec.name, key) if self.cache is not None else None
         if agree is not None:
             entry = agree.broadcast(entry if agree.rank == 0 else None)
-        if not entry or self.variant(spec.name, entry.get("winner", "")) is None:
+        if not entry or not entry.get("final", True) or self.variant(spec.name, entry.get("winner", "")) is None:
             return None
         try:
             rows = tuple(Row(**r) for r in entry["rows"])
         except (TypeError, KeyError):
             return None
+        conf = entry.get("confidence")
         return Decision(op=spec.name, key=key, winner=entry["winner"], rows=rows,
-                        why=f"from the tuning cache ({entry.get('why', '')})", source="cache")
+                        why=f"from the tuning cache ({entry.get('why', '')})", source="cache",
+                        confidence=conf if isinstance(conf, (int, float)) else None)
 
     def _tune(self, spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...], attrs: Mapping[str, Any],
               needs_grad: bool, mode: str, budget: float, wanted: set[str] | None, time_reference: bool,
@@ -300,51 +311,112 @@ class Tuner:
         timed = [v for v in validated if time_reference or v.kernel.backend != "reference"] or validated
         winner: Variant | None = None
         why = ""
-        if mode == "off":
+        conf: float | None = None
+        final = True
+        source = "priority"
+        guess = self._predict(spec, key) if agree is None and mode != "off" and wanted is None else None
+        if guess is not None and mode == "predict":
+            winner = next((v for v in validated if v.name == guess.winner), None)
+            if winner is not None:
+                why = (f"predicted from {guess.neighbours} neighbouring decided key(s) (validated, not timed; "
+                       f"shortlist {', '.join(guess.shortlist)})")
+                source = "predicted"
+        if mode == "off" or (mode == "predict" and winner is None and not validated):
             if validated:
                 winner = max(validated, key=lambda v: v.kernel.priority)
                 why = f"highest priority ({winner.kernel.priority}) of {len(validated)} validated candidates; autotuning is off"
-            source = "priority"
-        else:
+        elif winner is None:
             sample = timing_sample or spec.synthesize(args, attrs, gen)
-            pilot = _pilot_times(spec, sample, timed, needs_grad, gen, progress) if agree is None else {}
-            times: dict[str, tuple[float, float]] = {}
-            # The reference is timed last, and only when nothing else survived timing. With a pilot, the
-            # fastest on it go first, so that the cutoffs below meet the slow ones.
-            for group in (timed, [v for v in validated if v not in timed]):
-                if times:
-                    break
-                for v in sorted(group, key=lambda v: pilot.get(v.name, 0.0)):
-                    best = min((t[0] for t in times.values()), default=None)
-                    if best is not None and pilot.get(v.name, 0.0) > HOPELESS * best:
-                        rows[v.name] = replace(rows[v.name], reason=(
-                            f"not timed in full: {pilot[v.name]:.3g} ms on a part of the work already exceeds "
-                            f"{HOPELESS:g}x the best full time ({best:.3g} ms)"))
-                        continue
-                    progress(f"timing {v.name}")
-                    try:
-                        times[v.name] = _measure(v.fn, sample, needs_grad, spec, budget, agree, gen,
-                                                 hopeless_s=None if best is None else HOPELESS * best / 1e3)
-                    except Exception as e:
-                        rows[v.name] = replace(rows[v.name], status="failed",
-                                               reason=f"raised while timed: {_describe_error(e)}")
-                        continue
-                    rows[v.name] = replace(rows[v.name], median_ms=times[v.name][0], spread_ms=times[v.name][1])
-            if times:
-                order = sorted(times, key=lambda n: times[n][0])
-                name = order[0]
+            default = min(timed, key=lambda v: (-v.kernel.priority, v.name)) if timed else None
+            field_ = timed
+            if guess is not None and len(timed) > 2:
+                keep = set(guess.shortlist) | {default.name}
+                field_ = [v for v in timed if v.name in keep] or timed
+                for v in timed:
+                    if v not in field_:
+                        rows[v.name] = replace(rows[v.name], reason="not timed: off the shortlist of the neighbouring keys' "
+                                               f"decisions ({', '.join(guess.shortlist)})")
+            outcome = None
+            for group in (field_, [v for v in validated if v not in timed]):
+                if group:
+                    outcome = self._race(spec, sample, group, needs_grad, budget, agree, gen, rows, progress)
+                    if outcome.contended and agree is None:  # once more, four times longer, before calling it contended
+                        outcome = self._race(spec, sample, group, needs_grad, 4 * budget, agree, gen, rows, progress)
+                    if outcome.pick is not None:
+                        break
+            if outcome is not None and outcome.pick is not None:
+                name = outcome.pick
                 if agree is not None:
                     name = agree.broadcast(name if agree.rank == 0 else None)
                 winner = next(v for v in validated if v.name == name)
-                runner = f", next {order[1]} at {times[order[1]][0]:.3g} ms" if len(order) > 1 else ""
-                why = f"fastest of {len(times)} validated candidates ({times[name][0]:.3g} ms{runner})"
+                # A collective's scatter is mostly the ranks' arrival skew, which is its nature rather than
+                # passing load: its decision is final (every process retuning it in lockstep would cost more).
+                conf, final = outcome.confidence, not outcome.contended or agree is not None
+                ms = rows[name].median_ms
+                timed_rows = sorted((r for r in rows.values() if r.median_ms is not None and r.backend != name),
+                                    key=lambda r: r.median_ms)
+                runner = f", next {timed_rows[0].backend} at {timed_rows[0].median_ms:.3g} ms" if timed_rows else ""
+                n = sum(1 for r in rows.values() if r.median_ms is not None)
+                why = (f"fastest of {n} validated candidates within {racing.EPSILON:.0%} at confidence {conf:.2f} "
+                       f"({ms:.3g} ms{runner}; {outcome.rounds} interleaved rounds, stopped: {_STOPS[outcome.stop]})")
+                if not final:
+                    why += "; heavy contention (spread far beyond the differences): not stored as final"
             source = "tuned"
         if winner is not None:
             rows[winner.name] = replace(rows[winner.name], status="chosen")
         else:
             why = "no candidate both supports these inputs and matched the reference"
         ordered = tuple(rows[v.name] for v in variants)
-        return Decision(op=spec.name, key=key, winner=winner.name if winner else None, rows=ordered, why=why, source=source)
+        return Decision(op=spec.name, key=key, winner=winner.name if winner else None, rows=ordered, why=why, source=source,
+                        confidence=conf, final=final)
+
+    def _race(self, spec: OpSpec, sample: Sample, group: Sequence[Variant], needs_grad: bool, budget: float,
+              agree: Lockstep | None, gen: torch.Generator, rows: dict[str, Row],
+              progress: Callable[[str], None]) -> racing.Outcome:
+        """Time ``group`` interleaved in rounds (core.racing) and write each one's figures into ``rows``."""
+        pilot = _pilot_times(spec, sample, group, needs_grad, gen, progress) if agree is None else {}
+        order = sorted(group, key=lambda v: pilot.get(v.name, 0.0))  # fastest on the pilot first
+        errors: dict[str, Exception] = {}
+        entrants = [racing.Entrant(name=v.name, priority=v.kernel.priority,
+                                   run=_runner(v, sample, needs_grad, spec, gen, errors)) for v in order]
+        by_name = {e.name: e for e in entrants}
+
+        def skip_first(e: racing.Entrant, best: float | None) -> bool:
+            if best is None or pilot.get(e.name, 0.0) <= HOPELESS * best * 1e3:
+                return False
+            e.out = (f"not timed in full: {pilot[e.name]:.3g} ms on a part of the work already exceeds "
+                     f"{HOPELESS:g}x the best full time ({best * 1e3:.3g} ms)")
+            return True
+
+        default = by_name[min(group, key=lambda v: (-v.kernel.priority, v.name)).name]
+        progress(f"racing {', '.join(e.name for e in entrants)}")
+        outcome = racing.race(entrants, default, budget_s=budget * len(entrants), long_run_s=LONG_RUN * budget,
+                              combine=(lambda xs: agree.max(*xs)) if agree is not None else None,
+                              skip_first=skip_first if pilot else None)
+        for e in entrants:
+            row = rows[e.name]
+            if e.failed:
+                err = errors.get(e.name)
+                why = f"raised while timed: {_describe_error(err)}" if err is not None else "raised while timed on another rank"
+                rows[e.name] = replace(row, status="failed", reason=why)
+            elif e.times:
+                rows[e.name] = replace(row, median_ms=racing.median_ms(e), spread_ms=racing.spread_ms(e),
+                                       reason=e.out or row.reason)
+            elif e.out:
+                rows[e.name] = replace(row, reason=e.out)
+        return outcome
+
+    def _predict(self, spec: OpSpec, key: tuple[Any, ...]) -> racing.Prediction | None:
+        """A predicted winner from this process's decisions and the cache's, for keys near ``key``."""
+        known: dict[tuple[Any, ...], Mapping[str, Any]] = {}
+        if self.cache is not None:
+            for ek, entry in self.cache.entries().items():
+                if ek.startswith(spec.name + "|") and entry.get("final", True) and isinstance(entry.get("key"), list):
+                    known[tuple(str(k) for k in entry["key"])] = entry
+        for (op, k), d in self.decisions.items():
+            if op == spec.name and d.winner and d.source in ("tuned", "cache") and d.final:
+                known[tuple(str(part) for part in k)] = {"winner": d.winner, "rows": [r.to_json() for r in d.rows]}
+        return racing.predict(spec, key, known) if known else None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -444,84 +516,54 @@ class _Validator:
         return replace(verdict, max_error=worst), status
 
 
-HOPELESS = 3.0  # a candidate this many times slower than the best so far cannot win: stop timing it
-LONG_RUN = 10.0  # a first run this many timing budgets long is its own measure: it is not repeated
+HOPELESS = racing.HOPELESS  # a candidate this many times slower than the best so far cannot win: stop timing it
+LONG_RUN = racing.LONG_RUN  # a first run this many timing budgets long is its own measure: it is not repeated
+_STOPS = {"alone": "one candidate left", "confident": "the pick is confidently within epsilon of the rest",
+          "tie": "the rest are within epsilon (a tie, broken by priority, then name)", "budget": "the budget",
+          "none": "nothing ran"}
+
+
+def _runner(v: Variant, sample: Sample, needs_grad: bool, spec: OpSpec, gen: torch.Generator,
+            errors: dict[str, Exception]) -> Callable[[], float]:
+    """One timed run of ``v`` (seconds); an error is kept in ``errors`` and read as an infinite time, so
+    that under lockstep every rank still makes the same collectives."""
+    device = spec.device(sample.args, sample.attrs)
+    args = sample.args
+    if needs_grad:
+        args = tuple(a.detach().requires_grad_(True) if i in spec.grad_inputs else a for i, a in enumerate(args))
+    fn, attrs = v.fn, sample.attrs
+
+    def run() -> float:
+        if v.name in errors:
+            return float("inf")
+        t0 = time.perf_counter()
+        try:
+            with torch.enable_grad() if needs_grad else torch.no_grad():
+                out = fn(*args, **attrs)
+                if needs_grad and spec.grad_outputs is not None:
+                    pairs = [(o, g) for o, g in zip(_leaves(out), _leaves(spec.grad_outputs(out, gen))) if g is not None]
+                    torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
+            _sync(device)
+        except Exception as e:
+            errors[v.name] = e
+            return float("inf")
+        return time.perf_counter() - t0
+    return run
 
 
 def _pilot_times(spec: OpSpec, sample: Sample, candidates: Sequence[Variant], needs_grad: bool, gen: torch.Generator,
                  progress: Callable[[str], None]) -> dict[str, float]:
     """Each candidate's time (ms) for one run on ``spec.pilot``'s part of the timing sample, when the
     spec has one and the sample is big enough for it; a candidate that raises there gets no entry
-    (the full timing will meet the error)."""
+    (the race will meet the error)."""
     part = spec.pilot(sample, gen) if spec.pilot is not None and len(candidates) > 1 else None
     if part is None:
         return {}
     times: dict[str, float] = {}
+    errors: dict[str, Exception] = {}
     for v in candidates:
         progress(f"pilot {v.name}")
-        try:
-            # hopeless_s=0: any first run exceeds it, so _measure times exactly one run
-            times[v.name] = _measure(v.fn, part, needs_grad, spec, 0.0, None, gen, hopeless_s=0.0)[0]
-        except Exception:
-            continue
+        t = _runner(v, part, needs_grad, spec, gen, errors)()
+        if t != float("inf"):
+            times[v.name] = t * 1e3
     return times
-
-
-def _measure(fn: Callable[..., Any], sample: Sample, needs_grad: bool, spec: OpSpec, budget: float,
-             agree: Lockstep | None, gen: torch.Generator, hopeless_s: float | None = None) -> tuple[float, float]:
-    """(median, interquartile spread) in milliseconds; with lockstep, the slowest rank's figures.
-
-    A candidate whose first run already takes longer than ``hopeless_s`` (three times the best
-    median so far) cannot win: that one run is its time, and it is not repeated. Nor is a first run
-    of LONG_RUN budgets or more: warm-up effects are small beside it."""
-    device = spec.device(sample.args, sample.attrs)
-    args = sample.args
-    if needs_grad:
-        args = tuple(a.detach().requires_grad_(True) if i in spec.grad_inputs else a for i, a in enumerate(args))
-
-    def once() -> None:
-        out = fn(*args, **sample.attrs)
-        if needs_grad and spec.grad_outputs is not None:
-            pairs = [(o, g) for o, g in zip(_leaves(out), _leaves(spec.grad_outputs(out, gen))) if g is not None]
-            torch.autograd.backward([o for o, _ in pairs], [g.to(o.dtype) for o, g in pairs])
-
-    ctx = torch.enable_grad() if needs_grad else torch.no_grad()
-    # Under lockstep every rank makes the same collectives whatever happens locally: an error is
-    # held, signalled as an infinite time, and raised on every rank once all of them know.
-    error: Exception | None = None
-    samples: list[float] = []
-    with ctx:
-        t0 = time.perf_counter()
-        try:
-            once()
-            _sync(device)
-            first = time.perf_counter() - t0
-        except Exception as e:
-            if agree is None:
-                raise
-            error, first = e, float("inf")
-        if agree is not None:
-            (first,) = agree.max(first)
-        if first != float("inf") and ((hopeless_s is not None and first > hopeless_s) or first >= LONG_RUN * budget > 0):
-            samples.append(first * 1e3)
-        elif first != float("inf"):
-            reps = 1 if first >= budget else max(3, min(200, int(budget / max(first, 1e-7))))
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                try:
-                    once()
-                    _sync(device)
-                except Exception as e:
-                    if agree is None:
-                        raise
-                    error = e
-                    break
-                samples.append((time.perf_counter() - t0) * 1e3)
-    median = statistics.median(samples) if samples and error is None else float("inf")
-    q = statistics.quantiles(samples, n=4) if len(samples) >= 2 else [median, median, median]
-    spread = q[2] - q[0] if median != float("inf") else 0.0
-    if agree is not None:
-        median, spread = agree.max(median, spread)
-    if median == float("inf"):
-        raise error if error is not None else RuntimeError("raised on another rank while timed")
-    return median, spread

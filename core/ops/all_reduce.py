@@ -415,6 +415,7 @@ SPEC = OpSpec(
     ),
     verify=_verify,
     key=_key,
+    key_sizes=(4, 6),
     device=_device,
     dtypes=_dtypes,
     infer=_infer,

@@ -32,30 +32,45 @@ REFERENCE_WORK = 1 << 22  # B * Hq * Lq * Lk * (D + Dv) up to which candidates a
 _DTYPE_SET = frozenset(DTYPES)
 
 
-def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> None:
-    """The happy path in one expression (this runs on every call); any doubt goes to the full check."""
+def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The happy path in one expression (this runs on every call); any doubt goes to the full check.
+
+    Returns the dispatch key (the same tuple as ``_key``), built from the sizes read here, so the hot
+    path reads each tensor's metadata once."""
     q, k, v = args
     try:
-        qs, ks, vs, dt, dev = q.shape, k.shape, v.shape, q.dtype, q.device
-        fine = (len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and dt in _DTYPE_SET and k.dtype is dt
-                and v.dtype is dt and k.device == dev and v.device == dev and qs[0] == ks[0] == vs[0]
-                and ks[3] == qs[3] > 0 and vs[1] == ks[1] and vs[2] == ks[2] and ks[1] > 0 and qs[1] % ks[1] == 0
-                and attrs["causal"].__class__ is bool and attrs["return_lse"].__class__ is bool
+        dt, dev = q.dtype, q.device
+        B, Hq, Lq, D = q.shape
+        Bk, Hkv, Lk, Dk = k.shape
+        Bv, Hv, Lv, Dv = v.shape
+        causal, return_lse = attrs["causal"], attrs["return_lse"]
+        fine = (dt in _DTYPE_SET and k.dtype is dt and v.dtype is dt and k.device == dev and v.device == dev
+                and B == Bk == Bv and Dk == D > 0 and Hv == Hkv > 0 and Lv == Lk and Hq % Hkv == 0
+                and causal.__class__ is bool and return_lse.__class__ is bool
                 and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor))
-    except (AttributeError, TypeError, IndexError):
+    except (AttributeError, TypeError, IndexError, ValueError):
         fine = False
     if not fine:
         _verify_tensors(q, k, v, attrs)
     scale = attrs["scale"]
     if scale is None:
-        attrs["scale"] = 1.0 / math.sqrt(qs[3])
+        attrs["scale"] = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise InvalidInput(f"{NAME}: argument 'scale': expected a finite float or None, got {scale!r}")
     else:
         attrs["scale"] = float(scale)
     mask = attrs["attn_mask"]
-    if mask is not None:
-        _verify_mask(mask, q, (qs[0], qs[1], qs[2], ks[2]))
+    if mask is None:
+        kind = "none"
+    else:
+        _verify_mask(mask, q, (B, Hq, Lq, Lk))
+        kind = _mask_kind(mask)
+    try:  # bucket() inlined
+        return (dev, dt, B if B <= 1 else 1 << (B - 1).bit_length(), Hq, Hkv,
+                Lq if Lq <= 1 else 1 << (Lq - 1).bit_length(), Lk if Lk <= 1 else 1 << (Lk - 1).bit_length(), D,
+                Dv, causal, kind, return_lse)
+    except AttributeError:  # symbolic sizes while tracing: no key wanted there (the caller falls back to _key)
+        return None
 
 
 def _verify_tensors(q: Any, k: Any, v: Any, attrs: Mapping[str, Any]) -> None:
@@ -343,6 +358,7 @@ SPEC = OpSpec(
     ),
     verify=_verify,
     key=_key,
+    key_sizes=(2, 5, 6),
     device=_device,
     dtypes=_dtypes,
     infer=_infer,

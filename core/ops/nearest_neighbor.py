@@ -335,6 +335,7 @@ SPEC = OpSpec(
     ),
     verify=_verify,
     key=_key,
+    key_sizes=(2, 3, 5),
     device=_device,
     dtypes=_dtypes,
     infer=_infer,

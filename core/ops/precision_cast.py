@@ -470,6 +470,7 @@ SPEC = OpSpec(
     ),
     verify=_verify,
     key=_key,
+    key_sizes=(7,),
     device=_device,
     dtypes=_dtypes,
     infer=_infer,

@@ -399,6 +399,7 @@ SPEC = OpSpec(
     ),
     verify=_verify,
     key=_key,
+    key_sizes=(3, 4, 5),
     device=_device,
     dtypes=_dtypes,
     infer=_infer,

@@ -199,6 +199,10 @@ def library(op: str, isa: str | None = None) -> Any:
         sources = [CSRC / f"{op}.cpp"]
         build = _build_dir(op, sources, isa)
         build.mkdir(parents=True, exist_ok=True)
+        if not (build / f"switchyard_{op}_{isa}.so").exists():  # say why this call waits (once per build)
+            __import__("logging").getLogger("switchyard.build").warning(
+                "switchyard: compiling the fused C++ kernels of %s for %s (first use of this source and level; about "
+                "10-80 s, cached afterwards; `python -m core.autotune --build` does it ahead of time)", op, isa)
         try:
             load(name=f"switchyard_{op}_{isa}", sources=[str(s) for s in sources], extra_cflags=_flags(isa),
                  extra_ldflags=LDFLAGS, build_directory=str(build), is_python_module=False, verbose=False)

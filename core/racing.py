@@ -1,0 +1,315 @@
+"""The statistics of a tuning decision: interleaved paired rounds, racing, confidence, neighbours.
+
+Candidates are timed in rounds, one run each per round, in an order that rotates every round, so
+load drift hits all of them alike; they are compared by paired log-ratios within rounds. After each
+round a candidate confidently slower than the leader leaves (a one-sided t bound on its mean paired
+log-ratio, at a strict level because the test is repeated). The race stops when one candidate is
+left, when the pick is confidently within epsilon of every other candidate left, or at the budget.
+
+The pick is never worse than the default (the highest-priority candidate): another candidate wins
+only when it is confidently faster than the default. Candidates whose estimates are within epsilon
+of the fastest are a tie, broken by priority, then name, so repeated runs agree wherever the
+difference is below noise. The decision's confidence is the posterior probability (Student t over
+each pair's log-ratios, multiplied across pairs) that the pick is within epsilon of the fastest.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+EPSILON = 0.03
+LEVEL = 0.995  # one-sided level of drops and stops (the test is repeated each round: stricter than 0.95)
+STATED = 0.95  # the confidence a decision is stated final at
+CONTENTION = 3.0  # a paired ratio's scatter this many times epsilon, at low confidence: contended
+MIN_ROUNDS = 3
+TRIM = 0.2  # of the paired log-ratios, each side
+MAX_ROUNDS = 200
+HOPELESS = 3.0
+LONG_RUN = 10.0
+
+
+def t_cdf(t: float, df: int) -> float:
+    """Student t distribution function, exact for integer ``df`` (Abramowitz and Stegun 26.7.3-4)."""
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2, sin = math.cos(theta) ** 2, math.sin(theta)
+    if df % 2:  # odd
+        term, total = 1.0, 1.0 if df > 1 else 0.0
+        for k in range(1, (df - 1) // 2):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            total += term
+        a = (2 / math.pi) * (theta + (sin * math.cos(theta) * total if df > 1 else 0.0))
+    else:
+        term, total = 1.0, 1.0
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        a = sin * total
+    return 0.5 + a / 2 if t >= 0 else 0.5 - a / 2
+
+
+@dataclass(slots=True)
+class Pair:
+    """Paired log-ratios log(t_a / t_b) over the rounds both ran."""
+
+    mean: float
+    se: float
+    n: int
+    df: int = 0
+
+    def cdf(self, x: float) -> float:
+        """Posterior P(true log-ratio <= x): Student t around the (trimmed) mean (flat prior)."""
+        if self.n < 2 or math.isinf(self.se):
+            return 0.5
+        if self.se <= 0:
+            return 1.0 if self.mean <= x else 0.0
+        return t_cdf((x - self.mean) / self.se, max(1, self.df or self.n - 1))
+
+
+@dataclass(slots=True, kw_only=True)
+class Entrant:
+    name: str
+    priority: int
+    run: Callable[[], float]  # one timed run, seconds; inf when it raised (the caller keeps the error)
+    times: dict[int, float] = field(default_factory=dict)  # round -> seconds
+    out: str = ""  # why it left the race ("" while in it)
+    failed: bool = False  # it raised while timed (on some rank)
+    frozen: bool = False  # a long first run, or hopeless after one: not repeated
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    pick: str | None
+    confidence: float
+    rounds: int
+    stop: str  # "alone", "confident", "tie", "budget", "none"
+    noise: float  # median std of one paired log-ratio between the pick and the others
+    gap: float  # the smallest |mean log-ratio| between the pick and another candidate
+    contended: bool
+
+
+def pair(a: Entrant, b: Entrant) -> Pair:
+    if a.frozen or b.frozen:  # one side has a single run: its medians, taken as exact (a 3x or 10x gap)
+        ma, mb = median_ms(a), median_ms(b)
+        return Pair(mean=math.log(ma / mb), se=0.0, n=2) if ma and mb else Pair(mean=0.0, se=math.inf, n=0)
+    common = [r for r in a.times if r in b.times and a.times[r] > 0 and b.times[r] > 0]
+    if len(common) > 3:
+        common = [r for r in common if r > 0]  # round 0 carries warm-up: left out once there are enough others
+    return _trimmed(sorted(math.log(a.times[r] / b.times[r]) for r in common))
+
+
+def _trimmed(logs: list[float]) -> Pair:
+    """The 20% trimmed mean of sorted log-ratios and its standard error from the winsorized variance
+    (Tukey and McLaughlin): a run slowed by a burst of load from elsewhere moves it little."""
+    n = len(logs)
+    if n == 0:
+        return Pair(mean=0.0, se=math.inf, n=0)
+    g = int(TRIM * n) if n >= 5 else 0
+    kept = logs[g:n - g]
+    mean = sum(kept) / len(kept)
+    if n < 2:
+        return Pair(mean=mean, se=math.inf, n=n)
+    wins = [logs[g]] * g + kept + [logs[n - g - 1]] * g
+    wmean = sum(wins) / n
+    var = sum((x - wmean) ** 2 for x in wins) / (n - 1)
+    return Pair(mean=mean, se=math.sqrt(var) / ((1 - 2 * g / n) * math.sqrt(n)), n=n, df=n - 2 * g - 1)
+
+
+def _settled(e: Entrant) -> list[float]:
+    return sorted(t for r, t in e.times.items() if r > 0 or len(e.times) <= 3)
+
+
+def median_ms(e: Entrant) -> float | None:
+    v = _settled(e)
+    if not v:
+        return None
+    m = len(v) // 2
+    return (v[m] if len(v) % 2 else (v[m - 1] + v[m]) / 2) * 1e3
+
+
+def spread_ms(e: Entrant) -> float:
+    v = _settled(e)
+    if len(v) < 2:
+        return 0.0
+    return (v[(3 * len(v)) // 4] - v[len(v) // 4]) * 1e3
+
+
+def choose(field_: Sequence[Entrant], default: Entrant, eps: float = EPSILON) -> Entrant:
+    """The pick among the candidates still in: the default, unless another is confidently faster than
+    it; among those eligible, the fastest by estimate, ties within epsilon broken by priority, then name."""
+    eligible = [default] + [e for e in field_ if e is not default and pair(e, default).cdf(0.0) >= LEVEL]
+    rel = {e.name: pair(e, default).mean if e is not default else 0.0 for e in eligible}
+    best = min(rel.values())
+    tied = [e for e in eligible if rel[e.name] <= best + math.log1p(eps)]
+    return min(tied, key=lambda e: (-e.priority, e.name))
+
+
+def confidence(pick: Entrant, others: Sequence[Entrant], eps: float = EPSILON) -> float:
+    """P(pick within epsilon of the fastest): the product over the others of P(log(t_pick/t_c) <= log(1+eps))."""
+    p = 1.0
+    for c in others:
+        if c is not pick:
+            p *= pair(pick, c).cdf(math.log1p(eps))
+    return p
+
+
+def _hopeless(ran: Sequence[Entrant], default: Entrant) -> None:
+    """After the first round: a candidate over 3x the best first run leaves at once, except the default
+    (what any winner must beat: a one-off slow first run must not cost it the race)."""
+    best = min((e.times[0] for e in ran if 0 in e.times and not e.failed), default=None)
+    for e in ran:
+        if best is not None and e is not default and not e.failed and e.times[0] > HOPELESS * best:
+            e.out = (f"left after one run: {e.times[0] * 1e3:.3g} ms, over {HOPELESS:g}x the best first run "
+                     f"({best * 1e3:.3g} ms)")
+            e.frozen = True
+
+
+def race(entrants: Sequence[Entrant], default: Entrant, *, budget_s: float, long_run_s: float, eps: float = EPSILON,
+         combine: Callable[[list[float]], list[float]] | None = None,
+         skip_first: Callable[[Entrant, float | None], bool] | None = None,
+         clock: Callable[[], float] = time.perf_counter) -> Outcome:
+    """Run the race in place: ``entrants`` get their times, and ``out`` reasons when they leave.
+
+    ``combine`` max-combines one round's figures across ranks (lockstep): every rank then sees the
+    same times and the same elapsed time, so all take the same drops and stops. ``skip_first(e, best)``
+    is asked before a candidate's first run with the best first run so far (the pilot's hopeless rule:
+    True means it never runs; it sets ``e.out``). A first run of ``long_run_s`` or more is not
+    repeated; a candidate whose first run is over 3x the best first run leaves at once."""
+    active = list(entrants)
+    start = clock()
+    rounds = 0
+    stop = "budget"
+    while True:
+        k = rounds % len(active)
+        order = active if rounds == 0 else active[k:] + active[:k]  # round 0 in the given (pilot) order
+        got: list[float] = []
+        ran: list[Entrant] = []
+        elapsed = 0.0
+        for e in order:
+            if e.frozen:
+                continue
+            if rounds == 0 and skip_first is not None:
+                best = min((x.times[0] for x in ran if 0 in x.times and not x.failed), default=None)
+                if skip_first(e, best):
+                    continue
+            t = e.run()
+            got.append(t)
+            ran.append(e)
+            if combine is None:
+                e.times[rounds] = t
+        if combine is not None:
+            *got, elapsed = combine([*got, clock() - start])
+            for e, t in zip(ran, got):
+                e.times[rounds] = t
+        for e in ran:
+            if e.times[rounds] == math.inf:
+                e.failed, e.frozen = True, True
+                del e.times[rounds]
+                e.out = e.out or "raised while timed"
+            elif rounds == 0 and e.times[0] >= long_run_s:
+                e.frozen = True
+        if rounds == 0:
+            _hopeless(ran, default)
+        rounds += 1
+        active = [e for e in active if not e.out and e.times]
+        if not active:
+            return Outcome(pick=None, confidence=0.0, rounds=rounds, stop="none", noise=0.0, gap=0.0, contended=False)
+        if default not in active:
+            default = min(active, key=lambda e: (-e.priority, e.name))
+        if len(active) == 1:
+            stop = "alone"
+            break
+        if rounds >= MIN_ROUNDS or all(e.frozen for e in active):
+            leader = min(active, key=lambda e: pair(e, default).mean if e is not default else 0.0)
+            for e in active:
+                p = pair(e, leader)
+                if e is not leader and e is not default and p.cdf(0.0) <= 1 - LEVEL:
+                    e.out = f"left the race after {p.n} rounds: confidently slower than {leader.name} (x{math.exp(p.mean):.3f})"
+            active = [e for e in active if not e.out]
+            pick = choose(active, default, eps)
+            if len(active) == 1:
+                stop = "alone"
+                break
+            if all(pair(pick, c).cdf(math.log1p(eps)) >= LEVEL for c in active if c is not pick):
+                tie = all(abs(pair(pick, c).mean) <= math.log1p(eps) for c in active if c is not pick)
+                stop = "tie" if tie else "confident"
+                break
+        if all(e.frozen for e in active) or rounds >= MAX_ROUNDS:
+            break
+        if (clock() - start if combine is None else elapsed) >= budget_s:
+            break
+    pick = choose(active, default, eps) if len(active) > 1 else active[0]
+    others = [e for e in entrants if e is not pick and e.times and not e.out]
+    conf = confidence(pick, others, eps)
+    pairs = [pair(pick, c) for c in others if not (pick.frozen or c.frozen)]
+    noise = sorted(p.se * math.sqrt(p.n) for p in pairs)[len(pairs) // 2] if pairs else 0.0
+    gap = min((abs(p.mean) for p in pairs), default=math.inf)
+    # contended: unresolved, and one round's paired ratio scatters far beyond epsilon (the differences
+    # that matter); such a decision serves this process but is not stored as final
+    contended = conf < STATED and noise > CONTENTION * math.log1p(eps)
+    return Outcome(pick=pick.name, confidence=conf, rounds=rounds, stop=stop, noise=noise, gap=gap, contended=contended)
+
+
+# -- neighbours: predictions for unseen keys --------------------------------------------------------
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prediction:
+    winner: str
+    shortlist: tuple[str, ...]
+    neighbours: int
+    distance: float
+
+
+def _as_int(x: Any) -> int | None:
+    try:
+        v = int(x)
+    except (TypeError, ValueError):
+        return None
+    return v if str(v) == str(x) else None
+
+
+def predict(spec: Any, key: Sequence[Any], known: Mapping[tuple[Any, ...], Mapping[str, Any]],
+            reach: float = 2.0) -> Prediction | None:
+    """A predicted winner and shortlist for ``key`` from decided keys of the same op: the same non-size
+    parts (``spec.key_sizes`` names the size parts), sizes within ``reach`` buckets (sum of |log2|
+    steps). The nearest neighbours vote; the shortlist is each neighbour's winner and every candidate
+    it measured within 25% of its winner."""
+    sizes = tuple(getattr(spec, "key_sizes", ()) or ())
+    if not sizes:
+        return None
+    me = [str(k) for k in key]
+    best: list[tuple[float, Mapping[str, Any]]] = []
+    for other, entry in known.items():
+        o = [str(k) for k in other]
+        if len(o) != len(me) or o == me or not entry.get("winner"):
+            continue
+        if any(o[i] != me[i] for i in range(len(me)) if i not in sizes):
+            continue
+        dist = 0.0
+        for i in sizes:
+            a, b = _as_int(me[i]), _as_int(o[i])
+            if a is None or b is None:
+                dist = math.inf
+                break
+            dist += abs(math.log2(max(a, 1)) - math.log2(max(b, 1)))
+        if dist <= reach:
+            best.append((dist, entry))
+    if not best:
+        return None
+    nearest = min(d for d, _ in best)
+    close = [(d, e) for d, e in best if d <= nearest + 1.0]
+    votes: dict[str, float] = {}
+    shortlist: list[str] = []
+    for d, e in sorted(close, key=lambda x: x[0]):
+        votes[e["winner"]] = votes.get(e["winner"], 0.0) + 1.0 / (1.0 + d)
+        times = {r["backend"]: r.get("median_ms") for r in e.get("rows", []) if r.get("median_ms") is not None}
+        wt = times.get(e["winner"])
+        for name in [e["winner"], *sorted(times, key=times.get)]:
+            if name not in shortlist and (name == e["winner"] or (wt and times[name] <= 1.25 * wt)):
+                shortlist.append(name)
+    winner = max(sorted(votes), key=lambda n: votes[n])
+    shortlist.remove(winner)
+    return Prediction(winner=winner, shortlist=(winner, *shortlist), neighbours=len(close), distance=nearest)

@@ -1,0 +1,154 @@
+"""core.racing on simulated timings: drops, stops, ties, the default's protection, confidence,
+contention, lockstep combining, and neighbour predictions. Each candidate's runs are drawn from a
+seeded log-normal around its true time, on a simulated clock, so every test knows the truth."""
+from __future__ import annotations
+
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from core import racing
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def entrants(truth: dict[str, float], priority: dict[str, int], sigma: float, seed: int, clock: Clock,
+             first: dict[str, float] | None = None, shared: float = 0.0) -> list[racing.Entrant]:
+    """Candidates whose run i takes truth * lognormal(sigma) (plus a load factor shared by the round's
+    runs when ``shared``): the first run is ``first[name]`` when given."""
+    rng = random.Random(seed)
+    load = {"round": -1, "f": 1.0}
+    count = {n: 0 for n in truth}
+
+    def make(name: str) -> racing.Entrant:
+        def run() -> float:
+            if count[name] == 0 and first and name in first:
+                t = first[name]
+            else:
+                t = truth[name] * math.exp(rng.gauss(0, sigma)) * (load["f"] if shared else 1.0)
+            count[name] += 1
+            if shared and rng.random() < 0.3:  # the load drifts: every later run in this stretch pays it
+                load["f"] = math.exp(rng.gauss(0, shared))
+            clock.t += t
+            return t
+        return racing.Entrant(name=name, priority=priority[name], run=run)
+    return [make(n) for n in truth]
+
+
+def race(truth, priority, sigma=0.02, seed=0, budget=10.0, **kw):
+    clock = Clock()
+    es = entrants(truth, priority, sigma, seed, clock, **{k: v for k, v in kw.items() if k in ("first", "shared")})
+    default = min(es, key=lambda e: (-e.priority, e.name))
+    out = racing.race(es, default, budget_s=budget, long_run_s=kw.get("long_run_s", 100.0), clock=clock,
+                      combine=kw.get("combine"))
+    return out, {e.name: e for e in es}, clock.t
+
+
+def test_a_clearly_faster_candidate_wins_confidently_and_the_slow_ones_leave_early():
+    truth = {"a": 1e-3, "b": 2e-3, "c": 1.3e-3}
+    out, es, spent = race(truth, {"a": 1, "b": 5, "c": 3}, sigma=0.05)
+    assert out.pick == "a" and out.confidence >= 0.95 and not out.contended
+    assert out.stop in ("alone", "confident")
+    assert "confidently slower" in es["c"].out and not es["b"].out  # b is the default: it races to the end
+    assert out.rounds < 20 and spent < 0.1  # far below the 10 s budget
+
+
+def test_near_ties_go_to_priority_then_name_in_every_run():
+    truth = {"fast": 1.00e-3, "prio": 1.01e-3, "other": 1.015e-3}  # all within 3%
+    picks = set()
+    for seed in range(10):
+        out, _, _ = race(truth, {"fast": 1, "prio": 9, "other": 5}, sigma=0.01, seed=seed)
+        picks.add(out.pick)
+        assert out.confidence >= 0.95 and out.stop in ("tie", "confident")
+    assert picks == {"prio"}
+    out, _, _ = race({"b": 1e-3, "a": 1e-3}, {"a": 2, "b": 2}, sigma=0.01)
+    assert out.pick == "a"  # same priority: by name
+
+
+def test_the_default_stays_unless_another_is_confidently_faster():
+    # 10% faster, but noise far beyond it and a tiny budget: the default keeps the call, at low confidence
+    truth = {"default": 1.1e-3, "challenger": 1.0e-3}
+    out, es, _ = race(truth, {"default": 9, "challenger": 1}, sigma=0.8, budget=0.005, first=truth)
+    assert out.pick == "default" and out.confidence < 0.95 and out.contended
+    assert not es["default"].out
+    # with a real budget and quiet timings the challenger wins at the stated confidence
+    out, _, _ = race(truth, {"default": 9, "challenger": 1}, sigma=0.02)
+    assert out.pick == "challenger" and out.confidence >= 0.95
+
+
+def test_a_candidate_3x_slower_on_its_first_run_leaves_at_once():
+    truth = {"a": 1e-3, "slow": 5e-3}
+    out, es, _ = race(truth, {"a": 2, "slow": 1})
+    assert out.pick == "a" and len(es["slow"].times) == 1 and "over 3x the best first run" in es["slow"].out
+
+
+def test_a_long_first_run_is_not_repeated():
+    truth = {"a": 2.0, "b": 0.9}
+    out, es, _ = race(truth, {"a": 2, "b": 1}, long_run_s=1.0)
+    assert len(es["a"].times) == 1 and out.pick == "b"
+
+
+def test_a_failing_candidate_is_marked_and_the_race_goes_on():
+    clock = Clock()
+    es = entrants({"a": 1e-3, "b": 1.5e-3}, {"a": 1, "b": 2}, 0.02, 0, clock)
+    es[1].run = lambda: math.inf
+    out = racing.race(es, es[1], budget_s=1.0, long_run_s=10.0, clock=clock)
+    assert out.pick == "a" and es[1].failed and not es[1].times
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_drift_shared_by_a_round_cancels_in_the_paired_ratios(seed):
+    # the load jumps up to ~2x between stretches of runs; the 15% difference still shows
+    truth = {"a": 1.0e-3, "b": 1.15e-3}
+    out, _, _ = race(truth, {"a": 1, "b": 2}, sigma=0.01, seed=seed, shared=0.4)
+    assert out.pick == "a"
+
+
+def test_calibration_on_simulated_races():
+    """Of the races stated at confidence >= 0.95, at least 95% picked a kernel within 3% of the fastest."""
+    rng = random.Random(5)
+    stated, right = 0, 0
+    for seed in range(120):
+        truth = {f"k{i}": 1e-3 * math.exp(rng.uniform(-0.15, 0.15)) for i in range(3)}
+        out, _, _ = race(truth, {"k0": 3, "k1": 2, "k2": 1}, sigma=rng.choice([0.01, 0.05, 0.2]), seed=seed, budget=0.03)
+        if out.confidence >= 0.95:
+            stated += 1
+            right += truth[out.pick] <= min(truth.values()) * 1.03
+    assert stated >= 60 and right >= 0.95 * stated
+
+
+def test_combine_sees_every_round_with_the_elapsed_time():
+    seen = []
+
+    def combine(xs):
+        seen.append(list(xs))
+        return [x * 1.0 for x in xs]
+
+    out, es, _ = race({"a": 1e-3, "b": 2e-3}, {"a": 1, "b": 2}, combine=combine)
+    assert out.pick == "a"
+    assert all(len(s) == len([e for e in es.values() if e.times]) + 1 or len(s) >= 2 for s in seen)
+    assert seen[0][-1] >= 0.0  # the elapsed time travels with the round
+
+
+def test_prediction_from_neighbours_in_size_only():
+    spec = SimpleNamespace(key_sizes=(1, 2))
+    known = {
+        ("cpu", 64, 128, "x"): {"winner": "fused", "rows": [{"backend": "fused", "median_ms": 1.0},
+                                                            {"backend": "torch", "median_ms": 1.2},
+                                                            {"backend": "slow", "median_ms": 5.0}]},
+        ("cpu", 256, 128, "x"): {"winner": "fused", "rows": []},
+        ("cpu", 128, 128, "y"): {"winner": "torch", "rows": []},  # another non-size part: not a neighbour
+    }
+    guess = racing.predict(spec, ("cpu", 128, 128, "x"), known)
+    assert guess.winner == "fused" and guess.shortlist == ("fused", "torch") and guess.neighbours == 2
+    assert racing.predict(spec, ("cpu", 128, 128, "z"), known) is None
+    assert racing.predict(spec, ("cpu", 4096, 4096, "x"), known) is None  # too far
+    assert racing.predict(SimpleNamespace(key_sizes=()), ("cpu", 128, 128, "x"), known) is None
