@@ -14,7 +14,6 @@ from registry import Kernel
 OP = "precision_cast"
 POOL_ENV = "SWITCHYARD_POOL_MB"
 POOL_DEFAULT_MB = 1024
-_pool_configured: list = []  # the libraries whose pool cap is set (one per level at most)
 
 
 def _seed(seed: int | None) -> int:
@@ -44,10 +43,19 @@ def _library():
     """The C++ library, with the output pool's cap set from the environment on first use (each
     instruction-set level's build has its own pool)."""
     lib = _build.library(OP)
-    if lib not in _pool_configured:
-        lib.precision_cast_pool_limit(pool_limit_from_env())
-        _pool_configured.append(lib)
+    if lib not in _cast_ops:
+        _configure(lib)
     return lib
+
+
+def _configure(lib) -> None:
+    lib.precision_cast_pool_limit(pool_limit_from_env())
+    op = lib.precision_cast_cpu.default
+    # the overload's C++ callable itself, where this torch has it: its Python wrapper costs 0.3 us a call
+    _cast_ops[lib] = getattr(op, "_op", op)
+
+
+_cast_ops: dict = {}  # a library (one per level) -> its cast op, once its pool cap is set
 
 
 # The C++ kernel's options in one int (see cast_into in csrc/precision_cast.cpp): a small cast costs a
@@ -64,11 +72,15 @@ def cpu_flags(dtype: torch.dtype, rounding: str, scaling: str, saturate: bool, m
 def precision_cast_cpu(x: torch.Tensor, *, dtype: torch.dtype, rounding: str, scaling: str, saturate: bool, margin: int,
                        seed: int | None) -> CastResult:
     """One OpenMP pass: amax, non-finite count, round and store (two passes with scaling='amax')."""
-    lib = _library()
+    lib = _build.library(OP)
+    op = _cast_ops.get(lib)
+    if op is None:
+        _configure(lib)
+        op = _cast_ops[lib]
     if x.requires_grad or not x.is_contiguous():
         x = x.detach().contiguous()  # a cast has no gradient
     flags = _TARGET_CODES[dtype] | _OPTION_BITS[(rounding, scaling)] | (16 if saturate else 0) | (margin << 8)
-    return _make(lib.precision_cast_cpu(x, flags, _seed(seed) if flags & 4 else 0))
+    return _make(op(x, flags, _seed(seed) if flags & 4 else 0))
 
 
 _make = CastResult._make

@@ -39,9 +39,10 @@
 
 namespace {
 
-// Below this many elements one thread does it all (about 0.25 ms): when another process holds the
-// other core, a parallel region waits a scheduler slice (4-8 ms) for its second thread.
-constexpr int64_t kParallelGrain = 1 << 20;
+// Below this many elements one thread does it all (a few microseconds of work on the vector paths).
+// From there on the cores share it, as torch's own cast does from 32768 elements: on a machine where
+// another process holds the other core both wait a scheduler slice for the second thread alike.
+constexpr int64_t kParallelGrain = 1 << 16;
 
 template <class C> struct Wide;
 template <> struct Wide<float> {
@@ -389,9 +390,8 @@ struct Simd {
 // Rounds and stores the longest prefix of x that is a whole number of 4-vector blocks; returns its
 // length (the caller does the rest with the scalar loop). With Stats, mx becomes the max of mx and of
 // |x|'s bits over the prefix. The integer rule is nearest_bits' float32 one, lane by lane.
-template <class T, bool Scaled, bool WithStats>
-int64_t simd_cast(const float* __restrict x, typename T::Out* __restrict y, int64_t n, float scale, bool saturate,
-                  int32_t& mx) {
+template <class T, bool Scaled, bool WithStats, bool Saturate>
+int64_t simd_cast(const float* __restrict x, typename T::Out* __restrict y, int64_t n, float scale, int32_t& mx) {
   static_assert(!(Scaled && WithStats), "the statistics are of x, taken in the unscaled pass");
   using V = Simd;
   using VI = typename V::I;
@@ -402,15 +402,34 @@ int64_t simd_cast(const float* __restrict x, typename T::Out* __restrict y, int6
   VI vmax = V::set1(0);
   int64_t i = 0;
   if constexpr (std::is_same_v<T, F16>) {
-    const float bound = saturate ? T::max_finite() : std::numeric_limits<float>::infinity();
-    const VF hi = V::set1f(bound), lo = V::set1f(-bound);
+    const VF hi = V::set1f(T::max_finite()), lo = V::set1f(-T::max_finite());
     for (; i + B <= n; i += B) {
       for (int k = 0; k < 4; ++k) {
         VF v = V::load(x + i + k * L);
         if constexpr (Scaled) v = V::mul(v, vscale);
         if constexpr (WithStats) vmax = V::max(vmax, V::band(V::bits(v), absmask));
-        V::store_half(reinterpret_cast<uint16_t*>(y) + i + k * L, V::clamp(v, lo, hi));
+        if constexpr (Saturate) v = V::clamp(v, lo, hi);
+        V::store_half(reinterpret_cast<uint16_t*>(y) + i + k * L, v);
       }
+    }
+  } else if constexpr (std::is_same_v<T, BF16> && !Saturate) {
+    // bfloat16 shares float32's exponent range: round the top half of the pattern, sign included (the
+    // carry of the largest finite values makes inf, as it should); a NaN keeps its top bits and is
+    // made quiet, so that rounding cannot carry it into inf.
+    const VI half = V::set1(0x7FFFu), one = V::set1(1u), quiet = V::set1(0x40u), inf = V::set1(Wide<float>::inf);
+    for (; i + B <= n; i += B) {
+      VI r[4];
+      for (int k = 0; k < 4; ++k) {
+        VF v = V::load(x + i + k * L);
+        if constexpr (Scaled) v = V::mul(v, vscale);
+        const VI u = V::bits(v);
+        const VI a = V::band(u, absmask);
+        if constexpr (WithStats) vmax = V::max(vmax, a);
+        const VI top = V::template shr<16>(u);
+        const VI out = V::template shr<16>(V::add(V::add(u, half), V::band(top, one)));
+        r[k] = V::gt_sel(a, inf, V::bor(top, quiet), out);
+      }
+      V::store4(y + i, r);
     }
   } else {
     using W = Wide<float>;
@@ -423,7 +442,7 @@ int64_t simd_cast(const float* __restrict x, typename T::Out* __restrict y, int6
     const VI magic_bits = V::set1(bits_of(magic));
     const VI last =
         V::set1(bits_of(float(T::max_finite_d() + std::ldexp(0.5, T::top_exp() - T::man))) - (T::max_bits & 1u));
-    const VI over = V::set1(saturate ? T::max_bits : T::overflow_bits);
+    const VI over = V::set1(Saturate ? T::max_bits : T::overflow_bits);
     const VI inf = V::set1(W::inf), nan = V::set1(T::nan_bits);
     for (; i + B <= n; i += B) {
       VI r[4];
@@ -508,7 +527,8 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
         constexpr bool with_stats = P == Phase::CastAndStats;
         using I = typename Stats<C>::I;
         int32_t mx = 0;
-        const int64_t done = simd_cast<T, Scaled, with_stats>(x + b, dst, m, scale, over == T::max_bits, mx);
+        const int64_t done = over == T::max_bits ? simd_cast<T, Scaled, with_stats, true>(x + b, dst, m, scale, mx)
+                                                 : simd_cast<T, Scaled, with_stats, false>(x + b, dst, m, scale, mx);
         if (done < m) {
           if constexpr (with_stats)
             for (int64_t i = done; i < m; ++i) mx = std::max(mx, int32_t(bits_of(x[b + i]) & 0x7FFFFFFFu));
