@@ -103,3 +103,29 @@ print("HALF", next(r.reason for r in dispatcher.explain("attention", h, k.half()
     assert lines["ROW"] in ("ok", "chosen")
     assert float(lines["ERR"]) < 1e-5
     assert "float16" in lines["HALF"]
+
+
+def test_autotune_build_ahead_of_time(tmp_path):
+    out = _run(["--build", "--ops", "attention,split_finding"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "fused C++ kernels built in" in out.stdout
+    assert not (tmp_path / "cache" / "tuning-cache.json").exists()  # built, nothing tuned
+
+
+def test_first_build_logs_what_it_builds_and_why_the_call_waits(tmp_path, monkeypatch, caplog):
+    """The compile itself is faked (a real one takes a minute): the line is logged before it starts."""
+    import logging
+
+    import torch.utils.cpp_extension as cpp
+    from plugins.fused import _build
+
+    monkeypatch.setenv("SWITCHYARD_BUILD_DIR", str(tmp_path / "build"))
+    monkeypatch.setattr(_build, "_loaded", {})
+    calls = []
+    monkeypatch.setattr(cpp, "load", lambda **kw: calls.append(kw["name"]))
+    with caplog.at_level(logging.WARNING, logger="switchyard.build"):
+        _build.library("split_finding", "scalar")
+    assert calls == ["switchyard_split_finding_scalar"]
+    (record,) = [r for r in caplog.records if r.name == "switchyard.build"]
+    assert "compiling the fused C++ kernels of split_finding for scalar" in record.getMessage()
+    assert "--build" in record.getMessage()

@@ -69,3 +69,14 @@ def test_fingerprint_fields():
     for field in ("python", "torch", "plugins", "device", "cpu", "threads"):
         assert field in fp
     assert fp["plugins"] == {"torch": "0.1.0"}
+
+
+def test_entries_keep_confidence_finality_and_key(tmp_path):
+    a = TuningCache(tmp_path, FP)
+    a.store("attention", ("cpu", 8), {"winner": "torch", "rows": [], "confidence": 0.97, "final": True,
+                                      "key": ["cpu", 8]})
+    a.store("attention", ("cpu", 16), {"winner": "fused", "rows": [], "confidence": 0.4, "final": False,
+                                       "key": ["cpu", 16]})
+    b = TuningCache(tmp_path, FP)
+    assert b.lookup("attention", ("cpu", 8))["confidence"] == 0.97
+    assert b.lookup("attention", ("cpu", 16))["final"] is False and b.lookup("attention", ("cpu", 16))["key"] == ["cpu", 16]
