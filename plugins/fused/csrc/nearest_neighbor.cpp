@@ -59,6 +59,8 @@ constexpr int64_t kDirectMaxD = 8;     // at or below this dimension the direct 
 constexpr int64_t kLeafSize = 16;      // kd-tree leaf bucket
 constexpr int kFixedMaxD = 8;          // kd-trees of D <= this are compiled for their D
 constexpr int64_t kTaskMinPoints = 1 << 15;  // kd-tree subtrees built as separate OpenMP tasks
+constexpr int64_t kParallelPrepare = 1 << 16;  // database entries (N * D) worth a parallel pass
+constexpr int64_t kQueriesPerThread = 64;      // kd-tree queries worth a thread
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 int threads() { return std::max(1, at::get_num_threads()); }
@@ -100,6 +102,9 @@ T up(double t) {
 template <typename T>
 double direct_l2(const T* a, const T* b, int64_t D) {
   double s = 0;
+  // Any summation order in double keeps the value within D * 2^-53 of the exact sum, far inside every
+  // bound below, and equal rows still give equal values; the pragma lets the sum vectorize.
+#pragma omp simd reduction(+ : s)
   for (int64_t d = 0; d < D; ++d) {
     const double t = static_cast<double>(a[d]) - static_cast<double>(b[d]);
     s += t * t;
@@ -110,8 +115,25 @@ double direct_l2(const T* a, const T* b, int64_t D) {
 template <typename T>
 double direct_neg_ip(const T* a, const T* b, int64_t D) {
   double s = 0;
+#pragma omp simd reduction(+ : s)
   for (int64_t d = 0; d < D; ++d) s += static_cast<double>(a[d]) * static_cast<double>(b[d]);
   return -s;
+}
+
+// |row - centre|^2 in double of the row centred in T (written to `out` when given). The centre is zero
+// for "ip" and the direct formula, where the centred row is the row itself. Plain pointers and no
+// branch, so the loop vectorizes at every level (float to double conversion included); any order of
+// the double sum is within the bounds' slack.
+template <typename T, bool Store>
+inline double centred_norm2(const T* __restrict row, const T* __restrict cen, T* __restrict out, int64_t D) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < D; ++d) {
+    const T c = row[d] - cen[d];
+    if constexpr (Store) out[d] = c;
+    s += static_cast<double>(c) * static_cast<double>(c);
+  }
+  return s;
 }
 
 // A bounded max-heap of the k best (value, index) pairs: the worst pair, by value then index, at
@@ -260,16 +282,19 @@ struct Brute {
   int64_t M, N, D, k;
   bool ip;
   std::vector<double> mean;  // the centre (l2 with the product); zeros otherwise
+  std::vector<T> centre;     // the same, in T (what the tiles subtract)
   double xmax = 0;           // max |x - mean| over the database (the margin's |x_c| bound)
 
   bool direct() const { return D <= kDirectMaxD; }
 
   void prepare() {
     mean.assign(D, 0.0);
+    // A pass over a small database is not worth a parallel region: waking the other threads costs more,
+    // and on a busy machine a descheduled one holds the region's end for a time slice.
+    const int nt = N * D >= kParallelPrepare ? threads() : 1;
     if (!ip && !direct()) {
-      const int nt = threads();
       std::vector<double> part(nt * D, 0.0);
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (nt > 1)
       {
         double* acc = part.data() + omp_get_thread_num() * D;
 #pragma omp for schedule(static)
@@ -281,17 +306,13 @@ struct Brute {
       // Rounded to T: the centre is then exactly what the centred tiles subtract.
       for (int64_t d = 0; d < D; ++d) mean[d] = static_cast<double>(static_cast<T>(mean[d] / N));
     }
+    centre.assign(D, T(0));
+    for (int64_t d = 0; d < D; ++d) centre[d] = static_cast<T>(mean[d]);
+    const T* cen = centre.data();
     // The margins need the norms; the direct l2 bound is relative, but the overflow test needs them too.
     double mx = 0;
-#pragma omp parallel for reduction(max : mx) num_threads(threads()) schedule(static)
-    for (int64_t j = 0; j < N; ++j) {
-      double s = 0;
-      for (int64_t d = 0; d < D; ++d) {
-        const double c = static_cast<double>(static_cast<T>(X[j * D + d] - static_cast<T>(mean[d])));
-        s += c * c;
-      }
-      mx = std::max(mx, s);
-    }
+#pragma omp parallel for reduction(max : mx) num_threads(nt) schedule(static) if (nt > 1)
+    for (int64_t j = 0; j < N; ++j) mx = std::max(mx, centred_norm2<T, false>(X + j * D, cen, nullptr, D));
     // Inflated so the norm computed here in double over-covers the norm of the rounded vector.
     xmax = std::sqrt(mx) * (1.0 + 4.0 * D * unit_roundoff<T>());
   }
@@ -306,9 +327,11 @@ struct Brute {
     for (int64_t r = 0; r < rows; ++r) {
       const T* q = Q + (q0 + r) * D;
       double s = 0;
+      const T* cen = centre.data();
+#pragma omp simd reduction(+ : s)
       for (int64_t d = 0; d < D; ++d) {
         // l2: -2 (q - mean), so the product yields -2 q_c.x_c exactly scaled; ip: -q.
-        const T c = ip ? q[d] : static_cast<T>(q[d] - static_cast<T>(mean[d]));
+        const T c = ip ? q[d] : static_cast<T>(q[d] - cen[d]);
         s += static_cast<double>(c) * c;
         qc[r * D + d] = direct() ? q[d] : (ip ? -c : static_cast<T>(-2) * c);
       }
@@ -321,13 +344,10 @@ struct Brute {
         for (int64_t j = 0; j < n; ++j)  // transposed, so the distance loop runs along j
           for (int64_t d = 0; d < D; ++d) xc[d * kDbTile + j] = X[(j0 + j) * D + d];
       } else {
+        const T* cen = centre.data();
+        T* xcp = xc.data();
         for (int64_t j = 0; j < n; ++j) {
-          double s = 0;
-          for (int64_t d = 0; d < D; ++d) {
-            const T c = ip ? X[(j0 + j) * D + d] : static_cast<T>(X[(j0 + j) * D + d] - static_cast<T>(mean[d]));
-            xc[j * D + d] = c;
-            s += static_cast<double>(c) * c;
-          }
+          const double s = centred_norm2<T, true>(X + (j0 + j) * D, cen, xcp + j * D, D);
           xn[j] = ip ? T(0) : static_cast<T>(s);
         }
         gemm_nt<T>(static_cast<int>(rows), static_cast<int>(n), static_cast<int>(D), qc.data(), xc.data(),
@@ -418,10 +438,15 @@ struct Brute {
     const int64_t splits = nqb >= nt ? 1 : std::min<int64_t>(ntiles, (nt + nqb - 1) / nqb);
     std::vector<T> hval(splits * M * k);
     std::vector<int64_t> hidx(splits * M * k), hcount(splits * M);
-#pragma omp parallel num_threads(nt)
+    // Scratch sized to the problem (a few queries need a few rows of the tile, not 1 MB of zeroed pages),
+    // and no more threads than tasks: an idle thread still has to reach the region's end.
+    const int64_t qrows = std::min(kQueryBlock, M);
+    const int64_t xrows = direct() ? kDbTile : std::min(kDbTile, N);  // the direct tile is transposed
+    const int used = static_cast<int>(std::min<int64_t>(nt, nqb * splits));
+#pragma omp parallel num_threads(used) if (used > 1)
     {
-      std::vector<T> qc(kQueryBlock * D), xc(kDbTile * D), xn(kDbTile), tile(kQueryBlock * kDbTile);
-      std::vector<double> qn(kQueryBlock), qnorm(kQueryBlock);
+      std::vector<T> qc(qrows * D), xc(xrows * D), xn(xrows), tile(qrows * kDbTile);
+      std::vector<double> qn(qrows), qnorm(qrows);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t task = 0; task < nqb * splits; ++task) {
         const int64_t b = task / splits, s = task % splits;
@@ -463,7 +488,8 @@ struct KdTree {
     const int64_t nodes = (int64_t(2) << levels) - 1;
     split.assign(nodes, T(0));
     dim.assign(nodes, -1);
-#pragma omp parallel num_threads(threads())
+    // Below kTaskMinPoints no subtree becomes a task: one thread builds it, without a parallel region.
+#pragma omp parallel num_threads(threads()) if (N >= kTaskMinPoints)
 #pragma omp single
     build(0, 0, N);
   }
@@ -617,7 +643,8 @@ void kdtree_search(const T* Q, const T* X, int64_t M, int64_t N, int64_t D, int6
   // cell's points may still round to it (and win the tie by index).
   const double slack = 8.0 * (D + 2) * unit_roundoff<T>();
   const double floor = slack * std::numeric_limits<T>::min();
-#pragma omp parallel num_threads(threads())
+  const int used = static_cast<int>(std::min<int64_t>(threads(), (M + kQueriesPerThread - 1) / kQueriesPerThread));
+#pragma omp parallel num_threads(used) if (used > 1)
   {
     std::vector<double> off(D);
 #pragma omp for schedule(dynamic, 32)
