@@ -25,8 +25,10 @@ STATED = 0.95  # the confidence a decision is stated final at
 CONTENTION = 3.0  # a paired ratio's scatter this many times epsilon, at low confidence: contended
 MIN_ROUNDS = 3
 TRIM = 0.2  # of the paired log-ratios, each side
+CLEAN = 1.5  # a run this many times its candidate's fastest is taken as slowed by load from elsewhere
 MAX_ROUNDS = 200
 HOPELESS = 3.0
+LONG_HOPELESS = 30.0  # a first run this many times the best is not given a second look
 LONG_RUN = 10.0
 
 
@@ -79,6 +81,15 @@ class Entrant:
     failed: bool = False  # it raised while timed (on some rank)
     frozen: bool = False  # a long first run, or hopeless after one: not repeated
 
+    def floor(self) -> float:
+        return min(self.times.values()) if self.times else math.inf
+
+    def clean(self) -> list[float]:
+        """Its runs not slowed by contention (within CLEAN of its fastest), round 0 aside when others exist."""
+        runs = [t for r, t in self.times.items() if r > 0 or len(self.times) <= 3]
+        f = min(runs, default=math.inf)
+        return sorted(t for t in runs if t <= CLEAN * f)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Outcome:
@@ -98,6 +109,12 @@ def pair(a: Entrant, b: Entrant) -> Pair:
     common = [r for r in a.times if r in b.times and a.times[r] > 0 and b.times[r] > 0]
     if len(common) > 3:
         common = [r for r in common if r > 0]  # round 0 carries warm-up: left out once there are enough others
+    # Load from elsewhere only ever adds time (a descheduled thread makes a 1 ms kernel take 30 ms):
+    # a run over CLEAN times the candidate's fastest is contended, and a round either one was is left
+    # out, while at least 2 clean rounds remain.
+    clean = [r for r in common if a.times[r] <= CLEAN * a.floor() and b.times[r] <= CLEAN * b.floor()]
+    if len(clean) >= 2:
+        common = clean
     return _trimmed(sorted(math.log(a.times[r] / b.times[r]) for r in common))
 
 
@@ -119,7 +136,7 @@ def _trimmed(logs: list[float]) -> Pair:
 
 
 def _settled(e: Entrant) -> list[float]:
-    return sorted(t for r, t in e.times.items() if r > 0 or len(e.times) <= 3)
+    return e.clean()
 
 
 def median_ms(e: Entrant) -> float | None:
@@ -156,14 +173,17 @@ def confidence(pick: Entrant, others: Sequence[Entrant], eps: float = EPSILON) -
     return p
 
 
-def _hopeless(ran: Sequence[Entrant], default: Entrant) -> None:
-    """After the first round: a candidate over 3x the best first run leaves at once, except the default
-    (what any winner must beat: a one-off slow first run must not cost it the race)."""
-    best = min((e.times[0] for e in ran if 0 in e.times and not e.failed), default=None)
+def _hopeless(ran: Sequence[Entrant], default: Entrant, rounds: int) -> None:
+    """After the first two rounds: a candidate whose runs are both over 3x the best run leaves (a burst
+    of load can slow one run 20x: one look is not enough), except the default (what any winner must
+    beat)."""
+    best = min((t for e in ran if not e.failed for t in e.times.values()), default=None)
     for e in ran:
-        if best is not None and e is not default and not e.failed and e.times[0] > HOPELESS * best:
-            e.out = (f"left after one run: {e.times[0] * 1e3:.3g} ms, over {HOPELESS:g}x the best first run "
-                     f"({best * 1e3:.3g} ms)")
+        if best is None or e is default or e.failed or e.frozen or min(e.times.values()) <= HOPELESS * best:
+            continue
+        if rounds == 2 or (rounds == 1 and len(e.times) == 1 and e.times[0] > LONG_HOPELESS * best):
+            e.out = (f"left after {len(e.times)} run(s): {min(e.times.values()) * 1e3:.3g} ms, over {HOPELESS:g}x "
+                     f"the best run ({best * 1e3:.3g} ms)")
             e.frozen = True
 
 
@@ -211,9 +231,9 @@ def race(entrants: Sequence[Entrant], default: Entrant, *, budget_s: float, long
                 e.out = e.out or "raised while timed"
             elif rounds == 0 and e.times[0] >= long_run_s:
                 e.frozen = True
-        if rounds == 0:
-            _hopeless(ran, default)
         rounds += 1
+        if rounds <= 2:
+            _hopeless(ran, default, rounds)
         active = [e for e in active if not e.out and e.times]
         if not active:
             return Outcome(pick=None, confidence=0.0, rounds=rounds, stop="none", noise=0.0, gap=0.0, contended=False)
@@ -249,7 +269,8 @@ def race(entrants: Sequence[Entrant], default: Entrant, *, budget_s: float, long
     gap = min((abs(p.mean) for p in pairs), default=math.inf)
     # contended: unresolved, and one round's paired ratio scatters far beyond epsilon (the differences
     # that matter); such a decision serves this process but is not stored as final
-    contended = conf < STATED and noise > CONTENTION * math.log1p(eps)
+    dirty = sum(len(e.times) - len(e.clean()) for e in [pick, *others]) / max(1, sum(len(e.times) for e in [pick, *others]))
+    contended = conf < STATED and (noise > CONTENTION * math.log1p(eps) or dirty > 0.5)
     return Outcome(pick=pick.name, confidence=conf, rounds=rounds, stop=stop, noise=noise, gap=gap, contended=contended)
 
 

@@ -340,8 +340,8 @@ class Tuner:
             for group in (field_, [v for v in validated if v not in timed]):
                 if group:
                     outcome = self._race(spec, sample, group, needs_grad, budget, agree, gen, rows, progress)
-                    if outcome.contended and agree is None:  # once more, four times longer, before calling it contended
-                        outcome = self._race(spec, sample, group, needs_grad, 4 * budget, agree, gen, rows, progress)
+                    if outcome.contended and agree is None:  # once more, twice as long, before calling it contended
+                        outcome = self._race(spec, sample, group, needs_grad, 2 * budget, agree, gen, rows, progress)
                     if outcome.pick is not None:
                         break
             if outcome is not None and outcome.pick is not None:
