@@ -545,3 +545,18 @@ def test_fused_declares_float64_unsupported_with_a_reason():
     fused = next(k for k in get_registry().kernels_for("decode_step") if k.backend == "fused")
     reasons = fused.not_supported_reasons(*sample.args, **sample.attrs)
     assert reasons and "float64" in reasons[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_draft_probs_row_sums_are_judged_as_a_float64_sum_judges_them(dtype, gen):
+    """verify sums draft_probs in float32 chunks and re-sums in float64 only rows near the tolerance:
+    rows scaled to just inside and just outside it are accepted and rejected as the float64 sum says."""
+    from core.ops.decode_step import PROB_SUM_TOL, _row_sums_within
+
+    q = torch.softmax(torch.randn(3, 4, 5000, generator=gen, dtype=torch.float64), -1).to(dtype)
+    tol = max(PROB_SUM_TOL, float(torch.finfo(dtype).eps))
+    for scale in (1 - tol * 1.0001, 1 - tol * 0.9999, 1 + tol * 0.9999, 1 + tol * 1.0001, 1.0, 1.5):
+        rows = q.clone()
+        rows[1, 2] = (rows[1, 2].double() * scale / rows[1, 2].double().sum()).to(dtype)
+        want = bool(((rows.sum(-1, dtype=torch.float64) - 1).abs() <= tol).all())
+        assert _row_sums_within(rows, tol) == want, scale

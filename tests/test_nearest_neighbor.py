@@ -502,3 +502,16 @@ BUILTIN = [c for backend in ("reference", "reference-kdtree", "torch", "fused", 
 @pytest.mark.parametrize("case", BUILTIN, ids=str)
 def test_builtin_kernels_conform(case):
     check_case(case)
+
+
+def test_finite_data_whose_sum_overflows_passes_verify_and_a_nan_after_it_is_named(gen):
+    """verify proves finiteness by one sum per input; finite data whose sum overflows to inf must still
+    pass (the row-by-row pass finds nothing), and a NaN behind such data is still found and named."""
+    q = torch.full((3, 4), 3e38)
+    x = torch.full((6, 4), 3e38)
+    x[1:, 0] = -3e38  # the sum overflows to inf and -inf: NaN, on finite data
+    out = dispatcher.nearest_neighbor(q, x, k=2)
+    assert out.indices.shape == (3, 2)
+    x[4, 2] = float("nan")
+    with pytest.raises(InvalidInput, match=r"argument 'database'.*nan in row 4 \(column 2\)"):
+        dispatcher.nearest_neighbor(q, x, k=2)

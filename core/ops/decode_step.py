@@ -267,11 +267,35 @@ def _verify_draft_probs(attrs: dict[str, Any], rule: str, logits: torch.Tensor, 
     low = float(rows.amin())
     if not low >= 0:
         raise invalid(NAME, "draft_probs", "probabilities >= 0 in rows 1..T-1", f"a minimum of {low!r}")
-    sums = rows.sum(-1, dtype=torch.float64)
-    err = float((sums - 1).abs().max())
     tol = max(PROB_SUM_TOL, float(torch.finfo(q.dtype).eps))  # bfloat16 rounds each entry by up to 2^-9
-    if not err <= tol:
+    if not _row_sums_within(rows, tol):
+        err = float((rows.sum(-1, dtype=torch.float64) - 1).abs().max())
         raise invalid(NAME, "draft_probs", f"rows 1..T-1 summing to 1 within {tol:g}", f"a row sum off by {err:.3g}")
+
+
+_SUM_CHUNK = 256  # entries summed in float32 before the float64 sum of the partial sums
+
+
+def _row_sums_within(rows: torch.Tensor, tol: float) -> bool:
+    """Whether every row's float64 sum is within ``tol`` of 1, as ``rows.sum(-1, dtype=torch.float64)``
+    decides it, at the cost of a float32 sum: converting every entry to float64 made the check 7x
+    slower than the fused kernel's whole rejection step. Partial sums of 256 entries in float32 err by
+    at most 256 * 2^-24 of the row's sum (entries are >= 0 here, in any summation order; Higham 2002,
+    section 4.2); only rows whose answer that could change are summed again in float64."""
+    V = rows.shape[-1]
+    if rows.dtype == torch.float64 or V < 2 * _SUM_CHUNK:
+        return bool(((rows.sum(-1, dtype=torch.float64) - 1).abs() <= tol).all())
+    head = V // _SUM_CHUNK * _SUM_CHUNK
+    parts = rows[..., :head].unflatten(-1, (V // _SUM_CHUNK, _SUM_CHUNK)).sum(-1, dtype=torch.float32)
+    sums = parts.sum(-1, dtype=torch.float64)
+    if head < V:
+        sums += rows[..., head:].sum(-1, dtype=torch.float64)
+    slack = sums * ((_SUM_CHUNK + 1) * 2.0**-24) + 1e-30
+    err = (sums - 1).abs()
+    near = (err - tol).abs() <= slack
+    if bool(near.any()):
+        err[near] = (rows[near].sum(-1, dtype=torch.float64) - 1).abs()
+    return bool((err <= tol).all())
 
 
 # -- key, device, dtypes, infer ----------------------------------------------------------------------
