@@ -20,6 +20,7 @@ from plugins.fused.precision_cast import cpu_flags
 from plugins.fused.precision_cast import precision_cast_cpu as fused_kernel
 from plugins.reference.precision_cast import precision_cast as reference
 from plugins.torch_backend.precision_cast import CAST_SOURCES, _cast_check, cast, cast_saturates
+from registry.conformance import check_case, conformance_cases
 from test_precision_cast import NAMES, assert_same_bits, attrs, bits, peer_bits, wide_random
 
 OP = "precision_cast"
@@ -200,3 +201,9 @@ def test_dispatcher_can_serve_with_torch_cast(gen):
     assert torch.equal(out.y, x.to(torch.float16))
     with dispatcher.use_backend("torch-cast"), pytest.raises(Exception, match="stochastic"):
         dispatcher.precision_cast(x, dtype=torch.float16, rounding="stochastic")
+
+
+@pytest.mark.parametrize("case", conformance_cases("torch-cast", ops=[OP]), ids=str)
+def test_torch_cast_conforms(case):
+    """The conformance kit over torch-cast: the cases it serves pass, the others it declines."""
+    check_case(case)
