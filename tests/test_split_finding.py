@@ -260,3 +260,16 @@ BUILTIN = [c for backend in ("reference", "torch", "fused") for c in conformance
 @pytest.mark.parametrize("case", BUILTIN, ids=str)
 def test_builtin_kernels_conform(case):
     check_case(case)
+
+
+@pytest.mark.parametrize("bad", [17, 100, 254])
+def test_a_bin_at_or_above_num_bins_is_rejected_beside_missing_values(bad):
+    """verify's one-max range check (bins + 1 wraps 255 to 0): 255 passes anywhere, any value in
+    [num_bins, 255) is named."""
+    bins = torch.full((50, 3), 255, dtype=torch.uint8)
+    bins[::2, 1] = 16
+    args = (bins, torch.randn(50), torch.rand(50), torch.zeros(50, dtype=torch.int32))
+    dispatcher.split_finding(*args, num_nodes=1, num_bins=17)  # 16 and 255 are fine
+    bins[7, 2] = bad
+    with pytest.raises(InvalidInput, match=rf"argument 'bins'.*num_bins=17.*got {bad}"):
+        dispatcher.split_finding(*args, num_nodes=1, num_bins=17)

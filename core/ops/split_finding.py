@@ -112,7 +112,9 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> None:
     if n == 0 or not all(reads_data(t) for t in (bins, grad, hess, node_ids)):
         return
     # The contract's value ranges: each is one pass over the data (num_bins=255 needs none for bins).
-    if num_bins < MISSING:
+    # bins + 1 wraps the missing 255 to 0 in uint8, so one max (one temporary, not three) tells whether
+    # any value lies in [num_bins, 255).
+    if num_bins < MISSING and int((bins + 1).amax()) > num_bins:
         bad = (bins >= num_bins) & (bins != MISSING)
         if bool(bad.any()):
             value = int(bins[bad][0])
