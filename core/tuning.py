@@ -340,8 +340,6 @@ class Tuner:
             for group in (field_, [v for v in validated if v not in timed]):
                 if group:
                     outcome = self._race(spec, sample, group, needs_grad, budget, agree, gen, rows, progress)
-                    if outcome.contended and agree is None:  # once more, twice as long, before calling it contended
-                        outcome = self._race(spec, sample, group, needs_grad, 2 * budget, agree, gen, rows, progress)
                     if outcome.pick is not None:
                         break
             if outcome is not None and outcome.pick is not None:
@@ -414,7 +412,8 @@ class Tuner:
                 if ek.startswith(spec.name + "|") and entry.get("final", True) and isinstance(entry.get("key"), list):
                     known[tuple(str(k) for k in entry["key"])] = entry
         for (op, k), d in self.decisions.items():
-            if op == spec.name and d.winner and d.source in ("tuned", "cache") and d.final:
+            # this process's own decisions count even when contended: a guess, not a cached answer
+            if op == spec.name and d.winner and d.source in ("tuned", "cache"):
                 known[tuple(str(part) for part in k)] = {"winner": d.winner, "rows": [r.to_json() for r in d.rows]}
         return racing.predict(spec, key, known) if known else None
 
