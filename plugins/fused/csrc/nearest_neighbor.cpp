@@ -50,6 +50,8 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 extern "C" void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
                        const double* beta, double* c, const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count (torch's MKL exports it): a small product is run on the calling thread.
+extern "C" int mkl_set_num_threads_local(int) __attribute__((weak));
 
 namespace {
 
@@ -59,7 +61,8 @@ constexpr int64_t kDirectMaxD = 8;     // at or below this dimension the direct 
 constexpr int64_t kLeafSize = 16;      // kd-tree leaf bucket
 constexpr int kFixedMaxD = 8;          // kd-trees of D <= this are compiled for their D
 constexpr int64_t kTaskMinPoints = 1 << 15;  // kd-tree subtrees built as separate OpenMP tasks
-constexpr int64_t kParallelPrepare = 1 << 16;  // database entries (N * D) worth a parallel pass
+constexpr int64_t kParallelPrepare = 1 << 20;  // database entries (N * D) worth a parallel pass (~0.3 ms)
+constexpr int64_t kSerialGemm = 1 << 22;  // multiply-adds below which one BLAS call runs single-threaded
 constexpr int64_t kQueriesPerThread = 64;      // kd-tree queries worth a thread
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
@@ -73,6 +76,17 @@ template <> constexpr double unit_roundoff<double>() { return 1.1102230246251565
 template <typename T>
 void gemm_nt(int m, int n, int kk, const T* A, const T* B, T* C, int ldc) {
   if (m == 0 || n == 0) return;
+  // A product this small costs less than waking MKL's threads, and on a busy machine one of them can
+  // hold the call for a scheduler slice (M=10 N=1000 D=64 measured milliseconds at load 4).
+  struct SerialBlas {
+    int previous = -1;
+    explicit SerialBlas(bool small) {
+      if (small && mkl_set_num_threads_local != nullptr) previous = mkl_set_num_threads_local(1);
+    }
+    ~SerialBlas() {
+      if (previous >= 0) mkl_set_num_threads_local(previous);
+    }
+  } serial(static_cast<int64_t>(m) * n * kk < kSerialGemm);
   const T one = 1, zero = 0;
   const char ta = 'T', tb = 'N';
   // Column-major BLAS sees row-major matrices transposed: C^T[n, m] = B[n, kk] . A^T[kk, m].
