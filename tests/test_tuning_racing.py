@@ -160,3 +160,9 @@ def test_prediction_from_neighbours_in_size_only():
     assert racing.predict(spec, ("cpu", 128, 128, "z"), known) is None
     assert racing.predict(spec, ("cpu", 4096, 4096, "x"), known) is None  # too far
     assert racing.predict(SimpleNamespace(key_sizes=()), ("cpu", 128, 128, "x"), known) is None
+
+
+def test_a_default_3x_slower_in_every_round_loses_within_two_rounds():
+    truth = {"default": 40e-3, "kdtree": 10e-3}
+    out, es, _ = race(truth, {"default": 9, "kdtree": 1}, sigma=0.3, budget=0.1)
+    assert out.pick == "kdtree" and out.confidence >= 0.95 and len(es["default"].times) <= 3
