@@ -51,7 +51,7 @@ extern "C" void dgemm_(const char* transa, const char* transb, const int* m, con
                        const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
                        const double* beta, double* c, const int* ldc) __attribute__((weak));
 // MKL's per-thread thread count (torch's MKL exports it): a small product is run on the calling thread.
-extern "C" int mkl_set_num_threads_local(int) __attribute__((weak));
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // the C interface (the lower-case name is Fortran's, by pointer)
 
 namespace {
 
@@ -81,10 +81,10 @@ void gemm_nt(int m, int n, int kk, const T* A, const T* B, T* C, int ldc) {
   struct SerialBlas {
     int previous = -1;
     explicit SerialBlas(bool small) {
-      if (small && mkl_set_num_threads_local != nullptr) previous = mkl_set_num_threads_local(1);
+      if (small && MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
     }
     ~SerialBlas() {
-      if (previous >= 0) mkl_set_num_threads_local(previous);
+      if (previous >= 0) MKL_Set_Num_Threads_Local(previous);
     }
   } serial(static_cast<int64_t>(m) * n * kk < kSerialGemm);
   const T one = 1, zero = 0;
