@@ -328,6 +328,8 @@ struct Simd {
   template <int k> static I shl(I a) { return _mm512_slli_epi32(a, k); }
   static I max(I a, I b) { return _mm512_max_epi32(a, b); }
   static I gt_sel(I x, I y, I a, I b) { return _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(x, y), b, a); }
+  static I gt_mask(I x, I y) { return _mm512_movm_epi32(_mm512_cmpgt_epi32_mask(x, y)); }
+  static I min(I a, I b) { return _mm512_min_epi32(a, b); }
   static F clamp(F v, F lo, F hi) { return _mm512_max_ps(lo, _mm512_min_ps(hi, v)); }
   static int32_t hmax(I a) { return _mm512_reduce_max_epi32(a); }
   static void store_half(uint16_t* y, F v) {
@@ -361,6 +363,8 @@ struct Simd {
   template <int k> static I shl(I a) { return _mm256_slli_epi32(a, k); }
   static I max(I a, I b) { return _mm256_max_epi32(a, b); }
   static I gt_sel(I x, I y, I a, I b) { return _mm256_blendv_epi8(b, a, _mm256_cmpgt_epi32(x, y)); }
+  static I gt_mask(I x, I y) { return _mm256_cmpgt_epi32(x, y); }
+  static I min(I a, I b) { return _mm256_min_epi32(a, b); }
   static F clamp(F v, F lo, F hi) { return _mm256_max_ps(lo, _mm256_min_ps(hi, v)); }
   static int32_t hmax(I a) {
     __m128i m = _mm_max_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
@@ -440,8 +444,6 @@ int64_t simd_cast(const float* __restrict x, typename T::Out* __restrict y, int6
     const float magic = std::ldexp(1.0f, T::emin - T::man + W::man);
     const VF vmagic = V::set1f(magic);
     const VI magic_bits = V::set1(bits_of(magic));
-    const VI last =
-        V::set1(bits_of(float(T::max_finite_d() + std::ldexp(0.5, T::top_exp() - T::man))) - (T::max_bits & 1u));
     const VI over = V::set1(Saturate ? T::max_bits : T::overflow_bits);
     const VI inf = V::set1(W::inf), nan = V::set1(T::nan_bits);
     for (; i + B <= n; i += B) {
@@ -457,8 +459,13 @@ int64_t simd_cast(const float* __restrict x, typename T::Out* __restrict y, int6
           const VI subnormal = V::sub(V::bits(V::addf(V::flt(a), vmagic)), magic_bits);
           out = V::gt_sel(normal, a, subnormal, out);
         }
-        out = V::gt_sel(a, last, over, out);
-        out = V::gt_sel(a, inf, nan, out);
+        // Past the last value that rounds to max finite the add-and-shift count is above max_bits (inf
+        // and NaN included: nothing carries out of 32 bits), below it at most max_bits, so a min puts
+        // the overflow pattern in; a NaN then gets the NaN bits ORed in (over | nan_bits is a NaN for
+        // either overflow rule; for e4m3fn without saturation the overflow pattern is the NaN already).
+        out = V::min(out, over);
+        if constexpr (Saturate || T::overflow_bits != T::nan_bits)
+          out = V::bor(out, V::band(V::gt_mask(a, inf), nan));
         r[k] = V::bor(out, V::template shl<T::bits - 1>(V::template shr<31>(u)));
       }
       V::store4(y + i, r);
