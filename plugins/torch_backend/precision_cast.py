@@ -15,8 +15,8 @@ keys where torch's own cast is the contract's: round to nearest from a float32, 
 ``x`` (float64 goes through float32, two roundings) and the overflow rule torch's cast has for that
 target in this torch release (found by casting the contract's boundary values once, since it changed
 between releases: torch 2.13 saturates float8_e4m3fn and gives inf for the others). The statistics
-cost one allocation-free reduction (max |x|, which is inf or NaN exactly when some element is), and
-an exact count only when it is not finite.
+cost one allocation-free reduction (min and max, both finite exactly when every element is), and an
+exact count only when some element is not finite.
 """
 from __future__ import annotations
 
@@ -202,9 +202,11 @@ def cast(x: torch.Tensor, *, dtype: torch.dtype, rounding: str, scaling: str, sa
         scale = amax_scale(amax, dtype, margin) if scaling == "amax" else one
         y = x.to(dtype, copy=True) if scaling == "none" else (x.float() * scale).to(dtype)
         return CastResult(y=y, scale=scale, amax=amax, nonfinite=nonfinite)
-    top = float(torch.linalg.vector_norm(x, math.inf)) if x.numel() else 0.0
-    if top < math.inf:  # every element finite (a NaN makes the norm NaN, so this is False)
-        amax_value, nonfinite = top, torch.zeros((), dtype=torch.int64)
+    # min and max in one pass (torch's vector_norm(x, inf) is 6x slower here); inf shows in one of
+    # them and NaN in both, so two finite ends mean every element is finite
+    lo, hi = (float(e) for e in torch.aminmax(x)) if x.numel() else (0.0, 0.0)
+    if math.isfinite(lo) and math.isfinite(hi):
+        amax_value, nonfinite = max(-lo, hi), torch.zeros((), dtype=torch.int64)
     else:
         amax_t, nonfinite = _stats(x.float())
         amax_value = float(amax_t)
