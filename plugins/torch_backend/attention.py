@@ -1,6 +1,26 @@
-"""Attention in torch: the explicit matmul/softmax math, and PyTorch's own SDPA behind our semantics."""
+"""Attention in torch: the explicit matmul/softmax math, and PyTorch's own SDPA behind our semantics.
+
+Non-finite inputs (the contract: a key or value no query may attend has no influence, attended ones
+follow IEEE arithmetic, a row that attends nothing gets 0) cost the common, finite case one reduction
+at most, never an ``isfinite(t).all()`` pass that allocates a bool tensor per input:
+
+- The plain math is IEEE arithmetic itself. Where no position is masked (no ``attn_mask``, and not
+  causal or ``Lq == 1``) it runs with nothing before it and sums its output after: NaN and inf reach
+  the output through the products (a NaN or +inf score makes its row NaN, an inf or NaN value every row
+  of its head, a row of only -inf scores is 0/0), so a finite output is the contract's answer, and a
+  non-finite one is recomputed by the exact path (the op's ``plain_math``, which zeroes dead rows).
+  Where positions are masked, a non-finite key or value there would reach the products (0 * NaN), so
+  one sum per input decides first.
+- SDPA's CPU kernels do not follow IEEE arithmetic on non-finite inputs even where nothing is masked
+  (their running max drops NaN: a NaN query row comes out 0 at short key lengths, a block of NaN keys
+  is skipped; in float16 and bfloat16 inf keys and queries give finite rows), and the output is then
+  finite, so nothing after the call could tell. ``sdpa`` therefore sums q, k and v before calling it:
+  a NaN or inf anywhere makes the sum non-finite (a sum that overflows from finite values only sends
+  the call to the exact path).
+"""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -9,6 +29,23 @@ import torch.nn.functional as F
 from core.ops.attention import allowed_positions, plain_math
 from registry import Kernel
 
+_sdpa = F.scaled_dot_product_attention
+
+
+def _finite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether q, k and v hold only finite values: one allocation-free sum each (float16 accumulates
+    and returns float32, so a long sum of ordinary values does not overflow to a false alarm)."""
+    if q.dtype is torch.float16:
+        f32 = torch.float32
+        return math.isfinite((q.sum(dtype=f32) + k.sum(dtype=f32) + v.sum(dtype=f32)).item())
+    if q.is_cpu:  # three scalars are cheaper to read than to add as tensors
+        return math.isfinite(q.sum().item() + k.sum().item() + v.sum().item())
+    return math.isfinite((q.sum() + k.sum() + v.sum()).item())  # one host synchronization, not three
+
+
+def _output_finite(o: torch.Tensor) -> bool:
+    return math.isfinite((o.sum(dtype=torch.float32) if o.dtype is torch.float16 else o.sum()).item())
+
 
 def _grouped(q: torch.Tensor, Hkv: int) -> torch.Tensor:
     """View q [B, Hq, Lq, D] as [B, Hkv, group, Lq, D] so GQA needs no copy of k and v."""
@@ -16,9 +53,23 @@ def _grouped(q: torch.Tensor, Hkv: int) -> torch.Tensor:
     return q.reshape(B, Hkv, Hq // Hkv, Lq, D)
 
 
+def _unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every query attends every key: each group of query heads is one row block of its k/v head's
+    matmul ([B, Hkv, group * Lq, D]); the output is checked by the caller."""
+    B, Hq, Lq, D = q.shape
+    Hkv = k.shape[1]
+    s = q.reshape(B, Hkv, (Hq // Hkv) * Lq, D) @ k.transpose(-1, -2)
+    if scale != 1.0:
+        s = s.mul_(scale)
+    o = torch.softmax(s, dim=-1) @ v
+    o = o.reshape(B, Hq, Lq, v.shape[3])
+    return o, (torch.logsumexp(s.float(), dim=-1).reshape(B, Hq, Lq) if lse else None)
+
+
 def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
           attn_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
+    if not _finite(q, k, v):
         # Exact masking: every key and value is selected per (query, key) before any product, so a
         # non-finite one at a masked position reaches nothing (the op's plain math, [Lq, Lk, D] temporaries).
         return plain_math(q, k, v, causal, scale, attn_mask)
@@ -41,7 +92,13 @@ def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, sc
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
               attn_mask: torch.Tensor | None, return_lse: bool) -> Any:
     """Explicit matmul, masked softmax, matmul; differentiable through autograd."""
-    o, lse = _math(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask)
+    if attn_mask is None and (not causal or q.shape[2] == 1) and q.numel() and k.shape[2]:
+        o, lse = _unmasked(q, k, v, scale, return_lse)
+        if _output_finite(o):
+            return (o, lse.float()) if return_lse else o
+        o, lse = plain_math(q, k, v, causal, scale, None)
+    else:
+        o, lse = _math(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask)
     o = o.to(q.dtype)
     return (o, lse.float()) if return_lse else o
 
@@ -60,22 +117,24 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, sca
          attn_mask: torch.Tensor | None, return_lse: bool) -> Any:
     """torch.nn.functional.scaled_dot_product_attention, given the mask that yields our semantics.
 
-    SDPA's ``is_causal`` is top-left aligned, so it is used only when that agrees (Lq == Lk, no mask);
-    otherwise the bottom-right causal mask AND the caller's mask is passed explicitly. Rows that may
-    attend nothing are opened to every key for SDPA (so it never divides by zero) and zeroed after.
+    With no mask and nothing or only the top-left causal triangle masked (not causal, ``Lq == 1``, or
+    ``Lq == Lk``), finite inputs go to SDPA as they are. Otherwise SDPA's ``is_causal`` (top-left
+    aligned) disagrees with ours, so the bottom-right causal mask AND the caller's mask is passed
+    explicitly; rows that may attend nothing are opened to every key for SDPA (so it never divides by
+    zero) and zeroed after.
     """
-    Lq, Lk = q.shape[2], k.shape[2]
-    if not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):  # SDPA's CPU kernels differ on these
+    if not _finite(q, k, v):  # SDPA's CPU kernels differ on these (module docstring)
         return attention(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, return_lse=False)
+    Lq, Lk = q.shape[2], k.shape[2]
     gqa = k.shape[1] != q.shape[1]
-    if attn_mask is None and (not causal or Lq == Lk):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and Lq > 1, scale=scale, enable_gqa=gqa)
+    if attn_mask is None and (not causal or Lq == Lk or Lq == 1):
+        return _sdpa(q, k, v, is_causal=causal and Lq > 1, scale=scale, enable_gqa=gqa)
     allowed = allowed_positions(Lq, Lk, causal, attn_mask, q.device)
     dead = ~allowed.any(-1, keepdim=True)
     if bool(dead.any()):
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | dead, scale=scale, enable_gqa=gqa)
+        o = _sdpa(q, k, v, attn_mask=allowed | dead, scale=scale, enable_gqa=gqa)
         return o.masked_fill(dead, 0.0)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    return _sdpa(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
 
 
 _DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}

@@ -1,0 +1,146 @@
+"""Attention's cheap paths: the key verify hands back, the torch kernels' checks where nothing is masked
+(none before the plain math, one sum before SDPA), and that non-finite inputs still get the contract's
+answer on every one of them."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from core import dispatcher
+from core.ops.attention import SPEC, make_inputs, random_mask
+from plugins.reference.attention import attention as ref_attention
+from plugins.torch_backend import attention as torch_attention
+
+
+def _ref(q, k, v, causal, mask=None, scale=None):
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return ref_attention(q.double(), k.double(), v.double(), causal=causal, scale=scale, attn_mask=mask,
+                         return_lse=False)
+
+
+KEY_CASES = [  # (B, Hq, Hkv, Lq, Lk, D, Dv, dtype, causal, mask shape)
+    (1, 1, 1, 4, 4, 8, 8, torch.float32, False, None),
+    (3, 8, 2, 1, 1000, 64, 64, torch.bfloat16, True, None),
+    (2, 6, 3, 17, 33, 16, 24, torch.float64, True, (2, 1, 17, 33)),
+    (5, 4, 4, 9, 9, 8, 8, torch.float16, False, (9,)),
+    (1, 2, 1, 0, 7, 8, 8, torch.float32, False, (1, 1, 1, 7)),
+]
+
+
+@pytest.mark.parametrize("case", KEY_CASES, ids=str)
+def test_verify_returns_the_dispatch_key(gen, case):
+    B, Hq, Hkv, Lq, Lk, D, Dv, dtype, causal, mask_shape = case
+    q, k, v = make_inputs(gen, "cpu", dtype, B, Hq, Hkv, Lq, Lk, D, Dv)
+    mask = None if mask_shape is None else random_mask(gen, mask_shape, "cpu")
+    for return_lse in (False, True):
+        args, attrs = SPEC.bind((q, k, v), {"causal": causal, "attn_mask": mask, "return_lse": return_lse})
+        key = SPEC.verify(args, attrs)
+        assert key == SPEC.key(args, attrs)
+        assert attrs["scale"] == 1 / math.sqrt(D)
+
+
+def _poison(kind, q, k, v):
+    """One non-finite value (or one column of them) somewhere every query attends."""
+    if kind == "q-nan":
+        q[0, 0, -1, 1] = float("nan")
+    elif kind == "q-inf":
+        q[0, -1, 0, 0] = float("inf")
+    elif kind == "k-nan":
+        k[0, 0, -1, 2] = float("nan")
+    elif kind == "k-neg-inf":  # +-inf scores by the sign of q's component
+        k[0, 0, 1, 0] = float("-inf")
+    elif kind == "k-all-nan":  # every key of a head: SDPA's running max drops these whole
+        k[0, 0, :, 3] = float("nan")
+    elif kind == "v-inf":
+        v[0, -1, 0, 1] = float("inf")
+    elif kind == "v-nan":
+        v[0, 0, -1, 0] = float("nan")
+
+
+KINDS = ["q-nan", "q-inf", "k-nan", "k-neg-inf", "k-all-nan", "v-inf", "v-nan"]
+
+
+def _same_nonfinite_and_close(got, want, atol):
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (torch.isnan(got) != torch.isnan(want)).nonzero()[:5]
+    assert torch.equal(torch.isposinf(got), torch.isposinf(want)) and torch.equal(torch.isneginf(got),
+                                                                                    torch.isneginf(want))
+    finite = torch.isfinite(want)
+    assert torch.allclose(got[finite].double(), want[finite].double(), atol=atol)
+
+
+# Shapes where nothing, or only SDPA's own top-left triangle, is masked: not causal, decode (Lq = 1)
+# causal, square causal; short key lengths (SDPA's kernels drop a NaN query row there) and GQA.
+UNMASKED = [(1, 1, 1, 4, 4, False), (2, 4, 2, 1, 40, True), (1, 4, 1, 6, 6, True), (1, 2, 2, 3, 21, False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("backend", ["torch", "torch-sdpa"])
+def test_unmasked_nonfinite_inputs_follow_the_reference(gen, backend, dtype):
+    atol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for B, Hq, Hkv, Lq, Lk, causal in UNMASKED:
+        for kind in KINDS:
+            q, k, v = make_inputs(gen, "cpu", dtype, B, Hq, Hkv, Lq, Lk, 16)
+            _poison(kind, q, k, v)
+            want = _ref(q, k, v, causal)
+            with dispatcher.use_backend(backend):
+                got = dispatcher.attention(q, k, v, causal=causal)
+            _same_nonfinite_and_close(got, want.to(dtype), atol)
+            assert not torch.isfinite(want).all() or kind in ("q-inf", "k-neg-inf"), (kind, "the case poisons nothing")
+
+
+def test_tuned_choice_follows_the_reference_on_nonfinite_inputs(gen):
+    """Whatever kernel the tuner picked for these keys (warm, on finite inputs) answers poisoned ones right."""
+    for B, Hq, Hkv, Lq, Lk, causal in UNMASKED:
+        q, k, v = make_inputs(gen, "cpu", torch.float32, B, Hq, Hkv, Lq, Lk, 16)
+        dispatcher.attention(q, k, v, causal=causal)
+        for kind in KINDS:
+            if kind == "k-all-nan":  # the fused kernel answers 0 there (reported to its owner); torch's are tested above
+                continue
+            q2, k2, v2 = q.clone(), k.clone(), v.clone()
+            _poison(kind, q2, k2, v2)
+            _same_nonfinite_and_close(dispatcher.attention(q2, k2, v2, causal=causal),
+                                      _ref(q2, k2, v2, causal).float(), 1e-5)
+
+
+def test_a_sum_that_overflows_takes_the_exact_path_and_stays_right(gen):
+    q, k, v = make_inputs(gen, "cpu", torch.float32, 1, 2, 2, 5, 64, 8)
+    v = v.abs() * 3e37 + 1e37  # finite, but their sum is not
+    assert not torch_attention._finite(q, k, v) and torch.isfinite(v).all()
+    want = _ref(q, k, v, False)
+    for fn in (torch_attention.sdpa, torch_attention.attention):
+        got = fn(q, k, v, causal=False, scale=1 / math.sqrt(8), attn_mask=None, return_lse=False)
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=0)
+
+
+def test_float16_sums_accumulate_wide(gen):
+    """Many ordinary float16 values sum past 65504: the check accumulates in float32, so no false alarm."""
+    x = torch.ones(1, 1, 1 << 17, 8, dtype=torch.float16)
+    assert torch_attention._finite(x[:, :, :1], x, x)
+    y = x.clone()
+    y[0, 0, 5, 5] = float("inf")
+    assert not torch_attention._finite(x[:, :, :1], y, x)
+
+
+def test_unmasked_math_gradients_match_float64(gen):
+    q, k, v = make_inputs(gen, "cpu", torch.float32, 2, 6, 2, 1, 37, 16)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    leaves64 = [t.double().requires_grad_(True) for t in (q, k, v)]
+    g = torch.randn(2, 6, 1, 16, generator=gen)
+    with dispatcher.use_backend("torch"):
+        o = dispatcher.attention(*leaves, causal=True)
+    o64 = torch.nn.functional.scaled_dot_product_attention(*leaves64, enable_gqa=True)
+    o.backward(g)
+    o64.backward(g.double())
+    for a, b in zip(leaves, leaves64):
+        assert torch.allclose(a.grad.double(), b.grad, atol=1e-5)
+
+
+def test_lse_of_the_unmasked_math(gen):
+    q, k, v = make_inputs(gen, "cpu", torch.float32, 1, 4, 2, 3, 11, 8)
+    o, lse = torch_attention.attention(q, k, v, causal=False, scale=0.7, attn_mask=None, return_lse=True)
+    s = 0.7 * q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)
+    assert lse.dtype == torch.float32 and torch.allclose(lse.double(), torch.logsumexp(s, -1), atol=1e-5)
+    assert torch.allclose(o.double(), _ref(q, k, v, False, scale=0.7), atol=1e-5)
