@@ -9,6 +9,12 @@ faster). The autotuner's choice is a fresh lazy tuning of the call's dispatch ke
 the way the first ``dispatcher.nearest_neighbor`` call on that key makes it.
 
     python scripts/bench_nearest_neighbor.py [--reps 3] [--cases a,b] [--threads N] [--no-tune] [--with-torch-b]
+    python scripts/bench_nearest_neighbor.py --as-called [--threads N]
+
+``--as-called``: ``dispatcher.nearest_neighbor`` on a warm key against the peers called directly, paired
+and alternated in one process, on the default build and inside ``_build.forced_isa("avx2")``: FAISS
+``IndexFlatL2`` search only (index built outside the timing) and add + search (the fair peer for a
+one-shot call, which takes the raw database as the op does), and cKDTree build + query.
 
 ``--threads`` sets torch's, FAISS's and cKDTree's thread counts alike (default: torch's).
 """
@@ -112,6 +118,76 @@ def case_b(reps: int, tune: bool, with_torch: bool) -> tuple[list[list[Any]], li
     return rows, ["(b)", *_autotuned(q, x, k)] if tune else []
 
 
+def _paired_ms(a: Callable[[], Any], b: Callable[[], Any], reps: int, budget_s: float = 3.0) -> tuple[float, float]:
+    """Medians of a and b, alternated (order flipped each round) after two warm-up rounds."""
+    import statistics
+
+    for _ in range(2):
+        a(), b()
+    ta: list[float] = []
+    tb: list[float] = []
+    end = time.perf_counter() + budget_s
+    for i in range(reps):
+        for f, t in ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta)):
+            t0 = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - t0)
+        if i >= 4 and time.perf_counter() > end:
+            break
+    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+
+
+def as_called() -> None:
+    import faiss
+    from scipy.spatial import cKDTree
+
+    from core import dispatcher
+    from plugins.fused import _build
+
+    threads = torch.get_num_threads()
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(10, 1000, D, k) for D in (3, 16, 64, 128) for k in (1, 10)] + [(1000, 100_000, 128, 10),
+                                                                               (10_000, 1_000_000, 3, 10)]
+    table = []
+    for M, N, D, k in shapes:
+        q, x = make_inputs(gen, "cpu", torch.float32, M, N, D)
+        qn, xn = q.numpy(), x.numpy()
+        index = faiss.IndexFlatL2(D)
+        index.add(xn)
+
+        def add_search(D: int = D, xn: Any = xn, qn: Any = qn, k: int = k) -> Any:
+            fresh = faiss.IndexFlatL2(D)
+            fresh.add(xn)
+            return fresh.search(qn, k)
+
+        peers = {"faiss search": lambda: index.search(qn, k), "faiss add+search": add_search}
+        if D <= 16:
+            peers["cKDTree build+query"] = lambda: cKDTree(xn).query(qn, k, workers=threads)
+        if N >= 1_000_000:
+            peers = {"cKDTree build+query": peers["cKDTree build+query"]}
+        ours = lambda q=q, x=x, k=k: dispatcher.nearest_neighbor(q, x, k=k)  # noqa: E731
+        ours()  # tunes the key
+        reps = 200 if N <= 10_000 else 5
+        for isa in ("default", "avx2"):
+            if isa != "default" and "avx2" not in _build.supported_isas():
+                continue
+
+            def call(ours: Callable[[], Any] = ours, isa: str = isa) -> Any:
+                if isa == "default":
+                    return ours()
+                with _build.forced_isa(isa):
+                    return ours()
+
+            for name, peer in peers.items():
+                o, p = _paired_ms(call, peer, reps)
+                table.append([f"M={M} N={N} D={D} k={k}", isa, name, p, o, o / p, (o - p) * 1e3])
+                print(tabulate([table[-1]], tablefmt="plain", floatfmt=".4g"), flush=True)
+    print()
+    print(tabulate(table, headers=["shape", "build", "peer", "peer ms", "dispatched ms", "ratio", "diff us"],
+                   floatfmt=".4g"))
+    print(f"{threads} threads, load average {os.getloadavg()[0]:.1f} at the end")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3)
@@ -119,6 +195,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads for ours and the peers alike")
     parser.add_argument("--no-tune", action="store_true", help="skip the autotuner's choice (it times every kernel)")
     parser.add_argument("--with-torch-b", action="store_true", help="also time the torch kernel in (b) (slow)")
+    parser.add_argument("--as-called", action="store_true",
+                        help="the dispatcher on a warm key against the peers called directly, paired")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,6 +207,8 @@ def main() -> None:
     except ImportError:
         pass
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.as_called:
+        return as_called()
     table, chosen = [], []
     for name in args.cases.split(","):
         tune = not args.no_tune
