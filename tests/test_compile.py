@@ -173,3 +173,25 @@ def test_all_reduce_is_eager_only(gen):
         torch.compile(fn, fullgraph=True, backend="eager")(x)
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(fn, backend="eager")(x), x * 2)  # without fullgraph: a graph break
+
+
+def test_transformers_model_with_a_padding_mask_compiles(gen):
+    transformers = pytest.importorskip("transformers")
+    from core.integrations import transformers as integration
+
+    name = integration.register()
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.config._attn_implementation = name
+    ids = torch.randint(0, 97, (2, 12), generator=gen)
+    pad = torch.ones(2, 12, dtype=torch.long)
+    pad[1, :3] = 0  # left padding: the model's bool mask reaches dispatcher.attention
+    fn = lambda ids, pad: model(input_ids=ids, attention_mask=pad).logits  # noqa: E731
+    with torch.no_grad():
+        want = fn(ids, pad)
+        assert torch._dynamo.explain(fn)(ids, pad).graph_break_count == 0
+        torch._dynamo.reset()
+        got = torch.compile(fn, fullgraph=True, backend="aot_eager")(ids, pad)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
