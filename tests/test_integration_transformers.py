@@ -226,11 +226,6 @@ def test_a_custom_4d_mask(model, gen):
             model(ids, attention_mask=float_mask + 0.5)
 
 
-@pytest.mark.xfail(importlib.util.find_spec("core.library") is None,
-                   raises=(torch._dynamo.exc.Unsupported, torch._dynamo.exc.TorchRuntimeError), strict=True,
-                   reason="without core/library.py (the torch.library custom ops, another issue's work) "
-                          "dispatcher.attention does not trace under torch.compile(fullgraph=True): dynamo cannot "
-                          "trace ContextVar.get in core/dispatcher.py _dispatch")
 def test_under_torch_compile(gen):
     torch.manual_seed(13)
     m = transformers.AutoModelForCausalLM.from_config(_config("llama", num_hidden_layers=1),
