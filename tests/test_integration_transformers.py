@@ -8,7 +8,6 @@ of SDPA's; greedy generate, with its one-token decode steps against the KV cache
 """
 from __future__ import annotations
 
-import importlib.util
 import warnings
 
 import pytest
