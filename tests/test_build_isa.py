@@ -72,3 +72,16 @@ def test_environment_level(cpu, monkeypatch):
     monkeypatch.setenv(_build.ENV_ISA, "avx512")
     with pytest.raises(ValueError, match=_build.ENV_ISA):
         _build.default_isa()
+
+
+def test_loading_a_library_leaves_the_build_flags_alone():
+    """torch's load() appends its link flags to the list it is given; were that our LDFLAGS, every
+    later build directory's hash in the process would change and each op would be compiled again."""
+    if _build.unavailable_reason("split_finding"):
+        pytest.skip(_build.unavailable_reason("split_finding"))
+    before = (list(_build.LDFLAGS), _build._build_dir("split_finding", [_build.CSRC / "split_finding.cpp"], "avx2"))
+    for isa in ("avx2", _build.machine_isa()):
+        _build.library("split_finding", isa)
+    after = (list(_build.LDFLAGS), _build._build_dir("split_finding", [_build.CSRC / "split_finding.cpp"], "avx2"))
+    assert after == before
+    assert _build.is_built("split_finding", "avx2")

@@ -205,7 +205,9 @@ def library(op: str, isa: str | None = None) -> Any:
                 "10-80 s, cached afterwards; `python -m core.autotune --build` does it ahead of time)", op, isa)
         try:
             load(name=f"switchyard_{op}_{isa}", sources=[str(s) for s in sources], extra_cflags=_flags(isa),
-                 extra_ldflags=LDFLAGS, build_directory=str(build), is_python_module=False, verbose=False)
+                 # a copy: load() appends torch's own link flags to the list it is given, which would
+                 # change every later build directory's hash in this process (and rebuild each op)
+                 extra_ldflags=list(LDFLAGS), build_directory=str(build), is_python_module=False, verbose=False)
         except Exception as e:
             _failed[(op, isa)] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
             raise RuntimeError(f"fused {op}: building {sources[0].name} for {isa} failed: {e}") from e
