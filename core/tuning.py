@@ -57,9 +57,11 @@ class Decision:
     final: bool = True  # False: measured under heavy contention; not cached, so a later miss retunes
 
     def fallbacks(self) -> list[str]:
-        """Validated candidates in the order to try them: fastest first, then by priority."""
+        """Validated candidates in the order to try them: the winner, then the others fastest first, then
+        by priority (the winner need not have the lowest median: a tie within epsilon goes to priority,
+        and only a candidate confidently faster than the default may displace it)."""
         ok = [r for r in self.rows if r.status in ("chosen", "ok")]
-        ok.sort(key=lambda r: (r.median_ms is None, r.median_ms or 0.0, -r.priority))
+        ok.sort(key=lambda r: (r.backend != self.winner, r.median_ms is None, r.median_ms or 0.0, -r.priority))
         return [r.backend for r in ok]
 
     def row(self, name: str) -> Row | None:

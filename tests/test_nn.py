@@ -46,7 +46,10 @@ def test_attention_kv_cache_decoding_equals_full_sequence(gen):
         out, cache = m(x[:, t:t + 1], kv_cache=cache)
         steps.append(out)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(cache[0], k, rtol=0, atol=0)
+    # the projection of 6 rows then 1 row at a time need not round like one of 11 rows (BLAS blocks by
+    # the row count), so the cache equals the full sequence's keys to float32 rounding, not bitwise
+    torch.testing.assert_close(cache[0], k, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cache[1], v, rtol=1e-5, atol=1e-6)
 
 
 def test_attention_module_state_dict_to_mask_and_compile(gen):

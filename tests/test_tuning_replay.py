@@ -175,3 +175,26 @@ def test_replay_rejects_a_malformed_record(tmp_path):
     out = subprocess.run([sys.executable, "-m", "core.autotune", "--replay", str(bad)], capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=120)
     assert out.returncode == 2 and "line 1: expected an object with op, key, args, attrs" in out.stderr
+
+
+def test_the_dispatcher_serves_the_decided_winner_even_when_another_has_a_lower_median(gen, monkeypatch):
+    """A tie within epsilon goes to priority, and the default keeps its place unless beaten at the stated
+    confidence: the kernel served is the decision's winner, not whichever row has the lowest median."""
+    real = racing.race
+
+    def prefer_slowest(entrants, default, **kw):
+        out = real(entrants, default, **kw)
+        timed = [e for e in entrants if e.times]
+        slowest = max(timed, key=lambda e: racing.median_ms(e) or 0.0)
+        return replace(out, pick=slowest.name)
+
+    monkeypatch.setattr(racing, "race", prefer_slowest)
+    q, k, v = _attention(gen, 20)
+    out = dispatcher.attention(q, k, v)
+    assert float((out.double() - _ref(q, k, v)).abs().max()) < 1e-5
+    exp = dispatcher.explain("attention", q, k, v)
+    medians = {r.backend: r.median_ms for r in exp.rows if r.median_ms is not None}
+    assert len(medians) >= 2 and medians[exp.chosen] == max(medians.values())
+    spec = __import__("core.ops", fromlist=["get_spec"]).get_spec("attention")
+    key = spec.key(*spec.prepare((q, k, v), {}))
+    assert dispatcher._state.choices[("attention", key)].name == exp.chosen
