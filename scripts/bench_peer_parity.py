@@ -66,12 +66,13 @@ def attention_rows(quick: bool) -> Iterator[Row]:
     dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
     if quick:
         decode = [(1, 32, 8, 1, 1024, 128), (8, 16, 16, 1, 256, 64), (4, 32, 4, 8, 4096, 128)]
-        prefill = [(2, 8, 2, 512, 64, True), (1, 8, 8, 64, 64, False)]
+        prefill = [(2, 8, 2, 512, 64, True), (1, 8, 8, 64, 64, False), (1, 2, 2, 40, 16, True)]
     else:
         decode = [(B, Hq, Hkv, Lq, Lk, D) for B in (1, 4, 16) for Hq, Hkv in ((16, 16), (32, 8), (32, 4))
                   for Lq in (1, 4, 8) for Lk in (128, 1024, 8192) for D in (64, 128)
                   if B * Hkv * Lk * D * 2 * 4 <= 1 << 29 and (Lq != 4 or B == 4)]
         prefill = [(B, 8, Hkv, L, 64, c) for B in (1, 2) for Hkv in (8, 2) for L in (16, 64, 128, 512) for c in (False, True)]
+        prefill += [(1, 2, Hkv, L, 16, c) for Hkv in (2, 1) for L in (24, 40) for c in (False, True)]  # short, narrow
     for dt in dtypes:
         name = str(dt).removeprefix("torch.")
         for causal in (False, True):

@@ -178,11 +178,37 @@ def attend(path: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     return (o, lse) if return_lse else o
 
 
+_fwd_ops: dict[Any, Any] = {}  # a C++ library (one per level) -> its forward's overload callable
+
+
+def _cpu_forward_op() -> Any:
+    lib = _build.library(OP)
+    op = _fwd_ops.get(lib)
+    if op is None:
+        overload = lib.attention_fwd.default
+        # the overload's C++ callable itself, where this torch has it: the Python wrapper costs 0.3 us a call
+        op = _fwd_ops[lib] = getattr(overload, "_op", overload)
+    return op
+
+
+_grad_enabled = torch.is_grad_enabled
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
               attn_mask: torch.Tensor | None, return_lse: bool) -> Any:
     """FlashAttention-2 forward (and, through autograd, backward): C++ for CPU tensors, Triton for CUDA."""
-    return attend(CPP if q.device.type == "cpu" else TRITON, q, k, v, causal=causal, scale=scale,
-                  attn_mask=attn_mask, return_lse=return_lse)
+    cpu = q.device.type == "cpu"
+    if (cpu and attn_mask is None and not (_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and q.numel() and k.shape[2]):
+        # the common CPU call, no mask and no graph, in as few steps as possible (a small call's time is
+        # mostly these steps): what attend() does for it
+        B, Hq, Lq, _ = q.shape
+        o, lse, _ = _cpu_forward_op()(q, k, v, None, causal, scale, *_cpu_blocks(CPU_FWD_BLOCKS, B * Hq, Lq, 0))
+        if o.dtype is not q.dtype:
+            o = o.to(q.dtype)
+        return (o, lse) if return_lse else o
+    return attend(CPP if cpu else TRITON, q, k, v, causal=causal, scale=scale, attn_mask=attn_mask,
+                  return_lse=return_lse)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,

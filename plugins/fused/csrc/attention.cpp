@@ -31,6 +31,26 @@
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count (the C interface; torch's MKL exports it). Every product here is one tile
+// of work that this file's own OpenMP loop already spreads over the cores, so each runs on its calling
+// thread: left to itself, MKL threads a tile product called outside a parallel region (a short sequence,
+// where this kernel runs on the caller's thread alone) and pays a wake-up of its pool each time, which on
+// a 2-core machine took 0.3-3 ms for a [1, 2, 40, 16] call that needs 8 us.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace {
+// For one kernel call, MKL runs on its calling thread (inside this file's parallel regions it does so of
+// itself: a BLAS call from an OpenMP worker is sequential).
+struct SerialBlas {
+  int previous = -1;
+  SerialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialBlas() {
+    if (previous >= 0) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+}  // namespace
 
 namespace {
 
@@ -669,14 +689,20 @@ bool prefill_fwd(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
 // may attend nothing gets o = 0 and lse = -inf. Non-finite inputs cost the common path nothing: each row's
 // result is checked where it is written, and a suspect row (see ``suspect``) is recomputed by
 // ``exact_row``; ``rare`` says whether any row was, so that the backward pass knows to take the exact path.
+// ``t`` as contiguous float32, without a dispatcher call where it is already (a small call's microseconds).
+at::Tensor as_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
+
 std::tuple<at::Tensor, at::Tensor, int64_t> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, const std::optional<at::Tensor>& mask,
                                                           bool causal, double scale, int64_t block_q, int64_t block_k) {
   const Problem p = describe(q, k, v, mask, causal, scale);
   TORCH_CHECK(block_q > 0 && block_k > 0, "attention: tile sizes must be positive");
+  const SerialBlas serial;
   at::Tensor o = at::empty({p.B, p.Hq, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
-  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  const at::Tensor qf = as_float(q);
   bool rare = false;
   if (p.Lq <= kDecodeMaxLq && p.D % W == 0 && p.Dv % W == 0) {
     const at::Tensor kk = k.stride(3) == 1 ? k : k.contiguous(), vv = v.stride(3) == 1 ? v : v.contiguous();
@@ -688,7 +714,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> attention_fwd(const at::Tensor& q, c
       rare = decode_fwd(p, Qr, rows_of<float>(kk), rows_of<float>(vv), o.data_ptr<float>(), lse.data_ptr<float>());
     }
   } else {
-    rare = prefill_fwd(p, qf, k.to(at::kFloat).contiguous(), v.to(at::kFloat).contiguous(), o.data_ptr<float>(),
+    rare = prefill_fwd(p, qf, as_float(k), as_float(v), o.data_ptr<float>(),
                        lse.data_ptr<float>(), block_q, block_k);
   }
   return {o, lse, rare ? 1 : 0};
@@ -712,6 +738,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
               "attention: the backward takes contiguous float32 q, k, v");
   TORCH_CHECK(dout.scalar_type() == at::kFloat && dout.is_contiguous(), "attention: dout must be contiguous float32");
   TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous(), "attention: lse and delta must be contiguous");
+  const SerialBlas serial;
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   const float* Q = q.data_ptr<float>();
   const float* K = k.data_ptr<float>();
