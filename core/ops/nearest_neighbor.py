@@ -25,7 +25,7 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from core.errors import InvalidInput
-from core.spec import Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, dtype_name, reads_data, require_tensor
+from core.spec import Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, device_type, dtype_name, reads_data, require_tensor
 
 NAME = "nearest_neighbor"
 DTYPES = (torch.float32, torch.float64)
@@ -106,7 +106,7 @@ def _first_non_finite(arg: str, t: torch.Tensor) -> None:
 
 def _key(args: tuple[Any, ...], attrs: Mapping[str, Any]) -> tuple[Any, ...]:
     queries, database = args
-    return (queries.device.type, dtype_name(queries.dtype), bucket(queries.shape[0]), bucket(database.shape[0]),
+    return (device_type(queries), dtype_name(queries.dtype), bucket(queries.shape[0]), bucket(database.shape[0]),
             database.shape[1], bucket(attrs["k"]), attrs["metric"])
 
 

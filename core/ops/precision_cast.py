@@ -38,7 +38,7 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from core.errors import invalid
-from core.spec import Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, dtype_name, max_abs_diff, require_tensor
+from core.spec import Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, device_type, dtype_name, max_abs_diff, require_tensor
 
 NAME = "precision_cast"
 SOURCES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -185,7 +185,7 @@ _DTYPE_STR = {d: str(d) for d in (*SOURCES, *FORMATS)}  # str(torch.dtype) costs
 
 def _key(args: tuple[Any, ...], attrs: Mapping[str, Any]) -> tuple[Any, ...]:
     (x,) = args
-    return (x.device.type, _DTYPE_STR[x.dtype], _DTYPE_STR[attrs["dtype"]], attrs["rounding"], attrs["scaling"],
+    return (device_type(x), _DTYPE_STR[x.dtype], _DTYPE_STR[attrs["dtype"]], attrs["rounding"], attrs["scaling"],
             attrs["saturate"], x.is_contiguous(), bucket(x.numel()))
 
 

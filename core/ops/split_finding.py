@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from core.errors import InvalidInput
-from core.spec import (Attr, OpSpec, REQUIRED, Sample, TensorMeta, Verdict, bucket, dtype_name, reads_data,
+from core.spec import (Attr, OpSpec, REQUIRED, Sample, TensorMeta, Verdict, bucket, device_type, dtype_name, reads_data,
                        require_tensor)
 
 NAME = "split_finding"
@@ -134,7 +134,7 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> None:
 
 def _key(args: tuple[Any, ...], attrs: Mapping[str, Any]) -> tuple[Any, ...]:
     bins, grad, _, node_ids = args
-    return (bins.device.type, str(grad.dtype), str(node_ids.dtype), bucket(bins.shape[0]), bucket(bins.shape[1]),
+    return (device_type(bins), str(grad.dtype), str(node_ids.dtype), bucket(bins.shape[0]), bucket(bins.shape[1]),
             bucket(attrs["num_nodes"]), attrs["num_bins"])
 
 

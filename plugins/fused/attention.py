@@ -197,7 +197,7 @@ _grad_enabled = torch.is_grad_enabled
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
               attn_mask: torch.Tensor | None, return_lse: bool) -> Any:
     """FlashAttention-2 forward (and, through autograd, backward): C++ for CPU tensors, Triton for CUDA."""
-    cpu = q.device.type == "cpu"
+    cpu = q.is_cpu
     if (cpu and attn_mask is None and not (_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
             and q.numel() and k.shape[2]):
         # the common CPU call, no mask and no graph, in as few steps as possible (a small call's time is
