@@ -193,6 +193,29 @@ def test_subnormal_distances_keep_the_tie_order(gen, D):
             assert verdict.ok, f"{name} {metric}: {verdict.reason}"
 
 
+@pytest.mark.parametrize("M", [1, 4, 5])  # the fused kernel reads rows directly up to 4 l2 queries
+@pytest.mark.parametrize("kind", ["far", "grid", "subnormal", "float64"])
+def test_few_queries_select_by_rows_and_lose_nothing(gen, M, kind):
+    if kind == "far":  # a query on a point far from the origin is at exactly 0
+        q, x = make_inputs(gen, "cpu", torch.float32, M, 2500, 64, offset=1000.0)
+        q = x[torch.randperm(2500, generator=gen)[:M]].clone()
+    elif kind == "grid":  # exact arithmetic, many equal distances: lower index first
+        q, x = make_inputs(gen, "cpu", torch.float32, M, 3000, 12, grid=3, hits=1)
+    elif kind == "subnormal":
+        x = torch.randn(3000, 16, generator=gen) * 3e-23
+        q = torch.randn(M, 16, generator=gen) * 3e-23
+    else:
+        q, x = make_inputs(gen, "cpu", torch.float64, M, 2100, 40, hits=1)
+    want = brute(q, x, 7, "l2")
+    for name in _kernels():
+        out = KERNELS[name](q, x, k=7, metric="l2")
+        assert torch.equal(out.indices, want.indices), f"{name} {kind}"
+        verdict = _judge(out, q, x, 7, "l2", want)
+        assert verdict.ok, f"{name} {kind}: {verdict.reason}"
+        if q.dtype == torch.float32:  # a float64 sum rounded once to float32 is the same whatever its order
+            assert torch.equal(out.distances, want.distances), f"{name} {kind}"
+
+
 def test_kernels_return_plain_tensors_when_the_queries_require_grad(gen):
     q, x = make_inputs(gen, "cpu", torch.float32, 5, 300, 6)
     q.requires_grad_(True)

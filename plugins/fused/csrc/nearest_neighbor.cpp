@@ -13,7 +13,10 @@
 // not change), and (2) it only selects: a database point is re-ranked by the direct formula whenever
 // its expansion value is within a proven rounding bound (`l2_margin`) of the query's current k-th
 // best, so no true neighbour is lost to the product's rounding. In low dimension (D <= kDirectMaxD)
-// the direct formula is cheaper than the product and selects instead (bound `direct_slack`).
+// the direct formula is cheaper than the product and selects instead (bound `direct_slack`), and so it
+// is for a few l2 queries (M <= kDirectMaxQueries; FAISS's exhaustive search does so below its BLAS
+// threshold of 20): the centring passes and the product's setup would cost more than the distances, so
+// each value is the direct formula in T along a database row, read in place.
 // Extra memory: per thread one [kQueryBlock, kDbTile] tile, one centred database tile and the
 // centred query block; heaps of M x k (x the database splits, at most the thread count, when there
 // are fewer query blocks than threads). Never [M, N].
@@ -58,6 +61,7 @@ namespace {
 constexpr int64_t kQueryBlock = 256;   // queries per task (brute force)
 constexpr int64_t kDbTile = 1024;      // database points per tile (brute force)
 constexpr int64_t kDirectMaxD = 8;     // at or below this dimension the direct formula selects
+constexpr int64_t kDirectMaxQueries = 4;  // and (l2) at or below this many queries, read along each row
 constexpr int64_t kLeafSize = 16;      // kd-tree leaf bucket
 constexpr int kFixedMaxD = 8;          // kd-trees of D <= this are compiled for their D
 constexpr int64_t kTaskMinPoints = 1 << 15;  // kd-tree subtrees built as separate OpenMP tasks
@@ -274,6 +278,22 @@ void direct_tile(const T* q, const T* xt, T* a, int64_t n) {
   }
 }
 
+// a[j] = the direct l2 formula in T for one query against rows x[j * D ..] read in place (any D; the sum
+// runs along the row, in the vector order, which the bound `direct_slack` allows: every term is >= 0).
+template <typename T>
+void direct_rows(const T* __restrict q, const T* __restrict x, int64_t D, T* __restrict a, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* __restrict row = x + j * D;
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < D; ++d) {
+      const T t = q[d] - row[d];
+      s += t * t;
+    }
+    a[j] = s;
+  }
+}
+
 template <typename T>
 using DirectFn = void (*)(const T*, const T*, T*, int64_t);
 
@@ -299,10 +319,20 @@ struct Brute {
   std::vector<T> centre;     // the same, in T (what the tiles subtract)
   double xmax = 0;           // max |x - mean| over the database (the margin's |x_c| bound)
 
-  bool direct() const { return D <= kDirectMaxD; }
+  bool direct() const { return D <= kDirectMaxD || (M <= kDirectMaxQueries && !ip); }
+  bool transposed() const { return D <= kDirectMaxD; }  // the direct tile, transposed (D fixed at compile time)
+  // l2 by rows: no pass over the database before the search; no overflow bound either, so every value
+  // is taken as one that may have overflowed (the guarded scan). (For "ip" the margin needs the
+  // database's largest norm, a pass that costs more than the product path saves at these sizes.)
+  bool unprepared() const { return direct() && !transposed(); }
 
   void prepare() {
     mean.assign(D, 0.0);
+    centre.assign(D, T(0));
+    if (unprepared()) {
+      xmax = kInf;
+      return;
+    }
     // A pass over a small database is not worth a parallel region: waking the other threads costs more,
     // and on a busy machine a descheduled one holds the region's end for a time slice.
     const int nt = N * D >= kParallelPrepare ? threads() : 1;
@@ -354,10 +384,10 @@ struct Brute {
     }
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t j0 = t * kDbTile, n = std::min(kDbTile, N - j0);
-      if (direct()) {
+      if (transposed()) {
         for (int64_t j = 0; j < n; ++j)  // transposed, so the distance loop runs along j
           for (int64_t d = 0; d < D; ++d) xc[d * kDbTile + j] = X[(j0 + j) * D + d];
-      } else {
+      } else if (!direct()) {
         const T* cen = centre.data();
         T* xcp = xc.data();
         for (int64_t j = 0; j < n; ++j) {
@@ -392,8 +422,10 @@ struct Brute {
 
   void scan_row(TopK<T>& h, const T* q, const T* qrow, double qn, double qnorm, const T* xc, const T* xn,
                 T* a, int64_t j0, int64_t n) const {
-    if (direct()) {
+    if (transposed()) {
       direct_values<T>(D, ip)(qrow, xc, a, n);
+    } else if (direct()) {
+      direct_rows<T>(qrow, X + j0 * D, D, a, n);
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) a[j] += xn[j];
@@ -455,7 +487,7 @@ struct Brute {
     // Scratch sized to the problem (a few queries need a few rows of the tile, not 1 MB of zeroed pages),
     // and no more threads than tasks: an idle thread still has to reach the region's end.
     const int64_t qrows = std::min(kQueryBlock, M);
-    const int64_t xrows = direct() ? kDbTile : std::min(kDbTile, N);  // the direct tile is transposed
+    const int64_t xrows = transposed() ? kDbTile : direct() ? 0 : std::min(kDbTile, N);  // the direct tile is transposed
     const int used = static_cast<int>(std::min<int64_t>(nt, nqb * splits));
 #pragma omp parallel num_threads(used) if (used > 1)
     {
