@@ -193,7 +193,7 @@ def test_subnormal_distances_keep_the_tie_order(gen, D):
             assert verdict.ok, f"{name} {metric}: {verdict.reason}"
 
 
-@pytest.mark.parametrize("M", [1, 4, 5])  # the fused kernel reads rows directly up to 4 l2 queries
+@pytest.mark.parametrize("M", [1, 4, 5, 33])  # few l2 queries: the fused kernel selects by rows or transposed tiles
 @pytest.mark.parametrize("kind", ["far", "grid", "subnormal", "float64"])
 def test_few_queries_select_by_rows_and_lose_nothing(gen, M, kind):
     if kind == "far":  # a query on a point far from the origin is at exactly 0

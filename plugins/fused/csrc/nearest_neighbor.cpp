@@ -14,9 +14,10 @@
 // its expansion value is within a proven rounding bound (`l2_margin`) of the query's current k-th
 // best, so no true neighbour is lost to the product's rounding. In low dimension (D <= kDirectMaxD)
 // the direct formula is cheaper than the product and selects instead (bound `direct_slack`), and so it
-// is for a few l2 queries (M <= kDirectMaxQueries; FAISS's exhaustive search does so below its BLAS
-// threshold of 20): the centring passes and the product's setup would cost more than the distances, so
-// each value is the direct formula in T along a database row, read in place.
+// is for a few l2 queries (FAISS's exhaustive search does so below its BLAS threshold of 20 queries):
+// the centring passes and the product's setup would cost more than the distances. Up to D = 32 the
+// direct values run along a transposed database tile shared by the query block; above it, and for a
+// single query, along each database row read in place (kTransposedMaxD and the counts beside it).
 // Extra memory: per thread one [kQueryBlock, kDbTile] tile, one centred database tile and the
 // centred query block; heaps of M x k (x the database splits, at most the thread count, when there
 // are fewer query blocks than threads). Never [M, N].
@@ -60,8 +61,15 @@ namespace {
 
 constexpr int64_t kQueryBlock = 256;   // queries per task (brute force)
 constexpr int64_t kDbTile = 1024;      // database points per tile (brute force)
+// The transposed tile's row pitch: not a multiple of 4 KiB, so the D rows a transposing copy writes in
+// turn do not all map to the same few cache sets (at D = 64 a 4 KiB pitch made the copy 40x slower).
+constexpr int64_t kPitch = kDbTile + 16;
 constexpr int64_t kDirectMaxD = 8;     // at or below this dimension the direct formula selects
-constexpr int64_t kDirectMaxQueries = 4;  // and (l2) at or below this many queries, read along each row
+// l2 with few queries, measured against the product path on Zen 5 (AVX-512) at N = 1000-20000: up to
+// this dimension the transposed tiles pay (their transposing copy grows with D) ...
+constexpr int64_t kTransposedMaxD = 32;
+constexpr int64_t kTransposedMaxQueries = 32;  // ... for this many queries (one: along the rows instead)
+constexpr int64_t kRowsMaxQueries = 4;  // and above that dimension, along each database row read in place
 constexpr int64_t kLeafSize = 16;      // kd-tree leaf bucket
 constexpr int kFixedMaxD = 8;          // kd-trees of D <= this are compiled for their D
 constexpr int64_t kTaskMinPoints = 1 << 15;  // kd-tree subtrees built as separate OpenMP tasks
@@ -257,7 +265,7 @@ double subnormal_floor(int64_t D) {
   return direct_slack<T>(D) * std::numeric_limits<T>::min();
 }
 
-// a[j] = the direct formula in T for one query against a transposed tile (xt[d * kDbTile + j]), with
+// a[j] = the direct formula in T for one query against a transposed tile (xt[d * kPitch + j]), with
 // the dimension fixed at compile time so each value stays in a register.
 template <typename T, int DD, bool IP>
 void direct_tile(const T* q, const T* xt, T* a, int64_t n) {
@@ -268,9 +276,9 @@ void direct_tile(const T* q, const T* xt, T* a, int64_t n) {
     T s = 0;
     for (int d = 0; d < DD; ++d) {
       if constexpr (IP) {
-        s -= qv[d] * xt[d * kDbTile + j];
+        s -= qv[d] * xt[d * kPitch + j];
       } else {
-        const T t = qv[d] - xt[d * kDbTile + j];
+        const T t = qv[d] - xt[d * kPitch + j];
         s += t * t;
       }
     }
@@ -291,6 +299,22 @@ void direct_rows(const T* __restrict q, const T* __restrict x, int64_t D, T* __r
       s += t * t;
     }
     a[j] = s;
+  }
+}
+
+// The same for any D (l2): the dimension loop outside, so each step is one vector pass along the tile
+// (the sum in order d = 0, 1, ..., within `direct_slack`).
+template <typename T>
+void direct_tile_any(const T* __restrict q, const T* __restrict xt, T* __restrict a, int64_t n, int64_t D) {
+  std::fill(a, a + n, T(0));
+  for (int64_t d = 0; d < D; ++d) {
+    const T qd = q[d];
+    const T* __restrict x = xt + d * kPitch;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const T t = qd - x[j];
+      a[j] += t * t;
+    }
   }
 }
 
@@ -319,12 +343,15 @@ struct Brute {
   std::vector<T> centre;     // the same, in T (what the tiles subtract)
   double xmax = 0;           // max |x - mean| over the database (the margin's |x_c| bound)
 
-  bool direct() const { return D <= kDirectMaxD || (M <= kDirectMaxQueries && !ip); }
-  bool transposed() const { return D <= kDirectMaxD; }  // the direct tile, transposed (D fixed at compile time)
+  bool direct() const {
+    return D <= kDirectMaxD || (!ip && M <= (D <= kTransposedMaxD ? kTransposedMaxQueries : kRowsMaxQueries));
+  }
+  bool by_rows() const { return direct() && D > kDirectMaxD && (M == 1 || D > kTransposedMaxD); }
+  bool transposed() const { return direct() && !by_rows(); }  // the direct tile, transposed
   // l2 by rows: no pass over the database before the search; no overflow bound either, so every value
   // is taken as one that may have overflowed (the guarded scan). (For "ip" the margin needs the
   // database's largest norm, a pass that costs more than the product path saves at these sizes.)
-  bool unprepared() const { return direct() && !transposed(); }
+  bool unprepared() const { return direct() && !ip && D > kDirectMaxD; }
 
   void prepare() {
     mean.assign(D, 0.0);
@@ -386,7 +413,7 @@ struct Brute {
       const int64_t j0 = t * kDbTile, n = std::min(kDbTile, N - j0);
       if (transposed()) {
         for (int64_t j = 0; j < n; ++j)  // transposed, so the distance loop runs along j
-          for (int64_t d = 0; d < D; ++d) xc[d * kDbTile + j] = X[(j0 + j) * D + d];
+          for (int64_t d = 0; d < D; ++d) xc[d * kPitch + j] = X[(j0 + j) * D + d];
       } else if (!direct()) {
         const T* cen = centre.data();
         T* xcp = xc.data();
@@ -423,7 +450,8 @@ struct Brute {
   void scan_row(TopK<T>& h, const T* q, const T* qrow, double qn, double qnorm, const T* xc, const T* xn,
                 T* a, int64_t j0, int64_t n) const {
     if (transposed()) {
-      direct_values<T>(D, ip)(qrow, xc, a, n);
+      if (D <= kDirectMaxD) direct_values<T>(D, ip)(qrow, xc, a, n);
+      else direct_tile_any<T>(qrow, xc, a, n, D);
     } else if (direct()) {
       direct_rows<T>(qrow, X + j0 * D, D, a, n);
     } else {
@@ -487,7 +515,7 @@ struct Brute {
     // Scratch sized to the problem (a few queries need a few rows of the tile, not 1 MB of zeroed pages),
     // and no more threads than tasks: an idle thread still has to reach the region's end.
     const int64_t qrows = std::min(kQueryBlock, M);
-    const int64_t xrows = transposed() ? kDbTile : direct() ? 0 : std::min(kDbTile, N);  // the direct tile is transposed
+    const int64_t xrows = transposed() ? kPitch : by_rows() ? 0 : std::min(kDbTile, N);  // the direct tile is transposed
     const int used = static_cast<int>(std::min<int64_t>(nt, nqb * splits));
 #pragma omp parallel num_threads(used) if (used > 1)
     {
