@@ -64,8 +64,8 @@ import numpy as np
 import torch
 
 from core.errors import InvalidInput, invalid
-from core.spec import (Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, device_type, dtype_name, reads_data, require_tensor,
-                       unknown_size)
+from core.spec import (Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, device_type, dtype_name, reads_data,
+                       require_tensor, unknown_size)
 
 NAME = "decode_step"
 RULES = ("greedy", "typical", "rejection")

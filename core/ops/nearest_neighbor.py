@@ -25,7 +25,8 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from core.errors import InvalidInput
-from core.spec import Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, device_type, dtype_name, reads_data, require_tensor
+from core.spec import (Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, device_type, dtype_name, reads_data,
+                       require_tensor)
 
 NAME = "nearest_neighbor"
 DTYPES = (torch.float32, torch.float64)

@@ -38,7 +38,8 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from core.errors import invalid
-from core.spec import Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, device_type, dtype_name, max_abs_diff, require_tensor
+from core.spec import (Attr, OpSpec, Sample, TensorMeta, Verdict, bucket, device_type, dtype_name, max_abs_diff,
+                       require_tensor)
 
 NAME = "precision_cast"
 SOURCES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)

@@ -185,9 +185,7 @@ def _cpu_forward_op() -> Any:
     lib = _build.library(OP)
     op = _fwd_ops.get(lib)
     if op is None:
-        overload = lib.attention_fwd.default
-        # the overload's C++ callable itself, where this torch has it: the Python wrapper costs 0.3 us a call
-        op = _fwd_ops[lib] = getattr(overload, "_op", overload)
+        op = _fwd_ops[lib] = _build.direct_callable(lib.attention_fwd.default)
     return op
 
 

@@ -50,9 +50,7 @@ def _library():
 
 def _configure(lib) -> None:
     lib.precision_cast_pool_limit(pool_limit_from_env())
-    op = lib.precision_cast_cpu.default
-    # the overload's C++ callable itself, where this torch has it: its Python wrapper costs 0.3 us a call
-    _cast_ops[lib] = getattr(op, "_op", op)
+    _cast_ops[lib] = _build.direct_callable(lib.precision_cast_cpu.default)
 
 
 _cast_ops: dict = {}  # a library (one per level) -> its cast op, once its pool cap is set

@@ -683,17 +683,17 @@ bool prefill_fwd(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
 
 }  // namespace
 
+// ``t`` as contiguous float32, without a dispatcher call where it is already (a small call's microseconds).
+at::Tensor as_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
+
 // Forward: (o [B, Hq, Lq, Dv] float32, lse [B, Hq, Lq] float32, rare). Decode shapes (Lq <= 8, head dims
 // a multiple of the vector width) take the split-K kernel, which reads bfloat16 or float32 k and v in
 // place through their strides; the rest takes the FlashAttention-2 tiles on float32 copies. A row that
 // may attend nothing gets o = 0 and lse = -inf. Non-finite inputs cost the common path nothing: each row's
 // result is checked where it is written, and a suspect row (see ``suspect``) is recomputed by
 // ``exact_row``; ``rare`` says whether any row was, so that the backward pass knows to take the exact path.
-// ``t`` as contiguous float32, without a dispatcher call where it is already (a small call's microseconds).
-at::Tensor as_float(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, int64_t> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, const std::optional<at::Tensor>& mask,
                                                           bool causal, double scale, int64_t block_q, int64_t block_k) {

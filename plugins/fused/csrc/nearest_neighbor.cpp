@@ -351,7 +351,7 @@ struct Brute {
   // l2 by rows: no pass over the database before the search; no overflow bound either, so every value
   // is taken as one that may have overflowed (the guarded scan). (For "ip" the margin needs the
   // database's largest norm, a pass that costs more than the product path saves at these sizes.)
-  bool unprepared() const { return direct() && !ip && D > kDirectMaxD; }
+  bool unprepared() const { return direct() && D > kDirectMaxD; }  // (direct above kDirectMaxD is l2 only)
 
   void prepare() {
     mean.assign(D, 0.0);
@@ -377,7 +377,6 @@ struct Brute {
       // Rounded to T: the centre is then exactly what the centred tiles subtract.
       for (int64_t d = 0; d < D; ++d) mean[d] = static_cast<double>(static_cast<T>(mean[d] / N));
     }
-    centre.assign(D, T(0));
     for (int64_t d = 0; d < D; ++d) centre[d] = static_cast<T>(mean[d]);
     const T* cen = centre.data();
     // The margins need the norms; the direct l2 bound is relative, but the overflow test needs them too.
@@ -515,7 +514,8 @@ struct Brute {
     // Scratch sized to the problem (a few queries need a few rows of the tile, not 1 MB of zeroed pages),
     // and no more threads than tasks: an idle thread still has to reach the region's end.
     const int64_t qrows = std::min(kQueryBlock, M);
-    const int64_t xrows = transposed() ? kPitch : by_rows() ? 0 : std::min(kDbTile, N);  // the direct tile is transposed
+    // the direct tile is transposed; rows are read in place
+    const int64_t xrows = transposed() ? kPitch : by_rows() ? 0 : std::min(kDbTile, N);
     const int used = static_cast<int>(std::min<int64_t>(nt, nqb * splits));
 #pragma omp parallel num_threads(used) if (used > 1)
     {
