@@ -151,11 +151,13 @@ class OpSpec:
     compare_checks_nan: bool = False
     _defaults: dict[str, Any] = field(init=False, repr=False, compare=False)
     _required: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _known: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         defaults = {a.name: a.default for a in self.attrs if a.default is not REQUIRED}
         object.__setattr__(self, "_defaults", defaults)
         object.__setattr__(self, "_required", tuple(a.name for a in self.attrs if a.default is REQUIRED))
+        object.__setattr__(self, "_known", frozenset(a.name for a in self.attrs))
 
     @property
     def attr_names(self) -> tuple[str, ...]:
@@ -166,7 +168,8 @@ class OpSpec:
         if len(args) != len(self.inputs):
             args, attrs = self._inputs_from_keywords(args, attrs)
         full = {**self._defaults, **attrs}
-        if len(full) != len(self._defaults) + len(self._required) or self._required:
+        # as many keys as the op has attributes, none unknown: then every required one is there
+        if len(full) != len(self._known) or not full.keys() <= self._known:
             self._check_attr_names(full)
         return args, full
 

@@ -62,9 +62,13 @@ _TARGET_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2, to
 _OPTION_BITS = {("nearest", "none"): 0, ("nearest", "amax"): 8, ("stochastic", "none"): 4, ("stochastic", "amax"): 12}
 
 
+_FLAGS = {(d, r, s, sat): code | bits | (16 if sat else 0) for d, code in _TARGET_CODES.items()
+          for (r, s), bits in _OPTION_BITS.items() for sat in (False, True)}  # one lookup a call
+
+
 def cpu_flags(dtype: torch.dtype, rounding: str, scaling: str, saturate: bool, margin: int) -> int:
     """The flags argument of the C++ ops for these attributes."""
-    return _TARGET_CODES[dtype] | _OPTION_BITS[(rounding, scaling)] | (16 if saturate else 0) | (margin << 8)
+    return _FLAGS[dtype, rounding, scaling, saturate] | (margin << 8)
 
 
 def precision_cast_cpu(x: torch.Tensor, *, dtype: torch.dtype, rounding: str, scaling: str, saturate: bool, margin: int,
@@ -77,7 +81,7 @@ def precision_cast_cpu(x: torch.Tensor, *, dtype: torch.dtype, rounding: str, sc
         op = _cast_ops[lib]
     if x.requires_grad or not x.is_contiguous():
         x = x.detach().contiguous()  # a cast has no gradient
-    flags = _TARGET_CODES[dtype] | _OPTION_BITS[(rounding, scaling)] | (16 if saturate else 0) | (margin << 8)
+    flags = _FLAGS[dtype, rounding, scaling, saturate] | (margin << 8)
     return _make(op(x, flags, _seed(seed) if flags & 4 else 0))
 
 
