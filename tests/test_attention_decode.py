@@ -97,9 +97,11 @@ def _poison(gen, dtype, B, Hq, Hkv, Lq, Lk, D, where, causal=False):
     return Sample(args=(q, k, v), attrs=attrs)
 
 
-SHAPES = {  # (B, Hq, Hkv, Lq, Lk, D): decode (split over the keys) and prefill (tiles of 16 x 32)
+SHAPES = {  # (B, Hq, Hkv, Lq, Lk, D): decode (split over the keys), prefill (tiles of 16 x 32), and a call
+    # small enough for the C++ row-by-row path (D not a multiple of any vector width)
     "decode": (1, 4, 2, 3, 600, 32),
     "prefill": (1, 4, 2, 20, 45, 16),
+    "small": (2, 4, 2, 5, 9, 12),
 }
 PLACES = ("masked", "dead-rows", "v-attended", "k-attended", "q-nan")
 

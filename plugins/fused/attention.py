@@ -47,9 +47,24 @@ CPU_BWD_BLOCKS = (128, 128)
 def _cpu_blocks(blocks: tuple[int, int], heads: int, length: int, axis: int) -> tuple[int, int]:
     """``blocks`` with its ``axis`` tile shrunk until ``heads * ceil(length / tile)`` feeds every thread."""
     tiles = list(blocks)
-    while tiles[axis] > 32 and heads * -(-length // tiles[axis]) < 4 * torch.get_num_threads():
+    threads = torch.get_num_threads()
+    while tiles[axis] > 32 and heads * -(-length // tiles[axis]) < 4 * threads:
         tiles[axis] //= 2
     return tiles[0], tiles[1]
+
+
+_fwd_tiles: dict[tuple[int, int, int], tuple[int, int]] = {}  # (heads, Lq, threads) -> the forward's tiles
+
+
+def _cpu_fwd_blocks(heads: int, length: int) -> tuple[int, int]:
+    """``_cpu_blocks(CPU_FWD_BLOCKS, heads, length, 0)``, remembered (a small call's time is mostly such steps)."""
+    key = (heads, length, torch.get_num_threads())
+    tiles = _fwd_tiles.get(key)
+    if tiles is None:
+        if len(_fwd_tiles) > 4096:
+            _fwd_tiles.clear()
+        tiles = _fwd_tiles[key] = _cpu_blocks(CPU_FWD_BLOCKS, heads, length, 0)
+    return tiles
 
 
 def _mask4(attn_mask: torch.Tensor | None, full: tuple[int, int, int, int]) -> torch.Tensor | None:
@@ -66,7 +81,7 @@ class _Cpu:
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                 mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         lib = _build.library(OP)
-        blocks = _cpu_blocks(CPU_FWD_BLOCKS, q.shape[0] * q.shape[1], q.shape[2], 0)
+        blocks = _cpu_fwd_blocks(q.shape[0] * q.shape[1], q.shape[2])
         return lib.attention_fwd(q, k, v, mask, causal, scale, *blocks)  # (o, lse, rare)
 
     @staticmethod
@@ -201,7 +216,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         # the common CPU call, no mask and no graph, in as few steps as possible (a small call's time is
         # mostly these steps): what attend() does for it
         B, Hq, Lq, _ = q.shape
-        o, lse, _ = _cpu_forward_op()(q, k, v, None, causal, scale, *_cpu_blocks(CPU_FWD_BLOCKS, B * Hq, Lq, 0))
+        op = _fwd_ops.get(_build.library(OP)) or _cpu_forward_op()
+        o, lse, _ = op(q, k, v, None, causal, scale, *_cpu_fwd_blocks(B * Hq, Lq))
         if o.dtype is not q.dtype:
             o = o.to(q.dtype)
         return (o, lse) if return_lse else o

@@ -620,6 +620,68 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
   return rare.load();
 }
 
+// -- small calls: a few thousand multiply-adds in all ----------------------------------------------------
+
+// Up to this much work (B * Hq * Lq * Lk * (D + Dv) multiply-adds) and this many keys, each result row is
+// computed on its own, straight from q, k and v: the tile path's products, scratch buffers and copies
+// cost more than such a call's arithmetic ([1, 1, 4, 8] took 7.5 us on the tiles, as long as SDPA).
+constexpr int64_t kSmallWork = int64_t(1) << 15;
+constexpr int64_t kSmallMaxLk = 256;
+
+// a . b over n floats (any n: whole vectors, then the tail one by one).
+inline float dot_row(const float* a, const float* b, int64_t n) {
+  vec acc = vzero();
+  int64_t d = 0;
+  for (; d + W <= n; d += W) acc = vfma(vload(a + d), vload(b + d), acc);
+  float t = vsum(acc);
+  for (; d < n; ++d) t += a[d] * b[d];
+  return t;
+}
+
+// Every row on the caller's thread: its scores into a stack buffer (a disallowed key is never read), max,
+// base-2 weights, and the weighted sum of the value rows. A suspect row takes exact_row, as on the tiles.
+bool small_fwd(const Problem& p, const Rows<float>& Q, const Rows<float>& K, const Rows<float>& V, float* O,
+               float* LSE) {
+  const float c = p.scale * kLog2e;
+  float s[kSmallMaxLk];
+  bool rare = false;
+  for (int64_t b = 0; b < p.B; ++b) {
+    for (int64_t h = 0; h < p.Hq; ++h) {
+      const int64_t hk = h / p.group;
+      for (int64_t i = 0; i < p.Lq; ++i) {
+        const int64_t row = (b * p.Hq + h) * p.Lq + i, n = p.key_end(i, 1);
+        const float* q = Q.at(b, h, i);
+        float* out = O + row * p.Dv;
+        float m = kNegInf;
+        for (int64_t j = 0; j < n; ++j) {
+          s[j] = p.mask == nullptr || p.allowed(b, h, i, j) ? c * dot_row(q, K.at(b, hk, j), p.D) : kNegInf;
+          m = s[j] > m ? s[j] : m;  // a NaN score is passed over here and shows in its weight
+        }
+        std::fill(out, out + p.Dv, 0.0f);
+        float l = 0.0f;
+        if (m != kNegInf) {  // else the row attends nothing (or only -inf scores): 0 and lse -inf
+          for (int64_t j = 0; j < n; ++j) {
+            if (p.mask != nullptr && !p.allowed(b, h, i, j)) continue;  // its value row is never read
+            const float w = fast_exp2(s[j] - m);
+            l += w;
+            const float* vr = V.at(b, hk, j);
+            for (int64_t d = 0; d < p.Dv; ++d) out[d] += w * vr[d];
+          }
+        }
+        const bool alive = l > 0.0f;
+        const float inv = alive ? 1.0f / l : 0.0f;
+        for (int64_t d = 0; d < p.Dv; ++d) out[d] *= inv;
+        LSE[row] = alive ? (m + std::log2(l)) * kLn2 : (l == 0.0f ? kNegInf : l);
+        if (suspect(!all_finite(q, p.D), out, p.Dv, LSE[row])) {
+          exact_row(p, Q, K, V, b, h, i, out, LSE + row);
+          rare = true;
+        }
+      }
+    }
+  }
+  return rare;
+}
+
 // -- prefill: FlashAttention-2 tiles --------------------------------------------------------------------
 
 bool prefill_fwd(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, float* O,
@@ -699,11 +761,17 @@ std::tuple<at::Tensor, at::Tensor, int64_t> attention_fwd(const at::Tensor& q, c
                                                           bool causal, double scale, int64_t block_q, int64_t block_k) {
   const Problem p = describe(q, k, v, mask, causal, scale);
   TORCH_CHECK(block_q > 0 && block_k > 0, "attention: tile sizes must be positive");
-  const SerialBlas serial;
   at::Tensor o = at::empty({p.B, p.Hq, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
   const at::Tensor qf = as_float(q);
   bool rare = false;
+  if (p.Lk <= kSmallMaxLk && p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv) <= kSmallWork) {
+    const at::Tensor kf = as_float(k), vf = as_float(v);
+    rare = small_fwd(p, rows_of<float>(qf), rows_of<float>(kf), rows_of<float>(vf), o.data_ptr<float>(),
+                     lse.data_ptr<float>());
+    return {o, lse, rare ? 1 : 0};
+  }
+  const SerialBlas serial;  // the small path above makes no BLAS call
   if (p.Lq <= kDecodeMaxLq && p.D % W == 0 && p.Dv % W == 0) {
     const at::Tensor kk = k.stride(3) == 1 ? k : k.contiguous(), vv = v.stride(3) == 1 ? v : v.contiguous();
     const Rows<float> Qr = rows_of<float>(qf);
