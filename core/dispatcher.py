@@ -1,8 +1,9 @@
 """The per-call path: bind -> verify -> dispatch key -> cached choice -> kernel.
 
 ``dispatcher.<op>(...)`` (one function per op, generated from the specs) and ``dispatcher.call(op,
-...)`` are the same path. On a warm key the work is the spec's cheap verify, the key, and one dict
-lookup; everything else (loading plugins, validating, timing, the cache file) happens on the miss
+...)`` are the same path. On a warm key the work is the spec's cheap verify, the key, one dict lookup and,
+unless the chosen kernel checks the data in its own pass (``Kernel.checks_data``), the spec's
+``verify_data``; everything else (loading plugins, validating, timing, the cache file) happens on the miss
 path in ``core.tuning``, once per dispatch key and process.
 
 Resolution order: a backend forced by ``use_backend`` or ``SWITCHYARD_BACKEND``; else this process's
@@ -58,6 +59,11 @@ class DispatchWarning(UserWarning):
 class _Choice:
     fn: Any
     name: str
+    check: Any = None  # the spec's verify_data, unless the kernel checks the data itself
+
+
+def _choice(spec: OpSpec, variant: Variant) -> _Choice:
+    return _Choice(variant.fn, variant.name, None if variant.kernel.checks_data else spec.verify_data)
 
 
 class _State:
@@ -135,9 +141,13 @@ def _dispatch(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any
     if _slow_env() or _forced.get() is not None:
         return _call_special(spec, key, args, attrs)
     state = _state
-    choice = state.choices.get((spec.name, key))
+    choice = state.choices.get((spec.name, key))  # _checked_choice, inlined
     if choice is None:
+        if spec.verify_data is not None:
+            spec.verify_data(args, attrs)
         choice = _resolve(state, spec, key, args, attrs)
+    elif choice.check is not None:
+        choice.check(args, attrs)
     try:
         return choice.fn(*args, **attrs)
     except InvalidInput:
@@ -238,6 +248,21 @@ def _decided_for_capture(tuner: tuning.Tuner, spec: OpSpec, key: tuple[Any, ...]
         f"capture, or run `python -m core.autotune --ops {spec.name}` on cases of this key")
 
 
+def _checked_choice(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...],
+                    attrs: Mapping[str, Any]) -> _Choice:
+    """The key's choice, with the call's data checked by the spec's verify_data unless the chosen kernel
+    checks it itself; always before tuning a new key (its samples follow the call's data, such as the
+    database's location)."""
+    choice = state.choices.get((spec.name, key))
+    if choice is None:
+        if spec.verify_data is not None:
+            spec.verify_data(args, attrs)
+        return _resolve(state, spec, key, args, attrs)
+    if choice.check is not None:
+        choice.check(args, attrs)
+    return choice
+
+
 def _resolve(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...], attrs: Mapping[str, Any]) -> _Choice:
     with state.lock:
         choice = state.choices.get((spec.name, key))
@@ -249,7 +274,7 @@ def _resolve(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[Any,
                 continue
             variant = state.tuner.variant(spec.name, name)
             if variant is not None:
-                choice = _Choice(variant.fn, name)
+                choice = _choice(spec, variant)
                 state.choices[(spec.name, key)] = choice
                 return choice
         raise _no_kernel(state, spec, key, args, attrs, decision)
@@ -287,6 +312,8 @@ def _fall_back(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[An
             choice = _resolve(state, spec, key, args, attrs)
         except Unsupported:
             raise error
+    if choice.check is not None and failed.check is None:
+        choice.check(args, attrs)  # the failed kernel was trusted to check the data
     try:
         return choice.fn(*args, **attrs)
     except InvalidInput:
@@ -320,11 +347,12 @@ def _forced_variant(spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...], a
 def _call_special(spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...], attrs: dict[str, Any]) -> Any:
     forced = _forced.get() or os.environ.get(ENV_BACKEND) or None
     if forced:
-        fn, name = _forced_variant(spec, key, args, attrs, forced).fn, forced
+        choice = _choice(spec, _forced_variant(spec, key, args, attrs, forced))
+        if choice.check is not None:
+            choice.check(args, attrs)
     else:
-        state = _state
-        choice = state.choices.get((spec.name, key)) or _resolve(state, spec, key, args, attrs)
-        fn, name = choice.fn, choice.name
+        choice = _checked_choice(_state, spec, key, args, attrs)
+    fn, name = choice.fn, forced or choice.name
     out = fn(*args, **attrs)
     mode = os.environ.get(ENV_VALIDATE, "").strip().lower()
     if mode == "always" and not _stream_capturing(spec, args, attrs):  # a shadow check syncs

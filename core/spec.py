@@ -88,6 +88,10 @@ class OpSpec:
       writing into ``attrs`` (attention fills ``scale``). Cheap: reads no tensor data unless the
       contract demands it. It may return the dispatch key it built from the sizes it read (the same
       tuple as ``key``), which the hot path then uses instead of calling ``key``; ``None`` otherwise.
+    - ``verify_data(args, attrs)``: optional; the rules that read the inputs' values (a pass over the
+      data, such as nearest_neighbor's finite check), run after ``verify``. The dispatcher skips it when
+      the kernel it serves declares ``checks_data`` (it finds the same violations in its own pass and
+      raises the same ``InvalidInput``); ``prepare`` always runs it.
     - ``key(args, attrs)``: the dispatch key, a hashable tuple (device, dtypes, bucketed shapes, the
       attributes that change the kernel) of JSON scalars or objects whose ``str`` is stable (a
       ``torch.device``, a ``torch.dtype``): the cache stores it as JSON through ``str``.
@@ -130,6 +134,7 @@ class OpSpec:
     inputs: tuple[str, ...]
     attrs: tuple[Attr, ...]
     verify: Callable[[tuple[Any, ...], dict[str, Any]], None]
+    verify_data: Callable[[tuple[Any, ...], Mapping[str, Any]], None] | None = None
     key: Callable[[tuple[Any, ...], Mapping[str, Any]], tuple[Any, ...]]
     key_sizes: tuple[int, ...] = ()
     device: Callable[[tuple[Any, ...], Mapping[str, Any]], str]
@@ -200,9 +205,11 @@ class OpSpec:
                 raise InvalidInput(f"{self.name}: argument {name!r}: expected a value (it is required), got nothing")
 
     def prepare(self, args: tuple[Any, ...], attrs: Mapping[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """bind, then verify: the inputs exactly as a kernel receives them."""
+        """bind, then verify (and verify_data): the inputs exactly as a kernel receives them."""
         args, full = self.bind(args, attrs)
         self.verify(args, full)
+        if self.verify_data is not None:
+            self.verify_data(args, full)
         return args, full
 
 

@@ -18,6 +18,9 @@ class Kernel:
     keywords. ``check`` is called the same way and returns the reasons it cannot serve those inputs
     (empty when it can). ``backward`` is only for the reference backend: the gradient oracle, called as
     ``backward(args, attrs, grad_outputs)`` and returning one gradient per differentiable input.
+    ``checks_data``: the kernel itself raises the ``InvalidInput`` of its op's ``verify_data`` (the rules
+    that read the inputs' values) on every input it is given, so the dispatcher skips that separate pass
+    when it serves this kernel.
     """
 
     op: str
@@ -30,6 +33,7 @@ class Kernel:
     differentiable: bool = False
     configs: tuple[Mapping[str, Any], ...] = ()
     backward: Callable[..., Sequence[Any]] | None = None
+    checks_data: bool = False
     description: str = ""
     plugin: str = ""
 

@@ -3,6 +3,7 @@ origin, bad input, the compare rule, the dispatcher, scipy's cKDTree and FAISS, 
 every built-in kernel through the conformance kit."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -29,6 +30,7 @@ KERNELS = {"reference": reference, "reference-kdtree": reference_kdtree, "torch"
            "fused-kdtree": fused_kdtree}
 L2_ONLY = {"reference-kdtree", "fused-kdtree"}
 NO_CPP = _build.unavailable_reason("nearest_neighbor")
+needs_cpp = pytest.mark.skipif(NO_CPP is not None, reason=f"the fused C++ kernels cannot be built here: {NO_CPP}")
 
 
 def _kernels(metric: str = "l2") -> list[str]:
@@ -276,16 +278,38 @@ def test_k_out_of_range_says_what_k_and_n_were(gen):
         dispatcher.nearest_neighbor(q, x)
 
 
+@pytest.mark.parametrize("backend", [None, "torch", "reference",
+                                     pytest.param("fused", marks=needs_cpp), pytest.param("fused-kdtree", marks=needs_cpp)])
 @pytest.mark.parametrize("which,value", [("queries", float("nan")), ("database", float("inf")),
                                          ("database", float("-inf"))])
-def test_non_finite_input_names_the_input_and_the_first_bad_row(gen, which, value):
-    q, x = make_inputs(gen, "cpu", torch.float32, 6, 30, 4)
-    t = q if which == "queries" else x
-    t[4, 2] = value
-    t[5, 0] = float("nan")
-    with pytest.raises(InvalidInput, match=rf"nearest_neighbor: argument '{which}': expected finite values, "
-                                           rf"got {value} in row 4 \(column 2\)"):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_input_names_the_input_and_the_first_bad_row(gen, which, value, backend, dtype):
+    # on a warm key too: a kernel that checks the data itself (fused) is served without the separate pass
+    q, x = make_inputs(gen, "cpu", dtype, 6, 130, 4)
+    with contextlib.nullcontext() if backend is None else dispatcher.use_backend(backend):
         dispatcher.nearest_neighbor(q, x, k=2)
+        t = q if which == "queries" else x
+        t[4, 2] = value
+        t[5, 0] = float("nan")
+        with pytest.raises(InvalidInput, match=rf"nearest_neighbor: argument '{which}': expected finite values, "
+                                               rf"got {value} in row 4 \(column 2\)"):
+            dispatcher.nearest_neighbor(q, x, k=2)
+
+
+@pytest.mark.parametrize("backend,passes", [("torch", 1), pytest.param("fused", 0, marks=needs_cpp),
+                                            pytest.param("fused-kdtree", 0, marks=needs_cpp)])
+def test_the_finite_pass_is_skipped_only_for_a_kernel_that_checks_the_data(gen, monkeypatch, backend, passes):
+    from core.ops import nearest_neighbor as spec_module
+
+    q, x = make_inputs(gen, "cpu", torch.float32, 3, 40, 4)
+    seen = []
+    real = spec_module.verify_finite
+    monkeypatch.setattr(spec_module, "verify_finite", lambda *a: (seen.append(1), real(*a)))
+    with dispatcher.use_backend(backend):
+        got = dispatcher.nearest_neighbor(q, x, k=3)
+    assert len(seen) == passes
+    want = reference(q, x, k=3, metric="l2")
+    assert torch.equal(got.indices, want.indices)
 
 
 def test_bad_shapes_dtypes_and_metric(gen):

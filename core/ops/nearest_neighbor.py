@@ -19,6 +19,7 @@ returned as inf, and such points tie with one another.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Mapping, NamedTuple
 
@@ -75,19 +76,31 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> None:
     attrs["k"] = int(k)
     if attrs["metric"] not in METRICS:
         raise InvalidInput(f"{NAME}: argument 'metric': expected one of {list(METRICS)}, got {attrs['metric']!r}")
-    _verify_finite(queries, database)
 
 
-def _verify_finite(queries: torch.Tensor, database: torch.Tensor) -> None:
+def _verify_data(args: tuple[Any, ...], attrs: Mapping[str, Any]) -> None:
+    verify_finite(*args)
+
+
+def verify_finite(queries: torch.Tensor, database: torch.Tensor) -> None:
     """NaN or inf anywhere: name the first bad row. When all is well, one sum per input and one host
     sync for both: a NaN or inf entry makes the sum NaN or inf, so a finite sum proves every entry
     finite (a plain sum runs 2.4x faster than aminmax); a sum that overflowed on finite data only
-    sends the check to the row-by-row pass, which then finds nothing."""
+    sends the check to the row-by-row pass, which then finds nothing. On the CPU the two sums are read
+    as numbers (no stack, isfinite and all: 16 -> 4.5 us at M=10 N=1000 D=16)."""
     if not (reads_data(queries) and reads_data(database)):
         return
-    sums = torch.stack([queries.detach().sum(), database.detach().sum()])
-    if bool(torch.isfinite(sums).all()):
+    if queries.is_cpu:
+        if math.isfinite(queries.detach().sum().item() + database.detach().sum().item()):
+            return
+    elif bool(torch.isfinite(torch.stack([queries.detach().sum(), database.detach().sum()])).all()):
         return
+    raise_non_finite(queries, database)
+
+
+def raise_non_finite(queries: torch.Tensor, database: torch.Tensor) -> None:
+    """Raise ``InvalidInput`` naming the first row that holds NaN or inf, if any does (a kernel that
+    checks the data in its own pass calls it when that pass saw one)."""
     for arg, t in (("queries", queries), ("database", database)):
         _first_non_finite(arg, t)
 
@@ -346,6 +359,7 @@ SPEC = OpSpec(
         Attr(name="metric", default="l2", doc="'l2' (squared Euclidean, ascending) or 'ip' (inner product, descending)"),
     ),
     verify=_verify,
+    verify_data=_verify_data,
     key=_key,
     key_sizes=(2, 3, 5),
     device=_device,

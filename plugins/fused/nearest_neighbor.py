@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from core.ops.nearest_neighbor import KnnResult
+from core.ops.nearest_neighbor import KnnResult, raise_non_finite, verify_finite
 from plugins.fused import _build
 from registry import Kernel
 
@@ -26,18 +26,24 @@ KDTREE_MAX_D = 16
 
 
 def nearest_neighbor(queries: torch.Tensor, database: torch.Tensor, *, k: int, metric: str) -> KnnResult:
-    """Blocked brute force with a running top-k and exact re-ranking (C++ OpenMP, or Triton on CUDA)."""
+    """Blocked brute force with a running top-k and exact re-ranking (C++ OpenMP, or Triton on CUDA).
+    Checks the data itself (``checks_data``): the C++ call sees whether every input is finite."""
     if queries.device.type == "cuda":
         from plugins.fused.triton import nearest_neighbor as tri
 
+        verify_finite(queries, database)
         return tri.nearest_neighbor(queries, database, k=k, metric=metric)
-    dist, idx = _build.library(OP).nearest_neighbor_brute(queries, database, k, metric == "ip")
+    dist, idx, finite = _build.library(OP).nearest_neighbor_brute(queries, database, k, metric == "ip")
+    if not finite:
+        raise_non_finite(queries, database)
     return KnnResult(dist, idx)
 
 
 def nearest_neighbor_kdtree(queries: torch.Tensor, database: torch.Tensor, *, k: int, metric: str) -> KnnResult:
     """kd-tree (median split on the widest dimension, leaves of 16) built and searched in one C++ call."""
-    dist, idx = _build.library(OP).nearest_neighbor_kdtree(queries, database, k)
+    dist, idx, finite = _build.library(OP).nearest_neighbor_kdtree(queries, database, k)
+    if not finite:
+        raise_non_finite(queries, database)
     return KnnResult(dist, idx)
 
 
@@ -79,12 +85,12 @@ def _kdtree_check(queries: torch.Tensor, database: torch.Tensor, *, k: int, metr
 
 KERNELS = [
     Kernel(op=OP, backend="fused", fn=nearest_neighbor, devices={"cpu", "cuda"}, dtypes=set(DTYPES), priority=30,
-           check=_brute_check,
+           check=_brute_check, checks_data=True,
            description="blocked brute force, running top-k per query, BLAS tiles on centred data (direct "
                        "formula at D <= 8), exact re-rank within a proven margin: C++ OpenMP on the CPU, "
                        "Triton on CUDA"),
     Kernel(op=OP, backend="fused-kdtree", fn=nearest_neighbor_kdtree, devices={"cpu"}, dtypes=set(DTYPES),
-           priority=30, check=_kdtree_check,
+           priority=30, check=_kdtree_check, checks_data=True,
            description="median-split kd-tree (leaves of 16) with incremental cell distances, built and "
                        "searched in one C++ call, OpenMP over queries (l2, D <= 16)"),
 ]
