@@ -522,3 +522,14 @@ def test_gpu_check_logic_under_the_interpreter():
     bad = [r for r in rows if not r["ok"]]
     assert not bad, bad
     assert all({"kernel", "case", "ok", "max_error", "ms", "note"} <= set(r) for r in rows)
+
+
+@pytest.mark.parametrize("n,contiguous", [(0, True), (1, True), (1000, True), (1025, False)])
+def test_verify_returns_the_dispatch_key(n, contiguous, gen):
+    x = torch.randn(n, 2, generator=gen)
+    x = x[:, 0] if not contiguous else x.reshape(-1)[:n]
+    for dtype in TARGETS:
+        for attrs in ({}, {"scaling": "amax", "saturate": True}, {"rounding": "stochastic", "seed": 3}):
+            args, full = SPEC.bind((x,), {"dtype": dtype, **attrs})
+            key = SPEC.verify(args, full)
+            assert key is not None and key == SPEC.key(args, full)

@@ -158,7 +158,8 @@ def _names(dtypes: tuple[torch.dtype, ...]) -> str:
     return ", ".join(f"torch.{dtype_name(d)}" for d in dtypes)
 
 
-def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> None:
+def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> tuple[Any, ...] | None:
+    """The rules, then the dispatch key (``_key``'s tuple) from what was read here."""
     (x,) = args
     require_tensor(NAME, "x", x)
     if x.dtype not in SOURCES:
@@ -179,6 +180,12 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> None:
     seed = attrs["seed"]
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise invalid(NAME, "seed", "None or an int in [0, 2**63)", repr(seed))
+    try:
+        n = x.numel()
+        return (device_type(x), _DTYPE_STR[x.dtype], _DTYPE_STR[dtype], attrs["rounding"], attrs["scaling"],
+                attrs["saturate"], x.is_contiguous(), n if n <= 1 else 1 << (n - 1).bit_length())
+    except (AttributeError, TypeError):  # symbolic sizes while tracing: the caller falls back to _key
+        return None
 
 
 _DTYPE_STR = {d: str(d) for d in (*SOURCES, *FORMATS)}  # str(torch.dtype) costs a fraction of a microsecond
