@@ -533,3 +533,17 @@ def test_verify_returns_the_dispatch_key(n, contiguous, gen):
             args, full = SPEC.bind((x,), {"dtype": dtype, **attrs})
             key = SPEC.verify(args, full)
             assert key is not None and key == SPEC.key(args, full)
+
+
+def test_bad_attributes_are_named_on_a_warm_key_too(gen):
+    # the rules remember attributes they accepted; True == 1 and unhashable values must not pass for them
+    x = torch.randn(64, generator=gen)
+    dispatcher.precision_cast(x, dtype=torch.float16, margin=1)
+    for attrs, message in (({"saturate": 1}, r"'saturate': expected a bool, got 1"),
+                           ({"margin": True}, r"'margin': expected an int in \[0, 127\].*got True"),
+                           ({"rounding": ["nearest"]}, r"'rounding': expected one of .*got \['nearest'\]"),
+                           ({"seed": -1}, r"'seed': expected None or an int in \[0, 2\*\*63\), got -1")):
+        with pytest.raises(InvalidInput, match="precision_cast: argument " + message):
+            dispatcher.precision_cast(x, dtype=torch.float16, **{"margin": 1, **attrs})
+    with pytest.raises(InvalidInput, match=r"argument 'x': expected a floating tensor"):
+        dispatcher.precision_cast(x.int(), dtype=torch.float16)

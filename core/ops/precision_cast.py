@@ -158,9 +158,34 @@ def _names(dtypes: tuple[torch.dtype, ...]) -> str:
     return ", ".join(f"torch.{dtype_name(d)}" for d in dtypes)
 
 
+_ACCEPTED: set[tuple[Any, ...]] = set()  # (dtype, rounding, scaling, margin) the rules have accepted
+_SOURCE_SET = frozenset(SOURCES)
+
+
 def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> tuple[Any, ...] | None:
-    """The rules, then the dispatch key (``_key``'s tuple) from what was read here."""
+    """The rules, then the dispatch key (``_key``'s tuple) from what was read here. Attributes the rules
+    accepted once are recognised by one set lookup (a small cast's call is mostly such steps); exact
+    types are asked first, since True == 1 would otherwise pass for a margin or 1 for saturate."""
     (x,) = args
+    dtype, saturate, margin = attrs["dtype"], attrs["saturate"], attrs["margin"]
+    try:
+        seen = (isinstance(x, torch.Tensor) and x.dtype in _SOURCE_SET and saturate.__class__ is bool
+                and margin.__class__ is int and attrs["seed"] is None
+                and (dtype, attrs["rounding"], attrs["scaling"], margin) in _ACCEPTED)
+    except TypeError:  # an unhashable attribute: the rules below name it
+        seen = False
+    if not seen:
+        _check_rules(x, attrs)
+    try:
+        n = x.numel()
+        return (device_type(x), _DTYPE_STR[x.dtype], _DTYPE_STR[dtype], attrs["rounding"], attrs["scaling"],
+                saturate, x.is_contiguous(), n if n <= 1 else 1 << (n - 1).bit_length())
+    except (AttributeError, TypeError):  # symbolic sizes while tracing: the caller falls back to _key
+        return None
+
+
+def _check_rules(x: Any, attrs: Mapping[str, Any]) -> None:
+    """Every rule, naming the first broken one; remembers attributes that pass (without a seed)."""
     require_tensor(NAME, "x", x)
     if x.dtype not in SOURCES:
         raise invalid(NAME, "x", f"a floating tensor of dtype {_names(SOURCES)}", f"dtype {x.dtype}")
@@ -180,12 +205,8 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> tuple[Any, ...] | N
     seed = attrs["seed"]
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise invalid(NAME, "seed", "None or an int in [0, 2**63)", repr(seed))
-    try:
-        n = x.numel()
-        return (device_type(x), _DTYPE_STR[x.dtype], _DTYPE_STR[dtype], attrs["rounding"], attrs["scaling"],
-                attrs["saturate"], x.is_contiguous(), n if n <= 1 else 1 << (n - 1).bit_length())
-    except (AttributeError, TypeError):  # symbolic sizes while tracing: the caller falls back to _key
-        return None
+    if seed is None and margin.__class__ is int and attrs["saturate"].__class__ is bool:
+        _ACCEPTED.add((dtype, attrs["rounding"], attrs["scaling"], margin))
 
 
 _DTYPE_STR = {d: str(d) for d in (*SOURCES, *FORMATS)}  # str(torch.dtype) costs a fraction of a microsecond
