@@ -1,7 +1,11 @@
 """The statistics of a tuning decision: interleaved paired rounds, racing, confidence, neighbours.
 
-Candidates are timed in rounds, one run each per round, in an order that rotates every round, so
-load drift hits all of them alike; they are compared by paired log-ratios within rounds. After each
+Candidates are timed in rounds, one run each per round, in a fresh order every round (a seeded
+shuffle, the same on every rank), so load drift hits all of them alike and no candidate always
+follows the same one: a rotation keeps each one's predecessor fixed, and the after-effects of a slow
+predecessor (a cache it emptied, an OpenMP team that fell asleep during its 5 ms of numpy: the next
+parallel kernel then took 4x its time) would always fall on the same candidate. They are compared
+by paired log-ratios within rounds. After each
 round a candidate confidently slower than the leader leaves (a one-sided t bound on its mean paired
 log-ratio, at a strict level because the test is repeated). The race stops when one candidate is
 left, when the pick is confidently within epsilon of every other candidate left, or at the budget.
@@ -15,11 +19,13 @@ each pair's log-ratios, multiplied across pairs) that the pick is within epsilon
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 EPSILON = 0.03
+ORDER_SEED = 20261203  # the rounds' shuffles: fixed, so every rank of a lockstep race runs the same order
 LEVEL = 0.995  # one-sided level of drops and stops (the test is repeated each round: stricter than 0.95)
 STATED = 0.95  # the confidence a decision is stated final at
 CONTENTION = 3.0  # a paired ratio's scatter this many times epsilon, at low confidence: contended
@@ -210,9 +216,11 @@ def race(entrants: Sequence[Entrant], default: Entrant, *, budget_s: float, long
     start = clock()
     rounds = 0
     stop = "budget"
+    shuffle = random.Random(ORDER_SEED).shuffle
     while True:
-        k = rounds % len(active)
-        order = active if rounds == 0 else active[k:] + active[:k]  # round 0 in the given (pilot) order
+        order = list(active)
+        if rounds > 0:  # round 0 in the given (pilot) order
+            shuffle(order)
         got: list[float] = []
         ran: list[Entrant] = []
         elapsed = 0.0

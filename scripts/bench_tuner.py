@@ -4,7 +4,7 @@ For each key (every default case of attention, nearest_neighbor, precision_cast 
 plus held-out shapes of this script's own), as a new user meets it (kernels compiled, no tuning
 cache): the lazy miss path's wall time (``Tuner.decide`` at the dispatcher's default budget) split
 into validation and timing, repeated in ``--runs`` independent tuners; then every candidate the lazy
-path may choose (validated, not the reference) timed exhaustively, interleaved in rotating rounds for
+path may choose (validated, not the reference) timed exhaustively, interleaved in shuffled rounds for
 ``--exhaustive`` seconds, as the truth the decisions are scored against:
 
 - regret: the chosen kernel's exhaustive time (lower quartile) over the best one's;
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -93,7 +94,8 @@ def _lazy(spec: Any, key: Any, args: Any, attrs: Any, seed: int) -> dict[str, An
 
 
 def _exhaustive(spec: Any, args: Any, attrs: Any, names: list[str], seconds: float) -> dict[str, float]:
-    """Each candidate's lower-quartile time (ms) over interleaved rounds in a rotating order."""
+    """Each candidate's lower-quartile time (ms) over interleaved rounds, each in a fresh seeded order (a
+    rotation would keep each candidate's predecessor fixed, and with it the after-effects it leaves)."""
     tuner = tuning.Tuner(get_registry(), None, seed=1)
     sample = spec.synthesize(args, attrs, torch.Generator().manual_seed(12345))
     fns = {n: tuner.variant(spec.name, n).fn for n in names}
@@ -102,8 +104,10 @@ def _exhaustive(spec: Any, args: Any, attrs: Any, names: list[str], seconds: flo
         for n in names:
             fns[n](*sample.args, **sample.attrs)
         start, r = time.perf_counter(), 0
+        shuffle = random.Random(r).shuffle
         while r < 5 or (time.perf_counter() - start < seconds and r < 400):
-            order = names[r % len(names):] + names[: r % len(names)]
+            order = list(names)
+            shuffle(order)
             for n in order:
                 t0 = time.perf_counter()
                 fns[n](*sample.args, **sample.attrs)
