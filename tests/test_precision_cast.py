@@ -420,7 +420,7 @@ def test_fused_without_compiler_falls_back(monkeypatch, gen):
 
 # -- the fused CPU kernel's output pool -------------------------------------------------------------------
 
-POOLED = 1 << 20  # float32 elements: a 2 MiB bfloat16 output, over the pool's 1 MiB floor
+POOLED = 1 << 20  # float32 elements: a 2 MiB bfloat16 output, a block of the pool's 2 MiB grain
 
 
 @pytest.fixture
@@ -448,6 +448,23 @@ def test_output_pool_reuses_freed_blocks_and_never_live_ones(pool, gen):
     assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (1, 2)
     for x, y in zip((xs[0], xs[2]), ys):  # reuse overwrote nothing that is still alive
         assert torch.equal(bits(y), bits(reference(x, **attrs(torch.bfloat16)).y))
+
+
+def test_mid_sized_outputs_are_pooled_in_64_kib_blocks(pool, gen):
+    # from 128 KiB (where a fresh output may come from mmap) to 2 MiB, blocks round up to 64 KiB
+    x = torch.randn(100_000, generator=gen)  # a 200,000-byte float16 output: a 256 KiB block
+    before = pool.output_pool_stats()
+    y = fused_kernel(x, **attrs(torch.float16)).y
+    first = y.data_ptr()
+    assert torch.equal(bits(y), bits(reference(x, **attrs(torch.float16)).y))
+    del y
+    assert pool.output_pool_stats()["idle_bytes"] - before["idle_bytes"] == 256 << 10
+    y = fused_kernel(x * 2, **attrs(torch.float16)).y
+    after = pool.output_pool_stats()
+    assert y.data_ptr() == first and after["hits"] - before["hits"] == 1
+    assert torch.equal(bits(y), bits(reference(x * 2, **attrs(torch.float16)).y))
+    small = fused_kernel(x[:1000], **attrs(torch.float16)).y  # 2,000 bytes: torch's allocator, not the pool
+    assert pool.output_pool_stats()["misses"] == after["misses"] and small.shape == (1000,)
 
 
 def test_pooled_output_is_an_ordinary_tensor(pool, gen):
