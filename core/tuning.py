@@ -536,9 +536,10 @@ def _runner(v: Variant, sample: Sample, needs_grad: bool, spec: OpSpec, gen: tor
     that under lockstep every rank still makes the same collectives.
 
     With ``burst``, a candidate whose run takes microseconds is timed, from its second run on, as the mean
-    of enough back-to-back calls to fill ``SHORT_RUN`` (recounted while a burst falls short of half of it): one such call alone measures the clock, the grad
-    mode's switch and cold caches more than the kernel (a 3 us cast read as 30 us), and would rank the
-    candidates by their overheads. Not under lockstep, where every rank must make the same calls."""
+    of enough back-to-back calls to fill ``SHORT_RUN`` (recounted while a burst falls short of half of
+    it): one such call alone measures the clock, the grad mode's switch and cold caches more than the
+    kernel (a 3 us cast read as 30 us), and would rank the candidates by their overheads. Not under
+    lockstep, where every rank must make the same calls."""
     device = spec.device(sample.args, sample.attrs)
     args = sample.args
     if needs_grad:

@@ -166,3 +166,45 @@ def test_a_default_3x_slower_in_every_round_loses_within_two_rounds():
     truth = {"default": 40e-3, "kdtree": 10e-3}
     out, es, _ = race(truth, {"default": 9, "kdtree": 1}, sigma=0.3, budget=0.1)
     assert out.pick == "kdtree" and out.confidence >= 0.95 and len(es["default"].times) <= 3
+
+
+def test_a_microsecond_candidate_is_timed_in_bursts_and_a_long_one_alone():
+    import time
+
+    import torch
+
+    from core import tuning
+    from core.ops.precision_cast import SPEC
+    from core.spec import Sample
+    from registry import Kernel
+
+    calls = {"short": 0, "long": 0}
+
+    def short(x, **attrs):
+        calls["short"] += 1
+
+    def long(x, **attrs):
+        calls["long"] += 1
+        end = time.perf_counter() + 5e-4
+        while time.perf_counter() < end:
+            pass
+
+    sample = Sample(args=(torch.randn(8),), attrs={"dtype": torch.float16, "rounding": "nearest", "scaling": "none",
+                                                  "saturate": False, "margin": 0, "seed": None})
+    gen = torch.Generator().manual_seed(0)
+    runs = {}
+    for name, fn in (("short", short), ("long", long)):
+        variant = Kernel(op="precision_cast", backend=name, fn=fn).variants()[0]
+        runs[name] = tuning._runner(variant, sample, False, SPEC, gen, {}, burst=True)
+    for name in runs:
+        times = [runs[name]() for _ in range(4)]
+        assert all(t > 0 for t in times)
+    assert calls["long"] == 4  # a run of 0.5 ms is its own measure
+    assert calls["short"] > 4 + 2 * 8  # later runs are bursts of back-to-back calls
+    assert calls["short"] <= 1 + 3 * tuning.MAX_BURST
+    lockstep = tuning._runner(Kernel(op="precision_cast", backend="s", fn=short).variants()[0], sample, False, SPEC,
+                              gen, {}, burst=False)
+    before = calls["short"]
+    for _ in range(3):
+        lockstep()
+    assert calls["short"] - before == 3  # without bursts (lockstep), one call a run

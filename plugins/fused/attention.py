@@ -53,12 +53,13 @@ def _cpu_blocks(blocks: tuple[int, int], heads: int, length: int, axis: int) -> 
     return tiles[0], tiles[1]
 
 
-_fwd_tiles: dict[tuple[int, int, int], tuple[int, int]] = {}  # (heads, Lq, threads) -> the forward's tiles
+_fwd_tiles: dict[tuple[Any, ...], tuple[int, int]] = {}  # (heads, Lq, threads, blocks) -> the forward's tiles
 
 
 def _cpu_fwd_blocks(heads: int, length: int) -> tuple[int, int]:
-    """``_cpu_blocks(CPU_FWD_BLOCKS, heads, length, 0)``, remembered (a small call's time is mostly such steps)."""
-    key = (heads, length, torch.get_num_threads())
+    """``_cpu_blocks(CPU_FWD_BLOCKS, heads, length, 0)``, remembered (a small call's time is mostly such steps);
+    keyed by CPU_FWD_BLOCKS too, which tests set to reach tile edges at small sizes."""
+    key = (heads, length, torch.get_num_threads(), CPU_FWD_BLOCKS)
     tiles = _fwd_tiles.get(key)
     if tiles is None:
         if len(_fwd_tiles) > 4096:
