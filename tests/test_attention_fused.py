@@ -212,3 +212,20 @@ def test_check_gives_reasons_per_device(monkeypatch):
     assert "head dim 320 on CUDA" in fused._check(*_stub("cuda", torch.float16, Dv=320), **kw)[0]
     monkeypatch.setenv(_build.ENV_DISABLE, "1")
     assert any(_build.ENV_DISABLE in r for r in fused._check(*_stub("cpu", torch.float32), **kw))
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", [(1, 2, 5, 9, 12), (1, 4, 20, 45, 16), (2, 8, 3, 300, 64)])  # small, tiles, decode
+def test_eager_bfloat16_call_rounds_as_torch_does(gen, shape):
+    # the eager CPU call widens bfloat16 inputs and rounds its float32 result in C++, not through .to()
+    B, H, Lq, Lk, D = shape
+    q, k, v = make_inputs(gen, "cpu", torch.bfloat16, B, H, H, Lq, Lk, D)
+    k[0, 0, 1, 0] = float("nan")  # one NaN row of the result, through the exact path
+    with torch.no_grad():
+        got = fused.attention(q, k, v, causal=False, scale=0.3, attn_mask=None, return_lse=False)
+        o, _, _ = _build.library("attention").attention_fwd(q.float(), k.float(), v.float(), None, False, 0.3,
+                                                            *fused._cpu_fwd_blocks(B * H, Lq))
+    assert got.dtype == torch.bfloat16
+    want = o.to(torch.bfloat16)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and bool(torch.isnan(got).any())
+    assert torch.equal(got.view(torch.int16)[~torch.isnan(got)], want.view(torch.int16)[~torch.isnan(want)])

@@ -207,6 +207,18 @@ def _cpu_forward_op() -> Any:
     return op
 
 
+_eager_ops: dict[Any, Any] = {}  # a C++ library (one per level) -> its pybind11 attention_fwd_eager, or None
+_MISSING = object()
+
+
+def _eager_forward() -> Any:
+    """The C++ eager forward (o in q's dtype, lse) of the level in force, or None without a pybind11 module."""
+    lib = _build.library(OP)
+    mod = _build.module(OP)  # the same level as lib
+    fn = _eager_ops[lib] = getattr(mod, "attention_fwd_eager", None)
+    return fn
+
+
 _grad_enabled = torch.is_grad_enabled
 
 
@@ -219,8 +231,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         # the common CPU call, no mask and no graph, in as few steps as possible (a small call's time is
         # mostly these steps): what attend() does for it
         B, Hq, Lq, _ = q.shape
-        op = _fwd_ops.get(_build.library(OP)) or _cpu_forward_op()
-        o, lse, _ = op(q, k, v, None, causal, scale, *_cpu_fwd_blocks(B * Hq, Lq))
+        eager = _eager_ops.get(_build.library(OP), _MISSING)
+        if eager is _MISSING:
+            eager = _eager_forward()
+        if eager is not None:  # o comes back in q's dtype
+            o, lse = eager(q, k, v, causal, scale, *_cpu_fwd_blocks(B * Hq, Lq))
+            return (o, lse) if return_lse else o
+        o, lse, _ = _cpu_forward_op()(q, k, v, None, causal, scale, *_cpu_fwd_blocks(B * Hq, Lq))
         if o.dtype is not q.dtype:
             o = o.to(q.dtype)
         return (o, lse) if return_lse else o

@@ -11,6 +11,7 @@
 // The tile products go through the BLAS sgemm that PyTorch itself links (MKL on x86 wheels), found
 // at load time through a weak symbol; when no such symbol exists they fall back to a plain loop.
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/csrc/utils/pybind.h>
@@ -746,9 +747,33 @@ bool prefill_fwd(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
 
 }  // namespace
 
-// ``t`` as contiguous float32, without a dispatcher call where it is already (a small call's microseconds).
+// ``t`` as contiguous float32: itself where it is already; a contiguous bfloat16 tensor widened by a
+// plain loop (a bfloat16 is the top half of a float32), since a dispatched t.to(float) costs 3-5 us at a
+// small call's sizes, as long as its arithmetic; anything else through the dispatcher.
 at::Tensor as_float(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t;
+  if (t.scalar_type() != at::kBFloat16 || !t.is_contiguous()) return t.to(at::kFloat).contiguous();
+  at::Tensor f = at::detail::empty_cpu(t.sizes(), at::kFloat);
+  const uint16_t* src = static_cast<const uint16_t*>(t.data_ptr());
+  uint32_t* dst = static_cast<uint32_t*>(f.data_ptr());
+  at::parallel_for(0, t.numel(), int64_t(1) << 18, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) dst[i] = uint32_t(src[i]) << 16;
+  });
+  return f;
+}
+
+// ``o`` (float32) in ``dtype``: itself for float32; rounded to bfloat16 by a plain loop (to nearest even,
+// NaN kept, as torch's own cast), which costs a fraction of a dispatched o.to(bfloat16) at small sizes.
+at::Tensor in_dtype(const at::Tensor& o, at::ScalarType dtype) {
+  if (dtype == at::kFloat) return o;
+  if (dtype != at::kBFloat16) return o.to(dtype);
+  at::Tensor r = at::detail::empty_cpu(o.sizes(), at::kBFloat16);
+  const float* src = o.data_ptr<float>();
+  c10::BFloat16* dst = r.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, o.numel(), int64_t(1) << 18, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) dst[i] = c10::BFloat16(src[i]);
+  });
+  return r;
 }
 
 // Forward: (o [B, Hq, Lq, Dv] float32, lse [B, Hq, Lq] float32, rare). Decode shapes (Lq <= 8, head dims
@@ -787,6 +812,14 @@ std::tuple<at::Tensor, at::Tensor, int64_t> attention_fwd(const at::Tensor& q, c
                        lse.data_ptr<float>(), block_q, block_k);
   }
   return {o, lse, rare ? 1 : 0};
+}
+
+// The eager call without a mask or a graph (plugins/fused/attention.py's lean path, through pybind11
+// only): (o in q's dtype, lse), o rounded here rather than by a second dispatched call.
+std::tuple<at::Tensor, at::Tensor> attention_fwd_eager(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       bool causal, double scale, int64_t block_q, int64_t block_k) {
+  auto [o, lse, rare] = attention_fwd(q, k, v, std::nullopt, causal, scale, block_q, block_k);
+  return {in_dtype(o, q.scalar_type()), lse};
 }
 
 // Whether shapes with Lq query rows and head dims D, Dv take the decode kernel.
@@ -908,4 +941,5 @@ TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m) {
 // into IValues, the dispatcher), a fifth of a tiny call's time. The GIL is released while it runs.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_fwd", &attention_fwd, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("attention_fwd_eager", &attention_fwd_eager, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
