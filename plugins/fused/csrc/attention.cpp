@@ -756,7 +756,7 @@ at::Tensor as_float(const at::Tensor& t) {
   at::Tensor f = at::detail::empty_cpu(t.sizes(), at::kFloat);
   const uint16_t* src = static_cast<const uint16_t*>(t.data_ptr());
   uint32_t* dst = static_cast<uint32_t*>(f.data_ptr());
-  at::parallel_for(0, t.numel(), int64_t(1) << 18, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, t.numel(), int64_t(1) << 12, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) dst[i] = uint32_t(src[i]) << 16;
   });
   return f;
@@ -770,7 +770,7 @@ at::Tensor in_dtype(const at::Tensor& o, at::ScalarType dtype) {
   at::Tensor r = at::detail::empty_cpu(o.sizes(), at::kBFloat16);
   const float* src = o.data_ptr<float>();
   c10::BFloat16* dst = r.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, o.numel(), int64_t(1) << 18, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, o.numel(), int64_t(1) << 12, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) dst[i] = c10::BFloat16(src[i]);
   });
   return r;
