@@ -229,3 +229,19 @@ def test_eager_bfloat16_call_rounds_as_torch_does(gen, shape):
     want = o.to(torch.bfloat16)
     assert torch.equal(torch.isnan(got), torch.isnan(want)) and bool(torch.isnan(got).any())
     assert torch.equal(got.view(torch.int16)[~torch.isnan(got)], want.view(torch.int16)[~torch.isnan(want)])
+
+
+@needs_cpp
+@pytest.mark.parametrize("strided", [False, True])
+def test_cpp_bfloat16_tiles_read_keys_and_values_in_place(gen, strided):
+    # above the small-call size: the tiles widen each bfloat16 key and value block inside their task,
+    # reading k and v through their strides (a transposed view's rows included)
+    sample = _sample(gen, torch.bfloat16, 1, 4, 2, 24, 70, 40, causal=True, mask="random")
+    q, k, v = sample.args
+    if strided:
+        k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+        assert not k.is_contiguous() and k.stride(3) == 1
+    _check(fused.CPP, Sample(args=(q, k, v), attrs=sample.attrs), gen)
+    o = fused.attention(q, k, v, **{**sample.attrs, "return_lse": False})
+    want = fused.attention(q.float(), k.float(), v.float(), **{**sample.attrs, "return_lse": False})
+    assert torch.equal(o, want.to(torch.bfloat16))  # widening is exact: the same float32 tiles

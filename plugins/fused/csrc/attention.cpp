@@ -686,12 +686,33 @@ bool small_fwd(const Problem& p, const Rows<float>& Q, const Rows<float>& K, con
 
 // -- prefill: FlashAttention-2 tiles --------------------------------------------------------------------
 
-bool prefill_fwd(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, float* O,
+// n rows of width D at src (row stride ld) as float32 rows: in place for float32 (ld_out = ld), widened
+// into buf for bfloat16 (any D: the tile products take the rows as they are, not whole vectors).
+template <typename T>
+const float* block_as_float(const T* src, int64_t ld, int64_t n, int64_t D, float* buf, int64_t& ld_out) {
+  if constexpr (std::is_same<T, float>::value) {
+    ld_out = ld;
+    return src;
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const uint16_t* s = reinterpret_cast<const uint16_t*>(src + j * ld);
+      uint32_t* d = reinterpret_cast<uint32_t*>(buf + j * D);
+      for (int64_t c = 0; c < D; ++c) d[c] = uint32_t(s[c]) << 16;
+    }
+    ld_out = D;
+    return buf;
+  }
+}
+
+// q is contiguous float32; k and v are read through their strides (last dimension contiguous), float32
+// in place or bfloat16 widened one key block at a time inside each task, so a call makes no copy of
+// them first (a bfloat16 call at L=16 spent more on its widening copies, each a parallel region, than
+// on its tiles).
+template <typename T>
+bool prefill_fwd(const Problem& p, const at::Tensor& q, const Rows<T>& Kr, const Rows<T>& Vr, float* O,
                  float* LSE, int64_t block_q, int64_t block_k) {
   const float* Q = q.data_ptr<float>();
-  const float* K = k.data_ptr<float>();
-  const float* V = v.data_ptr<float>();
-  const Rows<float> Qr = rows_of<float>(q), Kr = rows_of<float>(k), Vr = rows_of<float>(v);
+  const Rows<float> Qr = rows_of<float>(q);
   // Tiles no larger than the sequences, so that short calls allocate small scratch buffers.
   const int64_t BQ = std::max<int64_t>(1, std::min(block_q, p.Lq)), BK = std::max<int64_t>(1, std::min(block_k, p.Lk));
   const int64_t nqb = (p.Lq + BQ - 1) / BQ;
@@ -703,6 +724,8 @@ bool prefill_fwd(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
 #pragma omp parallel num_threads(nt) if (nt > 1 && tasks > 1)
   {
     std::vector<float> S(BQ * BK), acc(BQ * p.Dv), m(BQ), l(BQ);
+    constexpr bool widen = !std::is_same<T, float>::value;
+    std::vector<float> kbuf(widen ? BK * p.D : 0), vbuf(widen ? BK * p.Dv : 0);
     // The last query blocks attend the most keys under causal: hand them out first.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
@@ -710,22 +733,23 @@ bool prefill_fwd(const Problem& p, const at::Tensor& q, const at::Tensor& k, con
       const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const int64_t q0 = qb * BQ, rows = std::min(BQ, p.Lq - q0);
       const float* Qb = Q + (bh * p.Lq + q0) * p.D;
-      const float* Kh = K + (b * p.Hkv + hk) * p.Lk * p.D;
-      const float* Vh = V + (b * p.Hkv + hk) * p.Lk * p.Dv;
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
       const int64_t kend = p.key_end(q0, rows);
       for (int64_t k0 = 0; k0 < kend; k0 += BK) {
         const int64_t n = std::min(BK, kend - k0);
+        int64_t ldk = 0, ldv = 0;
+        const float* kb = block_as_float(Kr.at(b, hk, k0), Kr.sl, n, p.D, kbuf.data(), ldk);
         float* s0 = S.data();
-        gemm(false, true, rows, n, p.D, p.scale * kLog2e, Qb, p.D, Kh + k0 * p.D, p.D, 0.0f, s0, BK);
+        gemm(false, true, rows, n, p.D, p.scale * kLog2e, Qb, p.D, kb, ldk, 0.0f, s0, BK);
         if (p.tile_needs_mask(q0, k0, n)) p.mask_tile(s0, BK, b, h, q0, rows, k0, n);
         for (int64_t r = 0; r < rows; ++r) {
           float* s = s0 + r * BK;
           if (!softmax_update(s, n, m[r], l[r], acc.data() + r * p.Dv, p.Dv)) std::fill(s, s + n, 0.0f);
         }
-        gemm(false, false, rows, p.Dv, n, 1.0f, s0, BK, Vh + k0 * p.Dv, p.Dv, 1.0f, acc.data(), p.Dv);
+        const float* vb = block_as_float(Vr.at(b, hk, k0), Vr.sl, n, p.Dv, vbuf.data(), ldv);
+        gemm(false, false, rows, p.Dv, n, 1.0f, s0, BK, vb, ldv, 1.0f, acc.data(), p.Dv);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = bh * p.Lq + q0 + r;
@@ -808,8 +832,14 @@ std::tuple<at::Tensor, at::Tensor, int64_t> attention_fwd(const at::Tensor& q, c
       rare = decode_fwd(p, Qr, rows_of<float>(kk), rows_of<float>(vv), o.data_ptr<float>(), lse.data_ptr<float>());
     }
   } else {
-    rare = prefill_fwd(p, qf, as_float(k), as_float(v), o.data_ptr<float>(),
-                       lse.data_ptr<float>(), block_q, block_k);
+    const at::Tensor kk = k.stride(3) == 1 ? k : k.contiguous(), vv = v.stride(3) == 1 ? v : v.contiguous();
+    if (k.scalar_type() == at::kBFloat16) {
+      rare = prefill_fwd(p, qf, rows_of<c10::BFloat16>(kk), rows_of<c10::BFloat16>(vv), o.data_ptr<float>(),
+                         lse.data_ptr<float>(), block_q, block_k);
+    } else {
+      rare = prefill_fwd(p, qf, rows_of<float>(kk), rows_of<float>(vv), o.data_ptr<float>(), lse.data_ptr<float>(),
+                         block_q, block_k);
+    }
   }
   return {o, lse, rare ? 1 : 0};
 }
