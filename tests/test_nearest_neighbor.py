@@ -278,8 +278,8 @@ def test_k_out_of_range_says_what_k_and_n_were(gen):
         dispatcher.nearest_neighbor(q, x)
 
 
-@pytest.mark.parametrize("backend", [None, "torch", "reference",
-                                     pytest.param("fused", marks=needs_cpp), pytest.param("fused-kdtree", marks=needs_cpp)])
+@pytest.mark.parametrize("backend", [None, "torch", "reference", pytest.param("fused", marks=needs_cpp),
+                                     pytest.param("fused-kdtree", marks=needs_cpp)])
 @pytest.mark.parametrize("which,value", [("queries", float("nan")), ("database", float("inf")),
                                          ("database", float("-inf"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -3,10 +3,10 @@
 Each ``csrc/<op>.cpp`` holds its kernels and a ``TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m)`` block, and
 includes only ATen (not ``torch/extension.h``), which halves the compile time; a source whose small
 calls matter also exposes its entry points as a pybind11 module (``module(op)``: ATen plus
-``torch/csrc/utils/pybind.h`` adds about 7 s to its build, and saves about 1.8 us a call). ``library(op)`` builds
-it through ``torch.utils.cpp_extension.load`` into the project's cache directory (one folder per
-source hash, compiler flags, torch and Python version, so a stale build is never loaded), loads it,
-and returns its op namespace, ``torch.ops.switchyard_<isa>``.
+``torch/csrc/utils/pybind.h`` adds about 7 s to its build, and saves about 1.8 us a call).
+``library(op)`` builds it through ``torch.utils.cpp_extension.load`` into the project's cache directory
+(one folder per source hash, compiler flags, torch and Python version, so a stale build is never
+loaded), loads it, and returns its op namespace, ``torch.ops.switchyard_<isa>``.
 
 Instruction-set levels, not ``-march=native``: each source is built for one level, ``avx512``
 (x86-64-v4: AVX-512 F/BW/DQ/VL, with AVX2, FMA and F16C), ``avx2`` (x86-64-v3: AVX2, FMA, F16C, no

@@ -400,15 +400,18 @@ constexpr int64_t kDecodeMinSplit = 256;  // keys per split at least, so that th
 constexpr int64_t kDecodeGemmRows = 8;
 constexpr int64_t kDecodeGemmBlock = 128;
 
-// A block of n rows of width D as float32 rows: in place for float32, widened into buf for bfloat16.
+// n rows of width D at src (row stride ld) as float32 rows: in place for float32 (ld_out = ld), widened
+// into buf for bfloat16 (a bfloat16 is the top half of a float32; any D).
 template <typename T>
-const float* as_float(const T* src, int64_t ld, int64_t n, int64_t D, float* buf, int64_t& ld_out) {
+const float* block_as_float(const T* src, int64_t ld, int64_t n, int64_t D, float* buf, int64_t& ld_out) {
   if constexpr (std::is_same<T, float>::value) {
     ld_out = ld;
     return src;
   } else {
     for (int64_t j = 0; j < n; ++j) {
-      for (int64_t d = 0; d < D; d += W) vstore(buf + j * D + d, vload(src + j * ld + d));
+      const uint16_t* s = reinterpret_cast<const uint16_t*>(src + j * ld);
+      uint32_t* d = reinterpret_cast<uint32_t*>(buf + j * D);
+      for (int64_t c = 0; c < D; ++c) d[c] = uint32_t(s[c]) << 16;
     }
     ld_out = D;
     return buf;
@@ -562,8 +565,8 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
         const T* vb = V.at(b, hk, k0);
         if (tiles) {
           int64_t ldk = 0, ldv = 0;
-          const float* kf = as_float(kb, K.sl, n, p.D, kbuf.data(), ldk);
-          const float* vf = as_float(vb, V.sl, n, p.Dv, vbuf.data(), ldv);
+          const float* kf = block_as_float(kb, K.sl, n, p.D, kbuf.data(), ldk);
+          const float* vf = block_as_float(vb, V.sl, n, p.Dv, vbuf.data(), ldv);
           gemm(false, true, R, n, p.D, c, Q.at(b, hk * p.group, 0), p.D, kf, ldk, 0.0f, S.data(), KB);
           for (int64_t r = 0; r < R; ++r) {
             const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
@@ -685,24 +688,6 @@ bool small_fwd(const Problem& p, const Rows<float>& Q, const Rows<float>& K, con
 }
 
 // -- prefill: FlashAttention-2 tiles --------------------------------------------------------------------
-
-// n rows of width D at src (row stride ld) as float32 rows: in place for float32 (ld_out = ld), widened
-// into buf for bfloat16 (any D: the tile products take the rows as they are, not whole vectors).
-template <typename T>
-const float* block_as_float(const T* src, int64_t ld, int64_t n, int64_t D, float* buf, int64_t& ld_out) {
-  if constexpr (std::is_same<T, float>::value) {
-    ld_out = ld;
-    return src;
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      const uint16_t* s = reinterpret_cast<const uint16_t*>(src + j * ld);
-      uint32_t* d = reinterpret_cast<uint32_t*>(buf + j * D);
-      for (int64_t c = 0; c < D; ++c) d[c] = uint32_t(s[c]) << 16;
-    }
-    ld_out = D;
-    return buf;
-  }
-}
 
 // q is contiguous float32; k and v are read through their strides (last dimension contiguous), float32
 // in place or bfloat16 widened one key block at a time inside each task, so a call makes no copy of
