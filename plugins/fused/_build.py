@@ -235,12 +235,6 @@ def module(op: str, isa: str | None = None) -> Any:
     return mod
 
 
-def direct_callable(overload: Any) -> Any:
-    """A torch op overload's C++ callable itself, where this torch has it (its Python wrapper costs about
-    0.3 us a call, a sizeable part of a small call's time); the overload otherwise."""
-    return getattr(overload, "_op", overload)
-
-
 def prebuild(ops: list[str] | None = None, jobs: int | None = None,
              isas: tuple[str, ...] | None = None) -> dict[str, str | None]:
     """Build several ops' libraries at once, one compiler process per (op, level) (a single-file build

@@ -194,28 +194,14 @@ def attend(path: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     return (o, lse) if return_lse else o
 
 
-_fwd_ops: dict[Any, Any] = {}  # a C++ library (one per level) -> its forward's overload callable
-
-
-def _cpu_forward_op() -> Any:
-    """The C++ forward as a plain call: the pybind11 function (about 1.8 us less a call than torch.ops)."""
-    lib = _build.library(OP)
-    op = _fwd_ops.get(lib)
-    if op is None:
-        mod = _build.module(OP)  # the same level as lib
-        op = _fwd_ops[lib] = mod.attention_fwd if mod is not None else _build.direct_callable(lib.attention_fwd.default)
-    return op
-
-
-_eager_ops: dict[Any, Any] = {}  # a C++ library (one per level) -> its pybind11 attention_fwd_eager, or None
-_MISSING = object()
+_eager_ops: dict[Any, Any] = {}  # a C++ library (one per level) -> its pybind11 attention_fwd_eager
 
 
 def _eager_forward() -> Any:
-    """The C++ eager forward (o in q's dtype, lse) of the level in force, or None without a pybind11 module."""
+    """The C++ eager forward of the level in force: (o in q's dtype, lse), through pybind11 (about 1.8 us
+    less a call than torch.ops)."""
     lib = _build.library(OP)
-    mod = _build.module(OP)  # the same level as lib
-    fn = _eager_ops[lib] = getattr(mod, "attention_fwd_eager", None)
+    fn = _eager_ops[lib] = _build.module(OP).attention_fwd_eager  # the same level as lib
     return fn
 
 
@@ -231,15 +217,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         # the common CPU call, no mask and no graph, in as few steps as possible (a small call's time is
         # mostly these steps): what attend() does for it
         B, Hq, Lq, _ = q.shape
-        eager = _eager_ops.get(_build.library(OP), _MISSING)
-        if eager is _MISSING:
-            eager = _eager_forward()
-        if eager is not None:  # o comes back in q's dtype
-            o, lse = eager(q, k, v, causal, scale, *_cpu_fwd_blocks(B * Hq, Lq))
-            return (o, lse) if return_lse else o
-        o, lse, _ = _cpu_forward_op()(q, k, v, None, causal, scale, *_cpu_fwd_blocks(B * Hq, Lq))
-        if o.dtype is not q.dtype:
-            o = o.to(q.dtype)
+        eager = _eager_ops.get(_build.library(OP)) or _eager_forward()
+        o, lse = eager(q, k, v, causal, scale, *_cpu_fwd_blocks(B * Hq, Lq))  # o in q's dtype
         return (o, lse) if return_lse else o
     return attend(CPP if cpu else TRITON, q, k, v, causal=causal, scale=scale, attn_mask=attn_mask,
                   return_lse=return_lse)

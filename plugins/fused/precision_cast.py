@@ -50,9 +50,7 @@ def _library():
 
 def _configure(lib) -> None:
     lib.precision_cast_pool_limit(pool_limit_from_env())
-    mod = _build.module(OP)  # the same level as lib: both follow the level in force
-    _cast_ops[lib] = (mod.precision_cast_cpu if mod is not None
-                      else _build.direct_callable(lib.precision_cast_cpu.default))
+    _cast_ops[lib] = _build.module(OP).precision_cast_cpu  # the same level as lib: both follow the level in force
 
 
 _cast_ops: dict = {}  # a library (one per level) -> its cast call (the pybind11 one), once its pool cap is set

@@ -400,19 +400,22 @@ constexpr int64_t kDecodeMinSplit = 256;  // keys per split at least, so that th
 constexpr int64_t kDecodeGemmRows = 8;
 constexpr int64_t kDecodeGemmBlock = 128;
 
+// dst[0..n) = src[0..n) widened to float32: a bfloat16 is the top half of a float32 (the loop vectorises).
+inline void widen_row(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = uint32_t(s[i]) << 16;
+}
+
 // n rows of width D at src (row stride ld) as float32 rows: in place for float32 (ld_out = ld), widened
-// into buf for bfloat16 (a bfloat16 is the top half of a float32; any D).
+// into buf for bfloat16 (any D).
 template <typename T>
 const float* block_as_float(const T* src, int64_t ld, int64_t n, int64_t D, float* buf, int64_t& ld_out) {
   if constexpr (std::is_same<T, float>::value) {
     ld_out = ld;
     return src;
   } else {
-    for (int64_t j = 0; j < n; ++j) {
-      const uint16_t* s = reinterpret_cast<const uint16_t*>(src + j * ld);
-      uint32_t* d = reinterpret_cast<uint32_t*>(buf + j * D);
-      for (int64_t c = 0; c < D; ++c) d[c] = uint32_t(s[c]) << 16;
-    }
+    for (int64_t j = 0; j < n; ++j) widen_row(src + j * ld, buf + j * D, D);
     ld_out = D;
     return buf;
   }
@@ -757,17 +760,16 @@ bool prefill_fwd(const Problem& p, const at::Tensor& q, const Rows<T>& Kr, const
 }  // namespace
 
 // ``t`` as contiguous float32: itself where it is already; a contiguous bfloat16 tensor widened by a
-// plain loop (a bfloat16 is the top half of a float32), since a dispatched t.to(float) costs 3-5 us at a
-// small call's sizes, as long as its arithmetic; anything else through the dispatcher.
+// plain loop, since a dispatched t.to(float) costs 3-5 us at a small call's sizes, as long as its
+// arithmetic; anything else through the dispatcher.
 at::Tensor as_float(const at::Tensor& t) {
   if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t;
   if (t.scalar_type() != at::kBFloat16 || !t.is_contiguous()) return t.to(at::kFloat).contiguous();
   at::Tensor f = at::detail::empty_cpu(t.sizes(), at::kFloat);
-  const uint16_t* src = static_cast<const uint16_t*>(t.data_ptr());
-  uint32_t* dst = static_cast<uint32_t*>(f.data_ptr());
-  at::parallel_for(0, t.numel(), int64_t(1) << 12, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) dst[i] = uint32_t(src[i]) << 16;
-  });
+  const c10::BFloat16* src = t.data_ptr<c10::BFloat16>();
+  float* dst = f.data_ptr<float>();
+  at::parallel_for(0, t.numel(), int64_t(1) << 12,
+                   [&](int64_t begin, int64_t end) { widen_row(src + begin, dst + begin, end - begin); });
   return f;
 }
 
@@ -807,25 +809,16 @@ std::tuple<at::Tensor, at::Tensor, int64_t> attention_fwd(const at::Tensor& q, c
     return {o, lse, rare ? 1 : 0};
   }
   const SerialBlas serial;  // the small path above makes no BLAS call
-  if (p.Lq <= kDecodeMaxLq && p.D % W == 0 && p.Dv % W == 0) {
-    const at::Tensor kk = k.stride(3) == 1 ? k : k.contiguous(), vv = v.stride(3) == 1 ? v : v.contiguous();
-    const Rows<float> Qr = rows_of<float>(qf);
-    if (k.scalar_type() == at::kBFloat16) {
-      rare = decode_fwd(p, Qr, rows_of<c10::BFloat16>(kk), rows_of<c10::BFloat16>(vv), o.data_ptr<float>(),
-                        lse.data_ptr<float>());
-    } else {
-      rare = decode_fwd(p, Qr, rows_of<float>(kk), rows_of<float>(vv), o.data_ptr<float>(), lse.data_ptr<float>());
-    }
-  } else {
-    const at::Tensor kk = k.stride(3) == 1 ? k : k.contiguous(), vv = v.stride(3) == 1 ? v : v.contiguous();
-    if (k.scalar_type() == at::kBFloat16) {
-      rare = prefill_fwd(p, qf, rows_of<c10::BFloat16>(kk), rows_of<c10::BFloat16>(vv), o.data_ptr<float>(),
-                         lse.data_ptr<float>(), block_q, block_k);
-    } else {
-      rare = prefill_fwd(p, qf, rows_of<float>(kk), rows_of<float>(vv), o.data_ptr<float>(), lse.data_ptr<float>(),
-                         block_q, block_k);
-    }
-  }
+  // Both paths read k and v in place through their strides, float32 or bfloat16.
+  const at::Tensor kk = k.stride(3) == 1 ? k : k.contiguous(), vv = v.stride(3) == 1 ? v : v.contiguous();
+  const bool decode = p.Lq <= kDecodeMaxLq && p.D % W == 0 && p.Dv % W == 0;
+  auto run = [&](auto element) {
+    using T = decltype(element);
+    const Rows<T> K = rows_of<T>(kk), V = rows_of<T>(vv);
+    return decode ? decode_fwd(p, rows_of<float>(qf), K, V, o.data_ptr<float>(), lse.data_ptr<float>())
+                  : prefill_fwd(p, qf, K, V, o.data_ptr<float>(), lse.data_ptr<float>(), block_q, block_k);
+  };
+  rare = k.scalar_type() == at::kBFloat16 ? run(c10::BFloat16()) : run(0.0f);
   return {o, lse, rare ? 1 : 0};
 }
 
@@ -951,10 +944,9 @@ TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m) {
   m.def("attention_takes_decode", &attention_takes_decode);
 }
 
-// The forward as a plain Python function as well (the unmasked no-grad CPU call of
+// The eager forward as a plain Python function as well (the unmasked no-grad CPU call of
 // plugins/fused/attention.py): through torch.ops a call costs about 1.8 us more (its arguments parsed
 // into IValues, the dispatcher), a fifth of a tiny call's time. The GIL is released while it runs.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attention_fwd", &attention_fwd, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("attention_fwd_eager", &attention_fwd_eager, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
