@@ -171,7 +171,12 @@ def test_autograd_uses_differentiable_kernels_with_validated_gradients(gen, plug
     assert exp.key[-1] == "grad"
     assert rows["reference"].status == "unsupported" and "differentiable" in rows["reference"].reason
     assert rows["wrong-grad"].status == "wrong" and "gradients" in rows["wrong-grad"].reason
-    assert exp.chosen in ("torch", "torch-sdpa")
+    # which differentiable kernel wins is a matter of timing (fused, torch and torch-sdpa all qualify, and
+    # under load the race keeps the default, fused); what must hold is that it is differentiable and its
+    # gradients passed validation, and (below) that they match float64
+    chosen = dispatcher.tuner().variant("attention", exp.chosen)
+    assert chosen.kernel.differentiable and rows[exp.chosen].status == "chosen"
+    assert rows[exp.chosen].max_error is not None and exp.chosen not in ("reference", "wrong-grad")
     g = torch.randn(out.shape, generator=gen)
     out.backward(g)
     q2, k2, v2 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
