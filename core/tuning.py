@@ -477,6 +477,48 @@ def check_status(spec: OpSpec, fn: Callable[..., Any], exp: Expected) -> tuple[V
     return verdict, "ok" if verdict.ok else "wrong"
 
 
+_POISONS = (float("nan"), float("inf"), float("-inf"))
+
+
+def check_data_claim(spec: OpSpec, fn: Callable[..., Any], args: tuple[Any, ...], attrs: Mapping[str, Any],
+                     gen: torch.Generator) -> Verdict:
+    """For a kernel that declares ``checks_data``: on copies of these inputs with one entry of one
+    floating input made NaN, +inf or -inf (at a random position), wherever the spec's ``verify_data``
+    rejects the copy, the kernel must raise the same ``InvalidInput`` (the dispatcher skips that pass
+    for it, so a kernel that claims the check without making it would answer silently on bad data)."""
+    from core.errors import InvalidInput
+
+    if spec.verify_data is None:
+        return Verdict(ok=True, max_error=0.0)
+    for i, a in enumerate(args):
+        if not (isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel()):
+            continue
+        for poison in _POISONS:
+            bad = a.detach().clone()
+            flat = int(torch.randint(0, bad.numel(), (), generator=gen))
+            bad[tuple(int(j) for j in torch.unravel_index(torch.tensor(flat), bad.shape))] = poison
+            poisoned = (*args[:i], bad, *args[i + 1:])
+            try:
+                spec.verify_data(poisoned, attrs)
+                continue  # the rules accept this value here: nothing to claim
+            except InvalidInput as e:
+                want = str(e)
+            where = f"input {spec.inputs[i]!r} with {poison} at flat index {flat}"
+            try:
+                fn(*poisoned, **attrs)
+            except InvalidInput as e:
+                if str(e) != want:
+                    return Verdict(ok=False, reason=f"declares checks_data; on {where} it raised {e!s} instead of "
+                                                    f"verify_data's {want}")
+                continue
+            except Exception as e:
+                return Verdict(ok=False, reason=f"declares checks_data; on {where} it raised {_describe_error(e)} "
+                                                f"instead of verify_data's InvalidInput ({want})")
+            return Verdict(ok=False, reason=f"declares checks_data but returned on {where}, which verify_data "
+                                            f"rejects ({want})")
+    return Verdict(ok=True, max_error=0.0)
+
+
 class _Validator:
     """Runs candidates on one shared validation sample and judges them against the reference."""
 
@@ -516,6 +558,10 @@ class _Validator:
             if status != "ok":
                 return verdict, status
             worst = max(worst, verdict.max_error)
+        if v.kernel.checks_data:
+            claim = check_data_claim(self.spec, v.fn, exps[0].sample.args, exps[0].sample.attrs, self.gen)
+            if not claim.ok:
+                return claim, "wrong"
         return replace(verdict, max_error=worst), status
 
 

@@ -11,7 +11,8 @@ A third-party backend writes one test file::
 
 or calls ``check_backend("acme")`` for a report of every (op, kernel, case). The same rules as the
 dispatcher's validation apply (output structure, no NaN where the reference has none, the op's
-compare rule, and gradients for differentiable kernels), on the spec's default cases and edge cases,
+compare rule, gradients for differentiable kernels, and for a kernel that declares ``checks_data`` the
+InvalidInput of the spec's ``verify_data`` on NaN and inf inputs), on the spec's default cases and edge cases,
 with fresh random inputs each run. A case the kernel declares unsupported is reported as such,
 never as a pass.
 """
@@ -25,7 +26,7 @@ import torch
 
 from core.errors import ValidationError
 from core.ops import get_spec
-from core.tuning import check_status, expected
+from core.tuning import check_data_claim, check_status, expected
 from registry.kernel import Variant
 from registry.loader import Registry, get_registry
 
@@ -123,6 +124,10 @@ def run_case(case: ConformanceCase, *, seed: int | None = None, registry: Regist
     except Exception as e:
         return CaseResult(case=case, status="failed", reason=f"the reference raised {type(e).__name__}: {e}")
     verdict, status = check_status(spec, variant.fn, exp)
+    if status == "ok" and variant.kernel.checks_data:
+        claim = check_data_claim(spec, variant.fn, args, attrs, gen)
+        if not claim.ok:
+            verdict, status = claim, "wrong"
     return CaseResult(case=case, status=status, max_error=verdict.max_error,
                       reason=f"{verdict.reason} (seed {seed})" if status != "ok" else "")
 

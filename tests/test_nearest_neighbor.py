@@ -23,6 +23,7 @@ from plugins.fused import _build
 from plugins.fused.nearest_neighbor import nearest_neighbor as fused, nearest_neighbor_kdtree as fused_kdtree
 from plugins.reference.nearest_neighbor import nearest_neighbor as reference, nearest_neighbor_kdtree as reference_kdtree
 from plugins.torch_backend.nearest_neighbor import candidates_per_query, nearest_neighbor as torch_knn
+from registry import Kernel
 from registry.conformance import check_case, conformance_cases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -562,3 +563,72 @@ def test_finite_data_whose_sum_overflows_passes_verify_and_a_nan_after_it_is_nam
     x[4, 2] = float("nan")
     with pytest.raises(InvalidInput, match=r"argument 'database'.*nan in row 4 \(column 2\)"):
         dispatcher.nearest_neighbor(q, x, k=2)
+
+
+# -- a kernel that claims checks_data must keep the claim ----------------------------------------------
+
+def _unchecked_knn(queries, database, *, k, metric):
+    """Right on finite data, but answers on NaN and inf as well: claiming checks_data is a lie."""
+    return torch_knn(queries, database, k=k, metric=metric)
+
+
+def _checks_with_its_own_words(queries, database, *, k, metric):
+    """Raises on bad data, but not verify_data's InvalidInput (no argument or row named)."""
+    if not bool(torch.isfinite(queries).all() and torch.isfinite(database).all()):
+        raise InvalidInput("nearest_neighbor: bad data")
+    return reference(queries, database, k=k, metric=metric)
+
+
+class _ClaimPlugin:
+    from registry import hookimpl
+
+    @hookimpl
+    def switchyard_kernels(self):
+        return [Kernel(op="nearest_neighbor", backend=name, fn=fn, dtypes={torch.float32, torch.float64},
+                       priority=1000, checks_data=True)
+                for name, fn in (("claims-unchecked", _unchecked_knn), ("claims-own-words", _checks_with_its_own_words))]
+
+
+@pytest.fixture
+def claim_plugin(monkeypatch, tmp_path):
+    from registry import loader
+
+    monkeypatch.setenv("SWITCHYARD_CACHE_DIR", str(tmp_path / "cache"))
+    loader.add_plugin(_ClaimPlugin(), "claims")
+    dispatcher.reset()
+    yield
+    loader.remove_plugin("claims")
+    dispatcher.reset()
+
+
+@pytest.mark.parametrize("backend", ["claims-unchecked", "claims-own-words"])
+def test_a_false_checks_data_claim_fails_conformance_and_is_never_chosen(gen, claim_plugin, backend):
+    from registry.conformance import run_case
+
+    case = next(c for c in conformance_cases(backend, ops=["nearest_neighbor"]))
+    result = run_case(case)
+    assert result.status == "wrong" and "declares checks_data" in result.reason, result
+    # the dispatcher's validation makes the same check: the liar, at the top priority, is passed over,
+    # and a NaN on the warm key is still named by verify_data
+    q, x = make_inputs(gen, "cpu", torch.float32, 5, 60, 4)
+    dispatcher.nearest_neighbor(q, x, k=3)
+    chosen = [c.name for key, c in dispatcher._state.choices.items() if key[0] == "nearest_neighbor"]
+    assert chosen and chosen[0] not in ("claims-unchecked", "claims-own-words")
+    q[2, 1] = float("nan")
+    with pytest.raises(InvalidInput, match=r"argument 'queries': expected finite values, got nan in row 2"):
+        dispatcher.nearest_neighbor(q, x, k=3)
+
+
+@needs_cpp
+@pytest.mark.parametrize("backend", ["fused", "fused-kdtree"])
+def test_the_fused_checks_data_claim_holds_under_the_kit(gen, backend):
+    from core.tuning import check_data_claim
+
+    q, x = make_inputs(gen, "cpu", torch.float64, 7, 90, 5)
+    fn = fused if backend == "fused" else fused_kdtree
+    for seed in range(4):  # fresh poison positions
+        verdict = check_data_claim(SPEC, fn, (q, x), {"k": 3, "metric": "l2"}, torch.Generator().manual_seed(seed))
+        assert verdict.ok, verdict.reason
+    # and the check can fail: the same helper rejects the lying kernel
+    verdict = check_data_claim(SPEC, _unchecked_knn, (q, x), {"k": 3, "metric": "l2"}, gen)
+    assert not verdict.ok and "returned on input" in verdict.reason
