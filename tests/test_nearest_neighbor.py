@@ -632,3 +632,43 @@ def test_the_fused_checks_data_claim_holds_under_the_kit(gen, backend):
     # and the check can fail: the same helper rejects the lying kernel
     verdict = check_data_claim(SPEC, _unchecked_knn, (q, x), {"k": 3, "metric": "l2"}, gen)
     assert not verdict.ok and "returned on input" in verdict.reason
+
+
+@pytest.mark.parametrize("M,N,D,k", [(1, 1, 1, 1), (2, 3, 5, 2), (10, 1000, 16, 10), (257, 1025, 3, 17)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_verify_returns_the_dispatch_key(gen, M, N, D, k, dtype):
+    q, x = make_inputs(gen, "cpu", dtype, M, N, D)
+    for metric in ("l2", "ip"):
+        for qq, xx in ((q, x), (q.t().contiguous().t(), x[:, :]), (q.clone(), x.t().contiguous().t())):
+            args, full = SPEC.bind((qq, xx), {"k": k, "metric": metric})
+            key = SPEC.verify(args, full)
+            assert key is not None and key == SPEC.key(args, full)
+
+
+def test_bad_inputs_are_named_on_a_warm_key_too(gen):
+    # the recognised common call must not let a near miss through: each of these breaks one rule
+    q, x = make_inputs(gen, "cpu", torch.float32, 4, 10, 3)
+    dispatcher.nearest_neighbor(q, x, k=2)
+    cases = [
+        ((q, x), {"k": True}, r"argument 'k': expected an int, got True"),
+        ((q, x), {"k": 2.0}, r"argument 'k': expected an int, got 2.0"),
+        ((q, x), {"k": 11}, r"argument 'k': expected 1 <= k <= N = 10"),
+        ((q, x), {"k": 0}, r"argument 'k': expected 1 <= k <= N = 10"),
+        ((q, x), {"k": 2, "metric": "L2"}, r"argument 'metric': expected one of \['l2', 'ip'\], got 'L2'"),
+        ((q, x), {"k": 2, "metric": ["l2"]}, r"argument 'metric': expected one of \['l2', 'ip'\]"),
+        ((q, x.double()), {"k": 2}, r"argument 'database': expected dtype float32"),
+        ((q[:, :2], x), {"k": 2}, r"argument 'queries': expected D = 3 columns"),
+        ((q, x[None]), {"k": 2}, r"argument 'database': expected a 2-D tensor"),
+        ((q, torch.nn.Parameter(x)), {"k": 2}, None),  # a subclass takes the full rules, and passes them
+        ((q, x.to("meta")), {"k": 2}, r"argument 'database': expected device cpu"),
+    ]
+    for args, attrs, message in cases:
+        if message is None:
+            got = dispatcher.nearest_neighbor(*args, **attrs)
+            assert torch.equal(got.indices, reference(q, x, k=2, metric="l2").indices)
+            continue
+        with pytest.raises(InvalidInput, match="nearest_neighbor: " + message):
+            dispatcher.nearest_neighbor(*args, **attrs)
+    # a numpy integer k is accepted and normalised, as before
+    got = dispatcher.nearest_neighbor(q, x, k=np.int64(2))
+    assert torch.equal(got.indices, reference(q, x, k=2, metric="l2").indices)
