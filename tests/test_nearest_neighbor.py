@@ -565,6 +565,19 @@ def test_finite_data_whose_sum_overflows_passes_verify_and_a_nan_after_it_is_nam
         dispatcher.nearest_neighbor(q, x, k=2)
 
 
+def test_validation_samples_of_data_near_the_float32_range_stay_finite():
+    # the samples follow the data's location and spread; at +-3e38 that spread runs past float32's
+    # range, and an inf in the sample made the reference (and so every candidate) unusable
+    q = torch.full((3, 4), 3e38)
+    x = torch.full((6, 4), 3e38)
+    x[1:, 0] = -3e38
+    attrs = {"k": 2, "metric": "l2"}
+    for seed in range(50):
+        for make in (SPEC.synthesize, SPEC.shrink):
+            sq, sx = make((q, x), attrs, torch.Generator().manual_seed(seed)).args
+            assert bool(torch.isfinite(sq).all() and torch.isfinite(sx).all()), seed
+
+
 # -- a kernel that claims checks_data must keep the claim ----------------------------------------------
 
 def _unchecked_knn(queries, database, *, k, metric):
