@@ -208,3 +208,17 @@ def test_a_microsecond_candidate_is_timed_in_bursts_and_a_long_one_alone():
     for _ in range(3):
         lockstep()
     assert calls["short"] - before == 3  # without bursts (lockstep), one call a run
+
+
+def test_a_default_whose_one_run_spends_the_budget_gets_a_second_look_against_a_3x_faster_one():
+    # nearest_neighbor M=10000 N=1e6 D=3: the brute force (the default by name) took 0.97 s, under the
+    # long-run mark, and spent the 0.3 s budget in round 0; on that one look the default kept the call
+    # against a kd-tree 10x faster, and served it at 10x the time
+    truth = {"brute": 0.8, "kdtree": 0.08}
+    out, es, _ = race(truth, {"brute": 30, "kdtree": 30}, sigma=0.05, budget=0.3, long_run_s=1.0)
+    assert out.pick == "kdtree" and out.confidence >= 0.95
+    assert len(es["brute"].times) == 2  # one more look, no more
+    # a challenger less than 3x faster does not buy the default a second run: one look keeps the default
+    out, es, _ = race({"brute": 0.5, "kdtree": 0.3}, {"brute": 30, "kdtree": 30}, sigma=0.05, budget=0.3,
+                      long_run_s=1.0)
+    assert out.pick == "brute" and len(es["brute"].times) == 1
