@@ -81,6 +81,18 @@ def test_nearest_neighbor_avx2_ties_and_duplicates(gen, metric):
         assert verdict.ok, verdict.reason
 
 
+
+@pytest.mark.parametrize("D", [16, 24])
+def test_nearest_neighbor_avx2_few_queries_whose_distances_overflow(gen, D):
+    # every distance but each query's own overflows float32 (inf, ties by index): the transposed direct
+    # tiles' guarded scan, whose candidate bits come from AVX2 compares here (the tail from the plain loop)
+    x = torch.randn(1500, D, generator=gen) * 1e24 + 1e25
+    q = x[[3, 700, 1499]].clone()
+    want = _brute(q, x, 4, "l2")
+    out = fused_knn(q, x, k=4, metric="l2")
+    assert torch.equal(out.indices, want.indices) and torch.equal(out.distances, want.distances)
+    assert out.distances[:, 0].eq(0).all() and out.distances[:, 1:].isinf().all()
+
 # -- split_finding -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n, f, nodes, bins, dtype, id_dtype", [
