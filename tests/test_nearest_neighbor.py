@@ -145,6 +145,8 @@ def overflow_cases(gen: torch.Generator, N: int) -> dict[str, tuple[torch.Tensor
         q = torch.zeros(1, D)
         q[0, :2] = 1e20
         cases[f"ip-nan-best-d{D}"] = (q, x, 3, "ip")
+    x = torch.randn(N, 16, generator=gen) * 1e19  # q.x overflows for most pairs: +-inf values, ties by index
+    cases["ip-overflow-three-queries-d16"] = (x[[3, N // 2, N - 1]].clone(), x, 4, "ip")  # the transposed tiles
     x = torch.randn(N, 16, generator=gen)
     x[: N // 2] += 1.5e19
     x[N // 2:] -= 1.5e19

@@ -174,14 +174,23 @@ double direct_neg_ip(const T* a, const T* b, int64_t D) {
 // the double sum is within the bounds' slack.
 template <typename T, bool Store>
 inline double centred_norm2(const T* __restrict row, const T* __restrict cen, T* __restrict out, int64_t D) {
-  double s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t d = 0; d < D; ++d) {
+  // Eight partial sums (one vector's worth; see direct_l2): a simd reduction's epilogue cost more than the
+  // row at D = 16, where the "ip" bound's norms pass is most of a small search's time.
+  double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    for (int u = 0; u < 8; ++u) {
+      const T c = row[d + u] - cen[d + u];
+      if constexpr (Store) out[d + u] = c;
+      s[u] += static_cast<double>(c) * static_cast<double>(c);
+    }
+  }
+  for (; d < D; ++d) {
     const T c = row[d] - cen[d];
     if constexpr (Store) out[d] = c;
-    s += static_cast<double>(c) * static_cast<double>(c);
+    s[0] += static_cast<double>(c) * static_cast<double>(c);
   }
-  return s;
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
 // A bounded max-heap of the k best (value, index) pairs: the worst pair, by value then index, at
@@ -324,7 +333,7 @@ void direct_rows(const T* __restrict q, const T* __restrict x, int64_t D, T* __r
   }
 }
 
-// The same for any D (l2), J columns at a time with their sums held in registers through the dimension
+// The same for any D, J columns at a time with their sums held in registers through the dimension
 // loop (each sum in order d = 0, 1, ..., within `direct_slack`): a pass along the tile per dimension would
 // read and write every sum D times. Columns [n, n rounded up to J) are computed too, from the zeros the
 // transposing copy puts there: `a` and the tile's rows have room for them (kDbTile is a multiple of J)
@@ -332,7 +341,7 @@ void direct_rows(const T* __restrict q, const T* __restrict x, int64_t D, T* __r
 typedef float Floats64B __attribute__((vector_size(64)));
 typedef double Doubles64B __attribute__((vector_size(64)));
 
-template <typename T>
+template <typename T, bool IP>
 void direct_tile_any(const T* __restrict q, const T* __restrict xt, T* __restrict a, int64_t n, int64_t D) {
   // GCC's vector extension: one 512-bit vector on AVX-512, two 256-bit ones on AVX2, held in registers
   // (an array of sums with a simd pragma went through the stack each step)
@@ -349,11 +358,18 @@ void direct_tile_any(const T* __restrict q, const T* __restrict xt, T* __restric
     const T* __restrict x = xt + j0;
     for (int64_t d = 0; d < D; ++d, x += kPitch) {
       const T qd = q[d];
-      const V t0 = qd - load(x), t1 = qd - load(x + L), t2 = qd - load(x + 2 * L), t3 = qd - load(x + 3 * L);
-      s0 += t0 * t0;
-      s1 += t1 * t1;
-      s2 += t2 * t2;
-      s3 += t3 * t3;
+      if constexpr (IP) {  // the negated inner product (any order of the sum is within ip_margin)
+        s0 -= qd * load(x);
+        s1 -= qd * load(x + L);
+        s2 -= qd * load(x + 2 * L);
+        s3 -= qd * load(x + 3 * L);
+      } else {
+        const V t0 = qd - load(x), t1 = qd - load(x + L), t2 = qd - load(x + 2 * L), t3 = qd - load(x + 3 * L);
+        s0 += t0 * t0;
+        s1 += t1 * t1;
+        s2 += t2 * t2;
+        s3 += t3 * t3;
+      }
     }
     std::memcpy(a + j0, &s0, sizeof s0);
     std::memcpy(a + j0 + L, &s1, sizeof s1);
@@ -437,15 +453,19 @@ struct Brute {
   std::vector<T> centre;     // the same, in T (what the tiles subtract)
   double xmax = 0;           // max |x - mean| over the database (the margin's |x_c| bound)
 
+  // "ip" goes direct on transposed tiles only (from 2 queries): a single query keeps the product path,
+  // whose setup is then no dearer than the norms pass the direct "ip" bound needs as well.
   bool direct() const {
-    return D <= kDirectMaxD || (!ip && M <= (D <= kTransposedMaxD ? kTransposedMaxQueries : kRowsMaxQueries));
+    if (D <= kDirectMaxD) return true;
+    if (ip) return M >= 2 && M <= kTransposedMaxQueries && D <= kTransposedMaxD;
+    return M <= (D <= kTransposedMaxD ? kTransposedMaxQueries : kRowsMaxQueries);
   }
   bool by_rows() const { return direct() && D > kDirectMaxD && (M == 1 || D > kTransposedMaxD); }
   bool transposed() const { return direct() && !by_rows(); }  // the direct tile, transposed
-  // l2 by rows: no pass over the database before the search; no overflow bound either, so every value
-  // is taken as one that may have overflowed (the guarded scan). (For "ip" the margin needs the
-  // database's largest norm, a pass that costs more than the product path saves at these sizes.)
-  bool unprepared() const { return direct() && D > kDirectMaxD; }  // (direct above kDirectMaxD is l2 only)
+  // l2 above kDirectMaxD: no pass over the database before the search; no overflow bound either, so
+  // every value is taken as one that may have overflowed (the guarded scan). ("ip" needs the database's
+  // largest norm for its margin: one pass over the database.)
+  bool unprepared() const { return direct() && D > kDirectMaxD && !ip; }
 
   void prepare() {
     mean.assign(D, 0.0);
@@ -548,7 +568,8 @@ struct Brute {
                 T* a, int64_t j0, int64_t n) const {
     if (transposed()) {
       if (D <= kDirectMaxD) direct_values<T>(D, ip)(qrow, xc, a, n);
-      else direct_tile_any<T>(qrow, xc, a, n, D);
+      else if (ip) direct_tile_any<T, true>(qrow, xc, a, n, D);
+      else direct_tile_any<T, false>(qrow, xc, a, n, D);
     } else if (direct()) {
       direct_rows<T>(qrow, X + j0 * D, D, a, n);
     } else {
