@@ -82,30 +82,9 @@ def precision_cast_cpu(x: torch.Tensor, *, dtype: torch.dtype, rounding: str, sc
     flags = _FLAGS[dtype, rounding, scaling, saturate] | (margin << 8)
     if x.requires_grad or not x.is_contiguous():
         x = x.detach()  # a cast has no gradient
-        if not x.is_contiguous():
-            order = None if flags & 4 else _dense_order(x)
-            if order is not None:  # a permutation of a contiguous tensor: cast its memory in place order
-                out = _make(op(x.permute(order), flags, 0))
-                return out._replace(y=out.y.permute(_inverse(order)))
+        if flags & 4:  # stochastic: draws by the logical index (the C++ call casts a transpose as it lies)
             x = x.contiguous()
     return _make(op(x, flags, _seed(seed) if flags & 4 else 0))
-
-
-def _dense_order(x: torch.Tensor) -> tuple[int, ...] | None:
-    """The dimension order in which ``x`` is a contiguous tensor (a transpose or any permutation of one:
-    non-overlapping and dense), or None. Such an ``x`` is cast as its memory lies and ``y`` gets its
-    strides, as ``x.to(dtype)`` does (memory format preserved); copying it to row-major order first
-    cost 15x the cast. Stochastic rounding keeps the row-major order: its draws follow the element's
-    logical index, so a seed gives the same ``y`` whatever the layout."""
-    order = tuple(sorted(range(x.dim()), key=lambda d: (-x.stride(d), -x.shape[d])))
-    return order if x.permute(order).is_contiguous() else None
-
-
-def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
-    inv = [0] * len(order)
-    for i, d in enumerate(order):
-        inv[d] = i
-    return tuple(inv)
 
 
 _make = CastResult._make
