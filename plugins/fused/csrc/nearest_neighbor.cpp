@@ -338,15 +338,25 @@ void direct_rows(const T* __restrict q, const T* __restrict x, int64_t D, T* __r
 // read and write every sum D times. Columns [n, n rounded up to J) are computed too, from the zeros the
 // transposing copy puts there: `a` and the tile's rows have room for them (kDbTile is a multiple of J)
 // and the scan reads [0, n) only.
-typedef float Floats64B __attribute__((vector_size(64)));
-typedef double Doubles64B __attribute__((vector_size(64)));
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+// One vector of the level's width (a wider one on AVX2 was split through the stack: 4x slower)
+typedef float FloatVec __attribute__((vector_size(kVecBytes)));
+typedef double DoubleVec __attribute__((vector_size(kVecBytes)));
+template <typename T>
+constexpr int64_t kDirectCols = 4 * kVecBytes / sizeof(T);  // columns a block of direct_tile_any holds
 
 template <typename T, bool IP>
 void direct_tile_any(const T* __restrict q, const T* __restrict xt, T* __restrict a, int64_t n, int64_t D) {
-  // GCC's vector extension: one 512-bit vector on AVX-512, two 256-bit ones on AVX2, held in registers
-  // (an array of sums with a simd pragma went through the stack each step)
-  using V = std::conditional_t<std::is_same_v<T, float>, Floats64B, Doubles64B>;
-  constexpr int64_t L = 64 / sizeof(T), J = 4 * L;
+  // GCC's vector extension, four vectors of sums held in registers (an array of sums with a simd pragma
+  // went through the stack each step)
+  using V = std::conditional_t<std::is_same_v<T, float>, FloatVec, DoubleVec>;
+  constexpr int64_t L = kVecBytes / sizeof(T), J = kDirectCols<T>;
   static_assert(kDbTile % J == 0, "the tile's rows must hold whole column blocks");
   auto load = [](const T* p) {
     V v;
@@ -528,7 +538,7 @@ struct Brute {
         for (int64_t j = 0; j < n; ++j)  // transposed, so the distance loop runs along j
           for (int64_t d = 0; d < D; ++d) xc[d * kPitch + j] = X[(j0 + j) * D + d];
         if (D > kDirectMaxD) {  // direct_tile_any reads whole column blocks: the pad past n is defined
-          const int64_t J = 256 / sizeof(T), padded = std::min(kDbTile, (n + J - 1) / J * J);
+          const int64_t J = kDirectCols<T>, padded = std::min(kDbTile, (n + J - 1) / J * J);
           for (int64_t d = 0; d < D; ++d) std::fill(xc + d * kPitch + n, xc + d * kPitch + padded, T(0));
         }
       } else if (!direct()) {
