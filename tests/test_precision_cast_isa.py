@@ -84,11 +84,23 @@ def test_every_level_parallel_and_chunk_edges(isa, gen):
         finite = values.isfinite()
         assert float(out.amax) == float(values[finite].abs().max())
         assert int(out.nonfinite) == int((~finite).sum())
+    # float16 and bfloat16 sources, widened a chunk at a time (float16 by the hardware conversion)
+    for source, dtype in ((torch.float16, torch.bfloat16), (torch.float16, torch.float8_e5m2),
+                          (torch.bfloat16, torch.float16), (torch.bfloat16, torch.float8_e4m3fn)):
+        x = values.to(source)
+        wide = x.float()
+        for scaling in ("none", "amax"):
+            out = run(isa, x, dtype=dtype, scaling=scaling)
+            want = reference(x, **attrs(dtype, scaling=scaling))
+            assert_same_bits(out.y, bits(want.y).reshape(-1), wide)
+            for field in ("scale", "amax", "nonfinite"):
+                assert float(getattr(out, field)) == float(getattr(want, field)), (source, dtype, field)
+        assert_same_bits(run(isa, x, dtype=dtype).y, peer_bits(wide, dtype), wide)
 
 
 @pytest.mark.parametrize("isa", LEVELS)
 def test_every_level_other_sources(isa, gen):
-    """float64 (rounded once), bfloat16 and float16 sources take the level's scalar loops."""
+    """float64 (rounded once, the level's scalar loops), bfloat16 and float16 sources (widened to float32)."""
     for source in (torch.float64, torch.bfloat16, torch.float16):
         for dtype in TARGETS:
             x = boundary_mix(gen, dtype, 700).to(source)

@@ -233,6 +233,24 @@ inline uint32_t stochastic_bits(C v, uint32_t draw, uint32_t over) {
 
 // Statistics as signed integers with -1 for "none yet": the bits of a finite |x| order like the
 // magnitudes, and this form of the max reduction is one GCC vectorizes.
+// A chunk of float16 or bfloat16 as float32 (exact), into w (64-byte aligned). float16 by the hardware
+// conversion where the level has it (it quiets a signalling NaN, which stays a NaN: the rounding gives
+// every NaN the target's one NaN pattern); bfloat16 is a shift, which GCC vectorizes at every level.
+inline void widen(const at::BFloat16* x, float* __restrict w, int64_t m) {
+  for (int64_t i = 0; i < m; ++i) w[i] = load(x, i);
+}
+inline void widen(const at::Half* x, float* __restrict w, int64_t m) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= m; i += 16)
+    _mm512_store_ps(w + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i))));
+#elif defined(__F16C__)
+  for (; i + 8 <= m; i += 8)
+    _mm256_store_ps(w + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+#endif
+  for (; i < m; ++i) w[i] = load(x, i);
+}
+
 template <class C> struct Stats {
   using I = std::make_signed_t<typename Wide<C>::U>;
   I amax = -1;
@@ -524,48 +542,64 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
   const bool streaming = P != Phase::Stats && n * int64_t(sizeof(Out)) >= kStreamBytes;
   // One thread's share [begin, end); below the grain the caller's thread does it all, outside any
   // parallel region (an OpenMP region of one thread still costs a team start-up on every call).
+  // One chunk [b, b + m) of the source, at src (x + b, or its float32 widening).
+  auto chunk = [&](const auto* src, int64_t b, int64_t m, Stats<C>& mine, Out* staged) {
+    using SS = std::remove_cv_t<std::remove_pointer_t<decltype(src)>>;
+    Out* dst = streaming ? staged : y + b;
+#if defined(SWITCHYARD_PC_SIMD)
+    if constexpr (P != Phase::Stats && std::is_same_v<SS, float> && !Stochastic) {
+      constexpr bool with_stats = P == Phase::CastAndStats;
+      using I = typename Stats<C>::I;
+      int32_t mx = 0;
+      const int64_t done = over == T::max_bits ? simd_cast<T, Scaled, with_stats, true>(src, dst, m, scale, mx)
+                                               : simd_cast<T, Scaled, with_stats, false>(src, dst, m, scale, mx);
+      if (done < m) {
+        if constexpr (with_stats)
+          for (int64_t i = done; i < m; ++i) mx = std::max(mx, int32_t(bits_of(src[i]) & 0x7FFFFFFFu));
+        cast<SS, T, false, Scaled, true>(src + done, dst + done, m - done, b + done, scale, over, seed);
+      }
+      if constexpr (with_stats) {
+        if (mx < int32_t(Wide<float>::inf)) {
+          mine.amax = std::max(mine.amax, I(mx));
+        } else {
+          gather_exact(src, m, mine);  // the chunk holds inf or NaN: the exact statistics, still in L1
+        }
+      }
+      if (streaming) stream_copy(y + b, staged, m * int64_t(sizeof(Out)));
+      return;
+    }
+#endif
+    bool nan = may_nan;
+    if constexpr (P != Phase::Cast) nan = gather(src, m, mine);
+    if constexpr (P != Phase::Stats) {
+      if constexpr (std::is_same_v<C, float> && !Stochastic) {
+        if (nan) {
+          cast<SS, T, Stochastic, Scaled, true>(src, dst, m, b, scale, over, seed);
+        } else {
+          cast<SS, T, Stochastic, Scaled, false>(src, dst, m, b, scale, over, seed);
+        }
+      } else {
+        cast<SS, T, Stochastic, Scaled>(src, dst, m, b, scale, over, seed);
+      }
+      if (streaming) stream_copy(y + b, staged, m * int64_t(sizeof(Out)));
+    }
+  };
+  // One thread's share [begin, end); below the grain the caller's thread does it all, outside any
+  // parallel region (an OpenMP region of one thread still costs a team start-up on every call).
+  // float16 and bfloat16 sources are widened to float32 a chunk at a time first (exact, and a loop GCC
+  // vectorizes), so they take the float32 loops and their vector paths: converting inside the rounding
+  // loop kept it scalar on AVX2 (2 ns an element, 2.5x torch's own cast).
   auto share = [&](int64_t begin, int64_t end) {
     alignas(64) Out staged[kChunk];
     Stats<C> mine;
     for (int64_t b = begin; b < end; b += kChunk) {
       const int64_t m = std::min(kChunk, end - b);
-      Out* dst = streaming ? staged : y + b;
-#if defined(SWITCHYARD_PC_SIMD)
-      if constexpr (P != Phase::Stats && std::is_same_v<S, float> && !Stochastic) {
-        constexpr bool with_stats = P == Phase::CastAndStats;
-        using I = typename Stats<C>::I;
-        int32_t mx = 0;
-        const int64_t done = over == T::max_bits ? simd_cast<T, Scaled, with_stats, true>(x + b, dst, m, scale, mx)
-                                                 : simd_cast<T, Scaled, with_stats, false>(x + b, dst, m, scale, mx);
-        if (done < m) {
-          if constexpr (with_stats)
-            for (int64_t i = done; i < m; ++i) mx = std::max(mx, int32_t(bits_of(x[b + i]) & 0x7FFFFFFFu));
-          cast<S, T, false, Scaled, true>(x + b + done, dst + done, m - done, b + done, scale, over, seed);
-        }
-        if constexpr (with_stats) {
-          if (mx < int32_t(Wide<float>::inf)) {
-            mine.amax = std::max(mine.amax, I(mx));
-          } else {
-            gather_exact(x + b, m, mine);  // the chunk holds inf or NaN: the exact statistics, still in L1
-          }
-        }
-        if (streaming) stream_copy(y + b, staged, m * int64_t(sizeof(Out)));
-        continue;
-      }
-#endif
-      bool nan = may_nan;
-      if constexpr (P != Phase::Cast) nan = gather(x + b, m, mine);
-      if constexpr (P != Phase::Stats) {
-        if constexpr (std::is_same_v<C, float> && !Stochastic) {
-          if (nan) {
-            cast<S, T, Stochastic, Scaled, true>(x + b, dst, m, b, scale, over, seed);
-          } else {
-            cast<S, T, Stochastic, Scaled, false>(x + b, dst, m, b, scale, over, seed);
-          }
-        } else {
-          cast<S, T, Stochastic, Scaled>(x + b, dst, m, b, scale, over, seed);
-        }
-        if (streaming) stream_copy(y + b, staged, m * int64_t(sizeof(Out)));
+      if constexpr (std::is_same_v<S, at::Half> || std::is_same_v<S, at::BFloat16>) {
+        alignas(64) float wide[kChunk];
+        widen(x + b, wide, m);
+        chunk(static_cast<const float*>(wide), b, m, mine, staged);
+      } else {
+        chunk(x + b, b, m, mine, staged);
       }
     }
 #if defined(__SSE2__)
