@@ -114,6 +114,26 @@ def test_every_level_other_sources(isa, gen):
 
 
 @pytest.mark.parametrize("isa", LEVELS)
+@pytest.mark.parametrize("dtype", TARGETS, ids=NAMES.get)
+def test_every_level_float64_rounds_once(isa, dtype, gen):
+    """float64 values a hair off the target's ties (below float32's resolution: a double rounding through
+    float32 gets them wrong), past float32's range, subnormal and special, past the parallel grain so the
+    chunked float64 path (narrowed to odd float32) and its tails run on every level, both overflow rules."""
+    base = boundary_mix(gen, dtype, 700).double()
+    hair = base * (torch.rand(base.shape, generator=gen, dtype=torch.float64) - 0.5) * 2.0 ** -28
+    extra = torch.tensor([1e39, -1e39, 1e300, -1e300, 3.5e38, 2.0 ** -160, -(2.0 ** -1074), 0.0, -0.0],
+                         dtype=torch.float64)
+    x = torch.cat([base, base + hair, extra]).repeat(40)[: (1 << 16) + 301]
+    for saturate in (False, True):
+        for scaling in ("none", "amax"):
+            got = run(isa, x, dtype=dtype, saturate=saturate, scaling=scaling)
+            want = reference(x, **attrs(dtype, saturate=saturate, scaling=scaling))
+            assert_same_bits(got.y, bits(want.y).reshape(-1), x)
+            for field in ("scale", "amax", "nonfinite"):
+                assert float(getattr(got, field)) == float(getattr(want, field)), (saturate, scaling, field)
+
+
+@pytest.mark.parametrize("isa", LEVELS)
 def test_every_level_stochastic(isa, gen):
     """Stochastic rounding on each level: every element one of the two neighbours, scalars exact, the
     draws reproducible by seed and on average unbiased at the midpoint."""

@@ -251,6 +251,23 @@ inline void widen(const at::Half* x, float* __restrict w, int64_t m) {
   for (; i < m; ++i) w[i] = load(x, i);
 }
 
+// float64 -> float32 rounded to odd: toward zero, with the last bit set when inexact (Boldo and Melquiond,
+// "When double rounding is odd", 2005). Rounding that float32 to nearest even then rounds the float64
+// value once, for every target here (float32 keeps at least two more bits than each, down to its
+// subnormals; past its range the value narrows to max finite, still past every target's). NaN stays NaN.
+inline void narrow_to_odd(const double* x, float* __restrict w, int64_t m, bool scaled, double scale) {
+  for (int64_t i = 0; i < m; ++i) {
+    const double v = scaled ? x[i] * scale : x[i];
+    const float f = static_cast<float>(v);
+    const double back = static_cast<double>(f);
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    u -= uint32_t(std::fabs(back) > std::fabs(v));  // rounded away from zero: one step back toward it
+    u |= uint32_t(back != v);
+    std::memcpy(&w[i], &u, sizeof u);
+  }
+}
+
 template <class C> struct Stats {
   using I = std::make_signed_t<typename Wide<C>::U>;
   I amax = -1;
@@ -598,6 +615,21 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
         alignas(64) float wide[kChunk];
         widen(x + b, wide, m);
         chunk(static_cast<const float*>(wide), b, m, mine, staged);
+#if defined(SWITCHYARD_PC_SIMD)
+      } else if constexpr (std::is_same_v<S, double> && !Stochastic && P != Phase::Stats) {
+        // float64, round to nearest: the statistics from the float64 values (a finite value past float32's
+        // range makes amax inf), then narrowed to odd float32 (scaled in float64 first) and rounded by the
+        // float32 vector loops: 5-7x faster than the float64 scalar loops, and the same bits
+        if constexpr (P == Phase::CastAndStats) gather(x + b, m, mine);
+        alignas(64) float wide[kChunk];
+        narrow_to_odd(x + b, wide, m, Scaled, double(scale));
+        Out* dst = streaming ? staged : y + b;
+        int32_t unused = 0;
+        const int64_t done = over == T::max_bits ? simd_cast<T, false, false, true>(wide, dst, m, 1.0f, unused)
+                                                 : simd_cast<T, false, false, false>(wide, dst, m, 1.0f, unused);
+        if (done < m) cast<float, T, false, false, true>(wide + done, dst + done, m - done, b + done, 1.0f, over, seed);
+        if (streaming) stream_copy(y + b, staged, m * int64_t(sizeof(Out)));
+#endif
       } else {
         chunk(x + b, b, m, mine, staged);
       }
