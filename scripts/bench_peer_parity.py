@@ -6,7 +6,7 @@ the ratio is the median of the per-pair ratios. Target per row: at most 1.10x th
 most 5 us more. Rows print as they finish; the table, sorted worst row last, at the end.
 
     python scripts/bench_peer_parity.py [--ops attention,precision_cast,nearest_neighbor,split_finding,decode_step]
-                                        [--quick] [--json PATH] [--budget SECONDS]
+                                        [--quick] [--heldout] [--json PATH] [--budget SECONDS]
 """
 from __future__ import annotations
 
@@ -174,6 +174,59 @@ def decode_step_rows(quick: bool) -> Iterator[Row]:
                            lambda a=args, kw=attrs: naive(*a, **kw), "naive softmax step")
 
 
+def heldout_rows(quick: bool) -> Iterator[Row]:
+    """Shapes and layouts the sweep above does not have (``--heldout``): odd head dims and query counts,
+    transposed and 16-bit or float64 cast sources, the inner-product metric, other k. Identity casts
+    (float16 to float16) are left out: ``x.to`` returns ``x`` itself there, while precision_cast still
+    reads every element for its amax and non-finite count."""
+    import faiss
+
+    gen = torch.Generator().manual_seed(5)
+    for dt in (torch.float32, torch.bfloat16):
+        name = str(dt).removeprefix("torch.")
+        for B, Hq, Hkv, Lq, Lk, D, causal in ((2, 12, 4, 1, 300, 96, True), (1, 8, 1, 2, 2000, 64, True),
+                                               (3, 16, 2, 5, 700, 128, True), (1, 12, 12, 200, 200, 64, True),
+                                               (2, 8, 8, 333, 333, 80, False), (2, 4, 4, 3, 3, 16, False),
+                                               (1, 32, 8, 16, 512, 128, True), (4, 4, 4, 96, 96, 32, False)):
+            q = torch.randn(B, Hq, Lq, D, generator=gen).to(dt)
+            k, v = (torch.randn(B, Hkv, Lk, D, generator=gen).to(dt) for _ in range(2))
+            mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq) if causal and Lq != Lk else None
+            yield (f"attention B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} Lk={Lk} D={D} causal={causal} {name}",
+                   lambda q=q, k=k, v=v, c=causal: dispatcher.attention(q, k, v, causal=c),
+                   lambda q=q, k=k, v=v, m=mask, c=causal and Lq == Lk: F.scaled_dot_product_attention(
+                       q, k, v, attn_mask=m, is_causal=c, enable_gqa=True), "SDPA (enable_gqa)")
+    for what, x in (("[1024,1024].t() float32", torch.randn(1024, 1024, generator=gen).t()),
+                    ("2^20+7 float32", torch.randn((1 << 20) + 7, generator=gen)),
+                    ("2^20 bfloat16", torch.randn(1 << 20, generator=gen).bfloat16()),
+                    ("2^20 float16", torch.randn(1 << 20, generator=gen).half()),
+                    ("2^16 float64", torch.randn(1 << 16, generator=gen, dtype=torch.float64))):
+        for dt in (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+            if dt == x.dtype:
+                continue
+            fmax = float(torch.finfo(dt).max)
+            name = str(dt).removeprefix("torch.")
+            yield (f"precision_cast {what} -> {name} none", lambda x=x, dt=dt: dispatcher.precision_cast(x, dtype=dt),
+                   lambda x=x, dt=dt: x.to(dt), "x.to(dtype)")
+            if not quick:
+                yield (f"precision_cast {what} -> {name} amax",
+                       lambda x=x, dt=dt: dispatcher.precision_cast(x, dtype=dt, scaling="amax"),
+                       lambda x=x, dt=dt, m=fmax: (x.float() * (m / x.abs().amax().float())).to(dt),
+                       "(x.float() * max/amax).to(dtype)")  # in float32: max/amax overflows float16
+    for M, N, D, k, metric in ((1, 5000, 64, 10, "l2"), (5, 2000, 8, 10, "l2"), (10, 1000, 16, 1, "l2"),
+                               (10, 1000, 16, 50, "l2"), (10, 1000, 16, 10, "ip"), (32, 4000, 24, 5, "l2"),
+                               (200, 20000, 64, 10, "ip"), (3, 100_000, 128, 10, "l2")):
+        q, x = torch.randn(M, D, generator=gen), torch.randn(N, D, generator=gen)
+        qn, xn = q.numpy(), x.numpy()
+
+        def peer(qn=qn, xn=xn, D=D, k=k, metric=metric) -> Any:
+            index = faiss.IndexFlatL2(D) if metric == "l2" else faiss.IndexFlatIP(D)
+            index.add(xn)
+            return index.search(qn, k)
+        yield (f"nearest_neighbor M={M} N={N} D={D} k={k} {metric}",
+               lambda q=q, x=x, k=k, m=metric: dispatcher.nearest_neighbor(q, x, k=k, metric=m), peer,
+               f"FAISS IndexFlat{'L2' if metric == 'l2' else 'IP'} add + search")
+
+
 OPS = {"attention": attention_rows, "precision_cast": precision_cast_rows, "nearest_neighbor": nearest_neighbor_rows,
        "split_finding": split_finding_rows, "decode_step": decode_step_rows}
 
@@ -190,6 +243,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--quick", action="store_true", help="a subset of rows (about 1-2 minutes)")
+    p.add_argument("--heldout", action="store_true", help="other shapes, layouts and source dtypes instead")
     p.add_argument("--json", default=None, help="write the rows to this file")
     p.add_argument("--budget", type=float, default=None, help="timing seconds per row (default 0.4, quick 0.25)")
     a = p.parse_args()
@@ -198,8 +252,9 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f} at start")
     print("each key is warmed first (its first call tunes it); then ours and the peer alternate, paired")
     results = []
-    for op in a.ops.split(","):
-        for name, ours, peer, what in OPS[op](a.quick):
+    sources = [heldout_rows] if a.heldout else [OPS[op] for op in a.ops.split(",")]
+    for rows in sources:
+        for name, ours, peer, what in rows(a.quick):
             t0 = time.perf_counter()
             ours()  # tunes the key
             tune_s = time.perf_counter() - t0

@@ -855,11 +855,9 @@ Result run_source(const at::Tensor& x, const at::Tensor& y, bool stochastic, boo
 // scaling="amax", bit 4 saturate, bits 8 and up the margin. plugins/fused/precision_cast.py packs it.
 constexpr at::ScalarType kTargets[] = {at::kHalf, at::kBFloat16, at::kFloat8_e4m3fn, at::kFloat8_e5m2};
 
-Result cast_into(const at::Tensor& x, at::Tensor y, int64_t flags, int64_t seed) {
-  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "precision_cast_cpu: x must be a contiguous CPU tensor");
-  const at::ScalarType dtype = kTargets[flags & 3];
-  TORCH_CHECK(y.scalar_type() == dtype && y.sizes() == x.sizes() && y.is_contiguous() && y.device().is_cpu(),
-              "precision_cast_cpu: out must be a contiguous CPU tensor of x's shape and dtype ", dtype);
+// x and y hold their n elements at data_ptr() on, in the same order (contiguous, or both of the same
+// dense strides); the caller has checked that.
+Result cast_flat(const at::Tensor& x, const at::Tensor& y, int64_t flags, int64_t seed) {
   const bool stochastic = flags & 4, amax_scaling = flags & 8, saturate = flags & 16;
   const int64_t margin = flags >> 8;
   const uint64_t s = uint64_t(seed);
@@ -872,6 +870,14 @@ Result cast_into(const at::Tensor& x, at::Tensor y, int64_t flags, int64_t seed)
   }
 }
 
+Result cast_into(const at::Tensor& x, const at::Tensor& y, int64_t flags, int64_t seed) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), "precision_cast_cpu: x must be a contiguous CPU tensor");
+  const at::ScalarType dtype = kTargets[flags & 3];
+  TORCH_CHECK(y.scalar_type() == dtype && y.sizes() == x.sizes() && y.is_contiguous() && y.device().is_cpu(),
+              "precision_cast_cpu: out must be a contiguous CPU tensor of x's shape and dtype ", dtype);
+  return cast_flat(x, y, flags, seed);
+}
+
 // (y, scale, amax, nonfinite) for a CPU x, y from the output pool. A permuted dense x (a transpose) with
 // round-to-nearest is cast as its memory lies, and y gets its strides, as x.to(dtype) does (a row-major
 // copy first cost 15x the cast); stochastic rounding draws by the logical index, so the caller hands it
@@ -880,13 +886,11 @@ Result precision_cast_cpu(const at::Tensor& x, int64_t flags, int64_t seed) {
   TORCH_CHECK(flags >= 0 && (flags >> 8) <= 127, "precision_cast_cpu: bad flags ", flags);
   const at::ScalarType dtype = kTargets[flags & 3];
   if (x.is_contiguous()) return cast_into(x, fresh_output(x, dtype), flags, seed);
-  if (!(flags & 4) && x.is_non_overlapping_and_dense()) {
-    at::Tensor y = at::detail::empty_strided_generic(x.sizes(), x.strides(), &OutputPool::get(),
-                                                     c10::DispatchKeySet(c10::DispatchKey::CPU), dtype);
-    const int64_t n = x.numel();
-    Result r = cast_into(x.as_strided({n}, {1}), y.as_strided({n}, {1}), flags, seed);
-    std::get<0>(r) = y;
-    return r;
+  if (!(flags & 4) && x.device().is_cpu() && x.is_non_overlapping_and_dense()) {
+    // all strides positive: the elements fill [data_ptr, data_ptr + n) of x, and the same places of y
+    const at::Tensor y = at::detail::empty_strided_generic(x.sizes(), x.strides(), &OutputPool::get(),
+                                                           c10::DispatchKeySet(c10::DispatchKey::CPU), dtype);
+    return cast_flat(x, y, flags, seed);
   }
   const at::Tensor xc = x.contiguous();
   return cast_into(xc, fresh_output(xc, dtype), flags, seed);
