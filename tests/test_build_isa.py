@@ -85,3 +85,26 @@ def test_loading_a_library_leaves_the_build_flags_alone():
     after = (list(_build.LDFLAGS), _build._build_dir("split_finding", [_build.CSRC / "split_finding.cpp"], "avx2"))
     assert after == before
     assert _build.is_built("split_finding", "avx2")
+
+
+def test_the_tuning_cache_keeps_apart_decisions_of_other_levels_and_sources(monkeypatch, tmp_path):
+    # an AVX2 run on an AVX-512 machine (same CPU model, same package version) was served the AVX-512
+    # run's decisions: the fused backend's version names its level and its sources' hash
+    from core.cache import fingerprint, fingerprint_id
+
+    ids = {}
+    for isa in ("avx512", "avx2", "scalar"):
+        monkeypatch.setattr(_build, "_from_env", isa)
+        version = _build.plugin_version()
+        assert f"+{isa}." in version
+        ids[isa] = fingerprint_id(fingerprint({"fused": version}))
+    assert len(set(ids.values())) == 3
+    source = tmp_path / "csrc"
+    source.mkdir()
+    for cpp in _build.CSRC.glob("*.cpp"):
+        (source / cpp.name).write_bytes(cpp.read_bytes())
+    before = _build.plugin_version()
+    monkeypatch.setattr(_build, "CSRC", source)
+    assert _build.plugin_version() == before  # the same sources elsewhere: the same version
+    (source / "attention.cpp").write_bytes((source / "attention.cpp").read_bytes() + b"\n// edited\n")
+    assert _build.plugin_version() != before

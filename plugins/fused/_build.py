@@ -158,6 +158,27 @@ def _flags(isa: str) -> list[str]:
     return CFLAGS + isa_flags(isa) + [f"-DSWITCHYARD_NS=switchyard_{isa}"]
 
 
+def plugin_version() -> str:
+    """The fused backend's version as the tuning cache's fingerprint sees it: the package's, plus the
+    instruction-set level its C++ kernels load (``SWITCHYARD_CPU_ISA``, else the machine's best) and a
+    hash of the backend's sources. A decision made with other kernels (another level on the same CPU, an
+    edited source) is then never served: an AVX2 run on an AVX-512 machine was served the AVX-512
+    run's decisions."""
+    from importlib import metadata
+
+    try:
+        base = metadata.version("switchyard")
+    except metadata.PackageNotFoundError:
+        base = "0"
+    h = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for group in (here.glob("*.py"), here.glob("triton/*.py"), CSRC.glob("*.cpp"), CSRC.glob("*.h")):
+        for src in sorted(group, key=lambda path: path.name):
+            h.update(src.name.encode())
+            h.update(src.read_bytes())
+    return f"{base}+{_env_isa()}.{h.hexdigest()[:12]}"
+
+
 def _build_dir(op: str, sources: list[Path], isa: str) -> Path:
     import torch
 
