@@ -176,7 +176,11 @@ def plugin_version() -> str:
         for src in sorted(group, key=lambda path: path.name):
             h.update(src.name.encode())
             h.update(src.read_bytes())
-    return f"{base}+{_env_isa()}.{h.hexdigest()[:12]}"
+    try:
+        level = _env_isa()
+    except ValueError:  # a bad SWITCHYARD_CPU_ISA: the kernels' first build says so, as without this
+        level = "unknown"
+    return f"{base}+{level}.{h.hexdigest()[:12]}"
 
 
 def _build_dir(op: str, sources: list[Path], isa: str) -> Path:
