@@ -108,3 +108,19 @@ def test_the_tuning_cache_keeps_apart_decisions_of_other_levels_and_sources(monk
     assert _build.plugin_version() == before  # the same sources elsewhere: the same version
     (source / "attention.cpp").write_bytes((source / "attention.cpp").read_bytes() + b"\n// edited\n")
     assert _build.plugin_version() != before
+
+
+def test_a_loaded_library_needs_no_tool_look_up(monkeypatch):
+    # kernels ask unavailable_reason on every forced call (use_backend): the PATH searches for a compiler
+    # and ninja cost about 70 us a call, and a built library needs neither
+    if _build.unavailable_reason("split_finding"):
+        pytest.skip(_build.unavailable_reason("split_finding"))
+    _build.library("split_finding")
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("a PATH search for a loaded library")
+
+    monkeypatch.setattr(_build.shutil, "which", no_search)
+    assert _build.unavailable_reason("split_finding") is None
+    monkeypatch.setenv(_build.ENV_DISABLE, "1")  # the off switch still holds
+    assert _build.ENV_DISABLE in _build.unavailable_reason("split_finding")

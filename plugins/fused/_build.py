@@ -132,6 +132,8 @@ def unavailable_reason(op: str | None = None) -> str | None:
     """Why the C++ kernels (of ``op``) cannot be built here, or None when they can. Cheap."""
     if os.environ.get(ENV_DISABLE, "") in ("1", "true"):
         return f"C++ kernels are disabled by {ENV_DISABLE}=1"
+    if op is not None and (op, default_isa()) in _loaded:
+        return None  # built and loaded: no tool is needed any more (their look-ups cost ~70 us a call)
     if _compiler() is None:
         return "no C++ compiler found (looked for $CXX, c++, g++ and clang++ on PATH); install g++ to enable it"
     if shutil.which("ninja") is None:
