@@ -231,8 +231,6 @@ inline uint32_t stochastic_bits(C v, uint32_t draw, uint32_t over) {
   return s.bits(keep + (U(draw) < frac ? U(1) : U(0)), over);
 }
 
-// Statistics as signed integers with -1 for "none yet": the bits of a finite |x| order like the
-// magnitudes, and this form of the max reduction is one GCC vectorizes.
 // A chunk of float16 or bfloat16 as float32 (exact), into w (64-byte aligned). float16 by the hardware
 // conversion where the level has it (it quiets a signalling NaN, which stays a NaN: the rounding gives
 // every NaN the target's one NaN pattern); bfloat16 is a shift, which GCC vectorizes at every level.
@@ -268,6 +266,8 @@ inline void narrow_to_odd(const double* x, float* __restrict w, int64_t m, bool 
   }
 }
 
+// Statistics as signed integers with -1 for "none yet": the bits of a finite |x| order like the
+// magnitudes, and this form of the max reduction is one GCC vectorizes.
 template <class C> struct Stats {
   using I = std::make_signed_t<typename Wide<C>::U>;
   I amax = -1;
@@ -557,8 +557,21 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
   using Out = typename T::Out;
   constexpr int64_t kChunk = 2048;
   const bool streaming = P != Phase::Stats && n * int64_t(sizeof(Out)) >= kStreamBytes;
-  // One thread's share [begin, end); below the grain the caller's thread does it all, outside any
-  // parallel region (an OpenMP region of one thread still costs a team start-up on every call).
+#if defined(SWITCHYARD_PC_SIMD)
+  // float32 values [b, b + m) at src rounded to nearest into dst by the level's vector loop, the rest by
+  // the scalar one (`by` multiplies them first when scaled); with with_stats, mx becomes the max of |src|'s bits.
+  auto round_floats = [&](auto scaled, auto with_stats, const float* src, Out* dst, int64_t b, int64_t m,
+                          float by, int32_t& mx) {
+    constexpr bool kScaled = decltype(scaled)::value, kStats = decltype(with_stats)::value;
+    const int64_t done = over == T::max_bits ? simd_cast<T, kScaled, kStats, true>(src, dst, m, by, mx)
+                                             : simd_cast<T, kScaled, kStats, false>(src, dst, m, by, mx);
+    if (done < m) {
+      if constexpr (kStats)
+        for (int64_t i = done; i < m; ++i) mx = std::max(mx, int32_t(bits_of(src[i]) & 0x7FFFFFFFu));
+      cast<float, T, false, kScaled, true>(src + done, dst + done, m - done, b + done, by, over, seed);
+    }
+  };
+#endif
   // One chunk [b, b + m) of the source, at src (x + b, or its float32 widening).
   auto chunk = [&](const auto* src, int64_t b, int64_t m, Stats<C>& mine, Out* staged) {
     using SS = std::remove_cv_t<std::remove_pointer_t<decltype(src)>>;
@@ -568,13 +581,7 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
       constexpr bool with_stats = P == Phase::CastAndStats;
       using I = typename Stats<C>::I;
       int32_t mx = 0;
-      const int64_t done = over == T::max_bits ? simd_cast<T, Scaled, with_stats, true>(src, dst, m, scale, mx)
-                                               : simd_cast<T, Scaled, with_stats, false>(src, dst, m, scale, mx);
-      if (done < m) {
-        if constexpr (with_stats)
-          for (int64_t i = done; i < m; ++i) mx = std::max(mx, int32_t(bits_of(src[i]) & 0x7FFFFFFFu));
-        cast<SS, T, false, Scaled, true>(src + done, dst + done, m - done, b + done, scale, over, seed);
-      }
+      round_floats(std::bool_constant<Scaled>{}, std::bool_constant<with_stats>{}, src, dst, b, m, scale, mx);
       if constexpr (with_stats) {
         if (mx < int32_t(Wide<float>::inf)) {
           mine.amax = std::max(mine.amax, I(mx));
@@ -625,9 +632,7 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
         narrow_to_odd(x + b, wide, m, Scaled, double(scale));
         Out* dst = streaming ? staged : y + b;
         int32_t unused = 0;
-        const int64_t done = over == T::max_bits ? simd_cast<T, false, false, true>(wide, dst, m, 1.0f, unused)
-                                                 : simd_cast<T, false, false, false>(wide, dst, m, 1.0f, unused);
-        if (done < m) cast<float, T, false, false, true>(wide + done, dst + done, m - done, b + done, 1.0f, over, seed);
+        round_floats(std::false_type{}, std::false_type{}, wide, dst, b, m, 1.0f, unused);
         if (streaming) stream_copy(y + b, staged, m * int64_t(sizeof(Out)));
 #endif
       } else {
