@@ -6,7 +6,7 @@ the ratio is the median of the per-pair ratios. Target per row: at most 1.10x th
 most 5 us more. Rows print as they finish; the table, sorted worst row last, at the end.
 
     python scripts/bench_peer_parity.py [--ops attention,precision_cast,nearest_neighbor,split_finding,decode_step]
-                                        [--quick] [--heldout] [--json PATH] [--budget SECONDS]
+                                        [--quick] [--heldout] [--json PATH] [--budget SECONDS] [--match S1,S2]
 """
 from __future__ import annotations
 
@@ -246,6 +246,7 @@ def main() -> None:
     p.add_argument("--heldout", action="store_true", help="other shapes, layouts and source dtypes instead")
     p.add_argument("--json", default=None, help="write the rows to this file")
     p.add_argument("--budget", type=float, default=None, help="timing seconds per row (default 0.4, quick 0.25)")
+    p.add_argument("--match", default=None, help="only the rows whose name holds one of these comma-separated strings")
     a = p.parse_args()
     budget = a.budget or (0.25 if a.quick else 0.4)
     print(f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
@@ -255,6 +256,8 @@ def main() -> None:
     sources = [heldout_rows] if a.heldout else [OPS[op] for op in a.ops.split(",")]
     for rows in sources:
         for name, ours, peer, what in rows(a.quick):
+            if a.match and not any(m in name for m in a.match.split(",")):
+                continue
             t0 = time.perf_counter()
             ours()  # tunes the key
             tune_s = time.perf_counter() - t0
