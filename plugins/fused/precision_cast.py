@@ -40,20 +40,27 @@ def pool_limit_from_env() -> int:
 
 
 def _library():
-    """The C++ library, with the output pool's cap set from the environment on first use (each
-    instruction-set level's build has its own pool)."""
+    """The C++ library of the level in force, with its output pool's cap set from the environment on
+    first use (each instruction-set level's build has its own pool)."""
     lib = _build.library(OP)
-    if lib not in _cast_ops:
-        _configure(lib)
+    if _build.default_isa() not in _cast_ops:
+        _configure()
     return lib
 
 
-def _configure(lib) -> None:
+def _configure():
+    """Load the level in force, set its pool's cap once, and remember its cast call (the pybind11 one)."""
+    isa = _build.default_isa()
+    lib = _build.library(OP)
     lib.precision_cast_pool_limit(pool_limit_from_env())
-    _cast_ops[lib] = _build.module(OP).precision_cast_cpu  # the same level as lib: both follow the level in force
+    op = _cast_ops[isa] = _build.module(OP).precision_cast_cpu  # the same level as lib
+    return op
 
 
-_cast_ops: dict = {}  # a library (one per level) -> its cast call (the pybind11 one), once its pool cap is set
+# a level ("avx512", "avx2", "scalar") -> its cast call, once its pool cap is set. The kernel looks its
+# call up by the level in force straight from _build's two globals (``default_isa`` spelled out): a
+# small cast costs a few microseconds, and each function call on its way costs a tenth of one.
+_cast_ops: dict = {}
 
 
 # The C++ kernel's options in one int (see cast_into in csrc/precision_cast.cpp): a small cast costs a
@@ -74,20 +81,18 @@ def cpu_flags(dtype: torch.dtype, rounding: str, scaling: str, saturate: bool, m
 def precision_cast_cpu(x: torch.Tensor, *, dtype: torch.dtype, rounding: str, scaling: str, saturate: bool, margin: int,
                        seed: int | None) -> CastResult:
     """One OpenMP pass: amax, non-finite count, round and store (two passes with scaling='amax')."""
-    lib = _build.library(OP)
-    op = _cast_ops.get(lib)
-    if op is None:
-        _configure(lib)
-        op = _cast_ops[lib]
+    op = _cast_ops.get(_build._forced or _build._from_env)
+    if op is None:  # first call at this level (or SWITCHYARD_CPU_ISA not read yet)
+        op = _configure()
     flags = _FLAGS[dtype, rounding, scaling, saturate] | (margin << 8)
     if x.requires_grad or not x.is_contiguous():
         x = x.detach()  # a cast has no gradient
         if flags & 4:  # stochastic: draws by the logical index (the C++ call casts a transpose as it lies)
             x = x.contiguous()
-    return _make(op(x, flags, _seed(seed) if flags & 4 else 0))
+    return _new(CastResult, op(x, flags, _seed(seed) if flags & 4 else 0))
 
 
-_make = CastResult._make
+_new = tuple.__new__  # CastResult._make without its length check: the C++ call returns four tensors
 
 
 def output_pool_stats() -> dict[str, int]:
