@@ -144,3 +144,74 @@ def test_lse_of_the_unmasked_math(gen):
     s = 0.7 * q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)
     assert lse.dtype == torch.float32 and torch.allclose(lse.double(), torch.logsumexp(s, -1), atol=1e-5)
     assert torch.allclose(o.double(), _ref(q, k, v, False, scale=0.7), atol=1e-5)
+
+
+# -- CUDA's rule, run here: on a device whose values the host must not read back (``_sync_free``) ------
+
+def _count_host_reads(patch):
+    """Patch every way a tensor's value reaches the host; returns the list the reads are counted in."""
+    reads = []
+    for name in ("__bool__", "item", "tolist", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        patch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unmasked_math_reads_nothing_back_on_the_device_and_stays_right(gen, monkeypatch, dtype):
+    """Where the host must not read device values (CUDA), the unmasked plain math makes no check at all:
+    a row whose scores are all -inf is zeroed on the device, every other non-finite input gets IEEE's
+    answer from the products. Each case's answer is the float64 reference's."""
+    atol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    monkeypatch.setattr(torch_attention, "_sync_free", lambda t: True)
+    for B, Hq, Hkv, Lq, Lk, causal in UNMASKED:
+        if causal and Lq > 1:  # SDPA's triangle, but masked positions for the plain math
+            continue
+        for kind in [*KINDS, "k-column-neg-inf", None]:
+            q, k, v = make_inputs(gen, "cpu", dtype, B, Hq, Hkv, Lq, Lk, 16)
+            if kind == "k-column-neg-inf":  # a head's rows score all -inf (q[..., 0] > 0: dead) or all +inf
+                k[0, 0, :, 0] = float("-inf")
+                q[0, 0, 0, 0] = q[0, 0, 0, 0].abs() + 0.5
+            elif kind is not None:
+                _poison(kind, q, k, v)
+            want = _ref(q, k, v, causal)
+            for return_lse in (False, True):
+                with monkeypatch.context() as patch:
+                    reads = _count_host_reads(patch)
+                    got = torch_attention.attention(q, k, v, causal=causal, scale=1 / math.sqrt(16), attn_mask=None,
+                                                    return_lse=return_lse)
+                assert reads == [], (kind, reads)
+                o = got[0] if return_lse else got
+                _same_nonfinite_and_close(o, want.to(dtype), atol)
+            if kind == "k-column-neg-inf":
+                dead = q[0, : Hq // Hkv, :, 0] > 0
+                assert dead.any() and (want[0, : Hq // Hkv][dead] == 0).all(), "the case has a dead row"
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-sdpa"])
+def test_masked_paths_read_back_only_the_finite_check_on_the_device(gen, monkeypatch, backend):
+    """Masked positions: one host read (the finite check's sum) and nothing else; the rows that attend
+    nothing are zeroed without asking whether there are any, and poisoned masked values reach nothing."""
+    fn = torch_attention.attention if backend == "torch" else torch_attention.sdpa
+    monkeypatch.setattr(torch_attention, "_sync_free", lambda t: True)
+    for Lq, Lk, causal, mask_shape, poison in [(5, 9, True, None, False), (4, 12, False, (4, 12), False),
+                                               (6, 6, True, (1, 1, 6, 6), False), (3, 10, True, (3, 10), True),
+                                               (1, 7, False, (1, 7), False)]:
+        q, k, v = make_inputs(gen, "cpu", torch.float32, 2, 4, 2, Lq, Lk, 16)
+        mask = None if mask_shape is None else random_mask(gen, mask_shape, "cpu")
+        if poison:  # NaN in a value, inf in a key, where no query may attend (the rare path: the exact math)
+            mask[..., 2] = False
+            v[:, :, 2, 3] = float("nan")
+            k[:, :, 2, 1] = float("inf")
+        want = _ref(q, k, v, causal, mask)
+        with monkeypatch.context() as patch:
+            reads = _count_host_reads(patch)
+            got = fn(q, k, v, causal=causal, scale=1 / math.sqrt(16), attn_mask=mask, return_lse=False)
+        assert poison or reads == ["item"], (Lq, Lk, causal, mask_shape, reads)
+        assert mask is None or Lq == 1 or (want[:, :, Lq // 2] == 0).all(), "a row attends nothing"
+        _same_nonfinite_and_close(got, want.float(), 1e-5)

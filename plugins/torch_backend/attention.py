@@ -17,6 +17,19 @@ at most, never an ``isfinite(t).all()`` pass that allocates a bool tensor per in
   finite, so nothing after the call could tell. ``sdpa`` therefore sums q, k and v before calling it:
   a NaN or inf anywhere makes the sum non-finite (a sum that overflows from finite values only sends
   the call to the exact path).
+
+On CUDA a host read of a device value (``.item()``, ``bool(t)``) is a synchronization, and it rules out
+CUDA graphs, so there (``_sync_free``) no answer is read back where the device can decide itself:
+
+- unmasked plain math: no check at all. The output's only departure from the exact path is a row whose
+  scores are all -inf (0/0 in the softmax, 0 in the contract), and that row is zeroed on the device
+  (its score maximum is -inf); every other non-finite input already gets IEEE's answer from the products;
+- rows that attend nothing are zeroed unconditionally, not after asking whether there are any;
+- one synchronization stays where positions are masked (the plain math's masked keys and values, and
+  SDPA, whose kernels are not IEEE on non-finite inputs): the finite check's sum. An exact answer
+  chosen on the device would need the exact path computed on every call (for masked values, an
+  [Lq, Lk, D] product or four more matmuls with p), a tax far above one synchronization. The fused
+  Triton kernel needs none: its tiles detect non-finite values themselves.
 """
 from __future__ import annotations
 
@@ -38,9 +51,14 @@ def _finite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     if q.dtype is torch.float16:
         f32 = torch.float32
         return math.isfinite((q.sum(dtype=f32) + k.sum(dtype=f32) + v.sum(dtype=f32)).item())
-    if q.is_cpu:  # three scalars are cheaper to read than to add as tensors
+    if not _sync_free(q):  # three scalars are cheaper to read than to add as tensors
         return math.isfinite(q.sum().item() + k.sum().item() + v.sum().item())
     return math.isfinite((q.sum() + k.sum() + v.sum()).item())  # one host synchronization, not three
+
+
+def _sync_free(t: torch.Tensor) -> bool:
+    """Whether the host must not read values of ``t`` back (CUDA: each read is a synchronization)."""
+    return t.is_cuda
 
 
 def _output_finite(o: torch.Tensor) -> bool:
@@ -63,6 +81,8 @@ def _unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if scale != 1.0:
         s = s.mul_(scale)
     o = torch.softmax(s, dim=-1) @ v
+    if _sync_free(q):  # the device zeroes rows whose scores are all -inf (softmax's 0/0): no check after
+        o = o.masked_fill(torch.isneginf(s.amax(dim=-1, keepdim=True)), 0.0)
     o = o.reshape(B, Hq, Lq, v.shape[3])
     return o, (torch.logsumexp(s.float(), dim=-1).reshape(B, Hq, Lq) if lse else None)
 
@@ -83,7 +103,7 @@ def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, sc
     lse = torch.logsumexp(s.float(), dim=-1)
     dead = torch.isneginf(lse)
     p = torch.softmax(s, dim=-1)
-    if bool(dead.any()):
+    if _sync_free(q) or bool(dead.any()):
         p = p.masked_fill(dead[..., None], 0.0)
     o = p @ v.unsqueeze(2)
     return o.reshape(B, Hq, Lq, v.shape[3]), lse.reshape(B, Hq, Lq)
@@ -94,7 +114,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """Explicit matmul, masked softmax, matmul; differentiable through autograd."""
     if attn_mask is None and (not causal or q.shape[2] == 1) and q.numel() and k.shape[2]:
         o, lse = _unmasked(q, k, v, scale, return_lse)
-        if _output_finite(o):
+        if _sync_free(q) or _output_finite(o):  # on the device, _unmasked zeroed the dead rows itself
             return (o, lse.float()) if return_lse else o
         o, lse = plain_math(q, k, v, causal, scale, None)
     else:
@@ -131,7 +151,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, sca
         return _sdpa(q, k, v, is_causal=causal and Lq > 1, scale=scale, enable_gqa=gqa)
     allowed = allowed_positions(Lq, Lk, causal, attn_mask, q.device)
     dead = ~allowed.any(-1, keepdim=True)
-    if bool(dead.any()):
+    if _sync_free(q) or bool(dead.any()):
         o = _sdpa(q, k, v, attn_mask=allowed | dead, scale=scale, enable_gqa=gqa)
         return o.masked_fill(dead, 0.0)
     return _sdpa(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
