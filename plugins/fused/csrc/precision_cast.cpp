@@ -253,8 +253,41 @@ inline void widen(const at::Half* x, float* __restrict w, int64_t m) {
 // "When double rounding is odd", 2005). Rounding that float32 to nearest even then rounds the float64
 // value once, for every target here (float32 keeps at least two more bits than each, down to its
 // subnormals; past its range the value narrows to max finite, still past every target's). NaN stays NaN.
+// The vector loops truncate (AVX-512: the conversion's own round-toward-zero; AVX2: round to nearest,
+// then one step back toward zero where that went away from it, as the scalar tail does) and set the last
+// bit where the float32 differs from the float64 (NaN included, which stays NaN).
 inline void narrow_to_odd(const double* x, float* __restrict w, int64_t m, bool scaled, double scale) {
-  for (int64_t i = 0; i < m; ++i) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512d by = _mm512_set1_pd(scale);
+  const __m256i one = _mm256_set1_epi32(1);
+  for (; i + 8 <= m; i += 8) {
+    __m512d v = _mm512_loadu_pd(x + i);
+    if (scaled) v = _mm512_mul_pd(v, by);
+    const __m256i f = _mm256_castps_si256(_mm512_cvt_roundpd_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC));
+    const __mmask8 inexact = _mm512_cmp_pd_mask(_mm512_cvtps_pd(_mm256_castsi256_ps(f)), v, _CMP_NEQ_UQ);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm256_mask_or_epi32(f, inexact, f, one));
+  }
+#elif defined(__AVX2__)
+  const __m256d by = _mm256_set1_pd(scale), sign = _mm256_set1_pd(-0.0);
+  // a 4 x 64-bit lane mask as 4 x 32 bits (each lane all ones or all zeros)
+  auto narrow_mask = [](__m256d mask) {
+    const __m256 f = _mm256_castpd_ps(mask);
+    return _mm_castps_si128(_mm_shuffle_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1), _MM_SHUFFLE(2, 0, 2, 0)));
+  };
+  for (; i + 4 <= m; i += 4) {
+    __m256d v = _mm256_loadu_pd(x + i);
+    if (scaled) v = _mm256_mul_pd(v, by);
+    const __m128 f = _mm256_cvtpd_ps(v);
+    const __m256d back = _mm256_cvtps_pd(f);
+    const __m256d away = _mm256_cmp_pd(_mm256_andnot_pd(sign, back), _mm256_andnot_pd(sign, v), _CMP_GT_OQ);
+    const __m256d inexact = _mm256_cmp_pd(back, v, _CMP_NEQ_UQ);
+    __m128i u = _mm_add_epi32(_mm_castps_si128(f), narrow_mask(away));  // -1: one step toward zero
+    u = _mm_or_si128(u, _mm_srli_epi32(narrow_mask(inexact), 31));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(w + i), u);
+  }
+#endif
+  for (; i < m; ++i) {
     const double v = scaled ? x[i] * scale : x[i];
     const float f = static_cast<float>(v);
     const double back = static_cast<double>(f);
@@ -264,6 +297,32 @@ inline void narrow_to_odd(const double* x, float* __restrict w, int64_t m, bool 
     u |= uint32_t(back != v);
     std::memcpy(&w[i], &u, sizeof u);
   }
+}
+
+// The max of |x|'s bits over [x, x + n), as far as the level's vector loop goes; returns where it stopped.
+// Four accumulators: one would chain every compare to the one before.
+inline int64_t max_abs_bits(const double* x, int64_t n, uint64_t& out) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512i magnitude = _mm512_set1_epi64(0x7FFFFFFFFFFFFFFFll);
+  __m512i mx[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+  for (; i + 32 <= n; i += 32)
+    for (int k = 0; k < 4; ++k)
+      mx[k] = _mm512_max_epu64(mx[k], _mm512_and_si512(_mm512_loadu_si512(x + i + 8 * k), magnitude));
+  const __m512i all = _mm512_max_epu64(_mm512_max_epu64(mx[0], mx[1]), _mm512_max_epu64(mx[2], mx[3]));
+  out = std::max(out, uint64_t(_mm512_reduce_max_epu64(all)));
+#elif defined(__AVX2__)
+  const __m256i magnitude = _mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFll);
+  __m256i mx[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+  auto vmax = [](__m256i a, __m256i b) { return _mm256_blendv_epi8(b, a, _mm256_cmpgt_epi64(a, b)); };
+  for (; i + 16 <= n; i += 16)  // the bits without the sign: signed compares order them
+    for (int k = 0; k < 4; ++k)
+      mx[k] = vmax(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 4 * k)), magnitude), mx[k]);
+  alignas(32) uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vmax(vmax(mx[0], mx[1]), vmax(mx[2], mx[3])));
+  for (uint64_t l : lanes) out = std::max(out, l);
+#endif
+  return i;
 }
 
 // Statistics as signed integers with -1 for "none yet": the bits of a finite |x| order like the
@@ -310,7 +369,9 @@ template <class S> bool gather(const S* __restrict x, int64_t n, Stats<compute_t
   using W = Wide<C>;
   using U = typename W::U;
   U m = 0;
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, U(bits_of(load(x, i)) & ~(U(1) << (W::width - 1))));
+  int64_t i = 0;
+  if constexpr (std::is_same_v<S, double>) i = max_abs_bits(x, n, m);  // GCC leaves 64-bit max scalar on AVX2
+  for (; i < n; ++i) m = std::max(m, U(bits_of(load(x, i)) & ~(U(1) << (W::width - 1))));
   if (m < W::inf) {
     st.amax = std::max(st.amax, typename Stats<C>::I(m));
   } else {
