@@ -253,9 +253,10 @@ inline void widen(const at::Half* x, float* __restrict w, int64_t m) {
 // "When double rounding is odd", 2005). Rounding that float32 to nearest even then rounds the float64
 // value once, for every target here (float32 keeps at least two more bits than each, down to its
 // subnormals; past its range the value narrows to max finite, still past every target's). NaN stays NaN.
-// The vector loops truncate (AVX-512: the conversion's own round-toward-zero; AVX2: round to nearest,
-// then one step back toward zero where that went away from it, as the scalar tail does) and set the last
-// bit where the float32 differs from the float64 (NaN included, which stays NaN).
+// The vector loops truncate (AVX-512: the conversion's own round-toward-zero; AVX2: the rounding mode
+// set to toward zero, or where a scaled product must round to nearest first, round to nearest and one
+// step back toward zero where that went away from it, as the scalar tail does) and set the last bit
+// where the float32 differs from the float64 (NaN included, which stays NaN).
 inline void narrow_to_odd(const double* x, float* __restrict w, int64_t m, bool scaled, double scale) {
   int64_t i = 0;
 #if defined(__AVX512F__)
@@ -269,22 +270,40 @@ inline void narrow_to_odd(const double* x, float* __restrict w, int64_t m, bool 
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm256_mask_or_epi32(f, inexact, f, one));
   }
 #elif defined(__AVX2__)
-  const __m256d by = _mm256_set1_pd(scale), sign = _mm256_set1_pd(-0.0);
-  // a 4 x 64-bit lane mask as 4 x 32 bits (each lane all ones or all zeros)
-  auto narrow_mask = [](__m256d mask) {
-    const __m256 f = _mm256_castpd_ps(mask);
-    return _mm_castps_si128(_mm_shuffle_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1), _MM_SHUFFLE(2, 0, 2, 0)));
+  // 4 x 64-bit lane masks, two of them, as 8 x 32 bits in order (each lane all ones or all zeros)
+  auto narrow_masks = [](__m256d lo, __m256d hi) {
+    const __m256 mixed = _mm256_shuffle_ps(_mm256_castpd_ps(lo), _mm256_castpd_ps(hi), _MM_SHUFFLE(2, 0, 2, 0));
+    return _mm256_permute4x64_epi64(_mm256_castps_si256(mixed), _MM_SHUFFLE(3, 1, 2, 0));
   };
-  for (; i + 4 <= m; i += 4) {
-    __m256d v = _mm256_loadu_pd(x + i);
-    if (scaled) v = _mm256_mul_pd(v, by);
-    const __m128 f = _mm256_cvtpd_ps(v);
-    const __m256d back = _mm256_cvtps_pd(f);
-    const __m256d away = _mm256_cmp_pd(_mm256_andnot_pd(sign, back), _mm256_andnot_pd(sign, v), _CMP_GT_OQ);
-    const __m256d inexact = _mm256_cmp_pd(back, v, _CMP_NEQ_UQ);
-    __m128i u = _mm_add_epi32(_mm_castps_si128(f), narrow_mask(away));  // -1: one step toward zero
-    u = _mm_or_si128(u, _mm_srli_epi32(narrow_mask(inexact), 31));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(w + i), u);
+  auto both = [](__m128 lo, __m128 hi) { return _mm256_castps_si256(_mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1)); };
+  if (!scaled) {
+    // Truncation by the rounding mode: toward zero for this loop only (restored before anything else
+    // rounds; the barriers keep the compiler from moving a conversion across the mode's change).
+    const unsigned int mode = _mm_getcsr();
+    _mm_setcsr((mode & ~0x6000u) | 0x6000u);
+    asm volatile("" ::: "memory");
+    for (; i + 8 <= m; i += 8) {
+      const __m256d v0 = _mm256_loadu_pd(x + i), v1 = _mm256_loadu_pd(x + i + 4);
+      const __m128 f0 = _mm256_cvtpd_ps(v0), f1 = _mm256_cvtpd_ps(v1);
+      const __m256i inexact = narrow_masks(_mm256_cmp_pd(_mm256_cvtps_pd(f0), v0, _CMP_NEQ_UQ),
+                                           _mm256_cmp_pd(_mm256_cvtps_pd(f1), v1, _CMP_NEQ_UQ));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm256_or_si256(both(f0, f1), _mm256_srli_epi32(inexact, 31)));
+    }
+    asm volatile("" ::: "memory");
+    _mm_setcsr(mode);
+  } else {  // the product rounds to nearest: truncate by stepping back where the conversion went away from zero
+    const __m256d by = _mm256_set1_pd(scale), sign = _mm256_set1_pd(-0.0);
+    for (; i + 8 <= m; i += 8) {
+      const __m256d v0 = _mm256_mul_pd(_mm256_loadu_pd(x + i), by), v1 = _mm256_mul_pd(_mm256_loadu_pd(x + i + 4), by);
+      const __m128 f0 = _mm256_cvtpd_ps(v0), f1 = _mm256_cvtpd_ps(v1);
+      const __m256d b0 = _mm256_cvtps_pd(f0), b1 = _mm256_cvtps_pd(f1);
+      const __m256i away = narrow_masks(
+          _mm256_cmp_pd(_mm256_andnot_pd(sign, b0), _mm256_andnot_pd(sign, v0), _CMP_GT_OQ),
+          _mm256_cmp_pd(_mm256_andnot_pd(sign, b1), _mm256_andnot_pd(sign, v1), _CMP_GT_OQ));
+      const __m256i inexact = narrow_masks(_mm256_cmp_pd(b0, v0, _CMP_NEQ_UQ), _mm256_cmp_pd(b1, v1, _CMP_NEQ_UQ));
+      const __m256i u = _mm256_add_epi32(both(f0, f1), away);  // -1: one step toward zero
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm256_or_si256(u, _mm256_srli_epi32(inexact, 31)));
+    }
   }
 #endif
   for (; i < m; ++i) {
