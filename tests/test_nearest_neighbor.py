@@ -221,6 +221,37 @@ def test_few_queries_select_by_rows_and_lose_nothing(gen, M, kind):
             assert torch.equal(out.distances, want.distances), f"{name} {kind}"
 
 
+@needs_cpp
+@pytest.mark.parametrize("isa", _build.supported_isas())
+def test_a_heap_seeded_from_a_sample_cut_loses_nothing(gen, isa):
+    """From k = 16 an empty heap starts from the points under a cut taken from every 4th value of the
+    first tile (a selection, not the falling k-th best). Every path that seeds (transposed tiles with
+    and without the overflow guard, "ip", the product tiles, float64), ties at the cut, and a cut that
+    admits fewer than k points (the sampled positions hold the near points) against a float64 brute force."""
+    cases = [("l2", torch.float32, 10, 1000, 16, 50, {}), ("l2", torch.float32, 6, 1000, 4, 20, {}),
+             ("ip", torch.float32, 5, 1200, 16, 32, {}), ("l2", torch.float32, 40, 1500, 64, 16, {}),
+             ("l2", torch.float64, 3, 900, 8, 17, {}), ("l2", torch.float32, 8, 800, 3, 30, {"grid": 4}),
+             ("ip", torch.float32, 4, 800, 2, 25, {"grid": 3})]
+    with _build.forced_isa(isa):
+        for metric, dtype, M, N, D, k, extra in cases:
+            q, x = make_inputs(gen, "cpu", dtype, M, N, D, **extra)
+            want = brute(q, x, k, metric)
+            out = fused(q, x, k=k, metric=metric)
+            verdict = _judge(out, q, x, k, metric, want)
+            assert verdict.ok, (metric, dtype, M, N, D, k, extra, verdict.reason)
+            assert torch.equal(out.indices, want.indices), (metric, dtype, M, N, D, k, extra)
+            if extra:  # integer points: exact arithmetic, ties in the lower-index order
+                assert torch.equal(out.distances, want.distances), (metric, dtype, M, N, D, k, extra)
+        q, x = make_inputs(gen, "cpu", torch.float32, 3, 1000, 16)
+        x[1::4] *= 50  # every sampled position (0, 4, 8, ...) is near; the rest far
+        x[2::4] *= 50
+        x[3::4] *= 50
+        want = brute(q, x, 60, "l2")
+        assert (want.indices % 4 == 0).all(), "the 60 nearest are all sampled positions"
+        out = fused(q, x, k=60, metric="l2")
+        assert torch.equal(out.indices, want.indices) and torch.equal(out.distances, want.distances)
+
+
 def test_kernels_return_plain_tensors_when_the_queries_require_grad(gen):
     q, x = make_inputs(gen, "cpu", torch.float32, 5, 300, 6)
     q.requires_grad_(True)
