@@ -214,7 +214,9 @@ def heldout_rows(quick: bool) -> Iterator[Row]:
                        "(x.float() * max/amax).to(dtype)")  # in float32: max/amax overflows float16
     for M, N, D, k, metric in ((1, 5000, 64, 10, "l2"), (5, 2000, 8, 10, "l2"), (10, 1000, 16, 1, "l2"),
                                (10, 1000, 16, 50, "l2"), (10, 1000, 16, 10, "ip"), (32, 4000, 24, 5, "l2"),
-                               (200, 20000, 64, 10, "ip"), (3, 100_000, 128, 10, "l2")):
+                               (200, 20000, 64, 10, "ip"), (3, 100_000, 128, 10, "l2"), (10, 1000, 16, 20, "l2"),
+                               (10, 1000, 4, 50, "l2"), (5, 2000, 8, 32, "l2"), (10, 1000, 24, 100, "l2"),
+                               (10, 5000, 16, 64, "l2")):
         q, x = torch.randn(M, D, generator=gen), torch.randn(N, D, generator=gen)
         qn, xn = q.numpy(), x.numpy()
 
