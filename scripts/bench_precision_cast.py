@@ -82,12 +82,12 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def _sweep(sizes: range, dtypes: list[str]) -> None:
+def _sweep(sizes: range, dtypes: list[str], source: torch.dtype = torch.float32) -> None:
     """The parity table: dispatcher as called against the peer called directly, paired call by call."""
     rows, worst = [], None
     for lg in sizes:
         n = 1 << lg
-        x = torch.randn(n, generator=torch.Generator().manual_seed(lg))
+        x = torch.randn(n, generator=torch.Generator().manual_seed(lg), dtype=torch.float64).to(source)
         reps = max(7, min(2000, (1 << 25) >> lg))
         for name in dtypes:
             dtype = getattr(torch, name)
@@ -136,6 +136,9 @@ def main() -> None:
                         help="the fused kernel's instruction-set level (default: the machine's best)")
     parser.add_argument("--sweep", action="store_true", help="the dispatcher-against-peer table over sizes")
     parser.add_argument("--sizes", nargs=2, type=int, default=[10, 26], metavar=("LOG2_FIRST", "LOG2_LAST"))
+    parser.add_argument("--source", default="float32", choices=["float64", "float32", "bfloat16", "float16"],
+                        help="--sweep: the dtype of x (x.to from float64 rounds twice, so the dispatcher never "
+                             "serves it; the row is then ours against a faster, inexact peer)")
     args = parser.parse_args()
     reason = _build.unavailable_reason("precision_cast")
     if reason:
@@ -143,7 +146,7 @@ def main() -> None:
     with _build.forced_isa(args.isa) if args.isa else contextlib.nullcontext():
         print(f"fused kernel level: {_build.default_isa()} (machine: {_build.machine_isa()})")
         if args.sweep:
-            _sweep(range(args.sizes[0], args.sizes[1] + 1), args.dtypes)
+            _sweep(range(args.sizes[0], args.sizes[1] + 1), args.dtypes, getattr(torch, args.source))
         else:
             _table(args)
 
