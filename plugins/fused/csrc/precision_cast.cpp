@@ -249,6 +249,17 @@ inline void widen(const at::Half* x, float* __restrict w, int64_t m) {
   for (; i < m; ++i) w[i] = load(x, i);
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// 64-bit lanes holding |x|'s bits (the sign cleared, so none negative): AVX2 has no 64-bit max, but a
+// signed compare orders them. The larger of each pair of lanes, and the largest lane.
+inline __m256i max_magnitude(__m256i a, __m256i b) { return _mm256_blendv_epi8(b, a, _mm256_cmpgt_epi64(a, b)); }
+inline uint64_t largest_lane(__m256i v) {
+  alignas(32) uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+  return std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
+}
+#endif
+
 // float64 -> float32 rounded to odd: toward zero, with the last bit set when inexact (Boldo and Melquiond,
 // "When double rounding is odd", 2005). Rounding that float32 to nearest even then rounds the float64
 // value once, for every target here (float32 keeps at least two more bits than each, down to its
@@ -283,12 +294,9 @@ inline void narrow_to_odd(const double* x, float* __restrict w, int64_t m, bool 
   };
   auto both = [](__m128 lo, __m128 hi) { return _mm256_castps_si256(_mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1)); };
   const __m256i magnitude = _mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFll);
-  __m256i mx0 = _mm256_setzero_si256(), mx1 = mx0;  // the bits without the sign: signed compares order them
+  __m256i mx0 = _mm256_setzero_si256(), mx1 = mx0;
   auto track = [&](__m256i& acc, __m256d v) {
-    if constexpr (kStats) {
-      const __m256i a = _mm256_and_si256(_mm256_castpd_si256(v), magnitude);
-      acc = _mm256_blendv_epi8(acc, a, _mm256_cmpgt_epi64(a, acc));
-    }
+    if constexpr (kStats) acc = max_magnitude(_mm256_and_si256(_mm256_castpd_si256(v), magnitude), acc);
   };
   if (!scaled) {
     // Truncation by the rounding mode: toward zero for this loop only (restored before anything else
@@ -322,11 +330,7 @@ inline void narrow_to_odd(const double* x, float* __restrict w, int64_t m, bool 
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm256_or_si256(u, _mm256_srli_epi32(inexact, 31)));
     }
   }
-  if constexpr (kStats) {
-    alignas(32) uint64_t lanes[4];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_blendv_epi8(mx0, mx1, _mm256_cmpgt_epi64(mx1, mx0)));
-    for (uint64_t l : lanes) mx = std::max(mx, l);
-  }
+  if constexpr (kStats) mx = std::max(mx, largest_lane(max_magnitude(mx0, mx1)));
 #endif
   for (; i < m; ++i) {
     if constexpr (kStats) mx = std::max(mx, uint64_t(bits_of(x[i]) & 0x7FFFFFFFFFFFFFFFull));
@@ -356,13 +360,11 @@ inline int64_t max_abs_bits(const double* x, int64_t n, uint64_t& out) {
 #elif defined(__AVX2__)
   const __m256i magnitude = _mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFll);
   __m256i mx[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-  auto vmax = [](__m256i a, __m256i b) { return _mm256_blendv_epi8(b, a, _mm256_cmpgt_epi64(a, b)); };
-  for (; i + 16 <= n; i += 16)  // the bits without the sign: signed compares order them
+  for (; i + 16 <= n; i += 16)
     for (int k = 0; k < 4; ++k)
-      mx[k] = vmax(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 4 * k)), magnitude), mx[k]);
-  alignas(32) uint64_t lanes[4];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vmax(vmax(mx[0], mx[1]), vmax(mx[2], mx[3])));
-  for (uint64_t l : lanes) out = std::max(out, l);
+      mx[k] = max_magnitude(_mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + 4 * k)), magnitude),
+                            mx[k]);
+  out = std::max(out, largest_lane(max_magnitude(max_magnitude(mx[0], mx[1]), max_magnitude(mx[2], mx[3]))));
 #endif
   return i;
 }
