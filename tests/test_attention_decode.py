@@ -68,6 +68,34 @@ def test_cpp_prefill_on_each_level(gen, monkeypatch, isa):
         _check(fused.CPP, _sample(gen, torch.bfloat16, 1, 2, 1, 40, 40, 59, causal=True), gen)
 
 
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", [(2, 4, 2, 5, 9, 12), (1, 4, 2, 20, 45, 16), (1, 8, 2, 3, 300, 64)])  # small, tiles, decode
+def test_cpp_eager_bfloat16_rows_equal_the_float32_call_rounded(gen, isa, shape):
+    # The eager bfloat16 call reads q, k and v in place (a transposed q included) and rounds each output row
+    # where it writes it. Widening is exact, so it must give the float32 call's result rounded by torch's cast,
+    # bit for bit, rows recomputed by the exact path (a NaN query, an inf key) included.
+    B, Hq, Hkv, Lq, Lk, D = shape
+    q, k, v = make_inputs(gen, "cpu", torch.bfloat16, B, Hq, Hkv, Lq, Lk, D)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Lq, Hq, D] memory, as a transformers layer has it
+    q[0, 1, Lq - 1, 2] = float("nan")
+    k[0, 0, 1, 0] = float("inf")
+    with _level(isa), torch.no_grad():
+        for causal in (False, True):
+            got = fused.attention(q, k, v, causal=causal, scale=0.3, attn_mask=None, return_lse=False)
+            want = fused.attention(q.float(), k.float(), v.float(), causal=causal, scale=0.3, attn_mask=None,
+                                   return_lse=False).to(torch.bfloat16)
+            assert got.dtype == torch.bfloat16
+            nan = torch.isnan(want)
+            assert bool(nan.any()) and torch.equal(torch.isnan(got), nan)
+            assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+            # and the float32 call itself against the float64 reference, through the spec's compare rule
+            sample = Sample(args=(q, k, v), attrs={"causal": causal, "scale": 0.3, "attn_mask": None,
+                                                   "return_lse": True})
+            verdict = check(SPEC, fused.attention, expected(SPEC, _reference(), sample, False, gen))
+            assert verdict.ok, verdict.reason
+
+
 # -- non-finite inputs, with no pass over them before the kernels --------------------------------------
 
 def _poison(gen, dtype, B, Hq, Hkv, Lq, Lk, D, where, causal=False):

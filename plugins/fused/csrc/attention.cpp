@@ -3,9 +3,9 @@
 // Algorithms 1 and 2). The [Lq, Lk] score matrix is never materialised; one tile of it lives in a
 // thread's scratch buffer at a time.
 //
-// Inputs are float32 and contiguous (the Python side converts bfloat16 and makes them so):
-// q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]; query head h reads key/value head
-// h / (Hq / Hkv). Causal is bottom-right aligned: query i may attend key j iff j <= i + Lk - Lq.
+// Inputs are float32 or bfloat16, read through their strides (the last dimension contiguous; bfloat16 is
+// widened a block at a time): q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]; query head h
+// reads key/value head h / (Hq / Hkv). Causal is bottom-right aligned: query i may attend key j iff j <= i + Lk - Lq.
 // The optional mask is a bool view expanded to [B, Hq, Lq, Lk] (broadcast dimensions have stride 0).
 //
 // The tile products go through the BLAS sgemm that PyTorch itself links (MKL on x86 wheels), found
@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -351,10 +352,9 @@ inline bool suspect(bool q_bad, const float* out, int64_t Dv, float lse) {
 // as the plain math does (a NaN or +inf score makes the row NaN, with lse NaN or +inf); a row that attends
 // nothing gets 0 and lse -inf. The rare path of every forward kernel here.
 template <typename T>
-void exact_row(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const Rows<T>& V, int64_t b, int64_t h,
+void exact_row(const Problem& p, const float* q, const Rows<T>& K, const Rows<T>& V, int64_t b, int64_t h,
                int64_t i, float* out, float* lse) {
   const int64_t hk = h / p.group;
-  const float* q = Q.at(b, h, i);
   const double ninf = -std::numeric_limits<double>::infinity();
   std::vector<double> s(p.Lk, ninf), acc(p.Dv, 0.0);
   bool nan = false;
@@ -405,6 +405,24 @@ inline void widen_row(const c10::BFloat16* src, float* dst, int64_t n) {
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
   uint32_t* d = reinterpret_cast<uint32_t*>(dst);
   for (int64_t i = 0; i < n; ++i) d[i] = uint32_t(s[i]) << 16;
+}
+
+// bfloat16 rounded to nearest even from float32, NaN as 0x7FC0: the bits torch's own cast gives (branch-free,
+// so that row loops vectorise).
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const uint16_t r = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : r;
+}
+
+// dst[0..n) = src[0..n) in the output dtype (float32 copied, bfloat16 rounded to nearest even).
+inline void store_row(const float* src, float* dst, int64_t n) {
+  if (src != dst) std::memcpy(dst, src, n * sizeof(float));
+}
+inline void store_row(const float* src, c10::BFloat16* dst, int64_t n) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = bf16_bits(src[i]);
 }
 
 // n rows of width D at src (row stride ld) as float32 rows: in place for float32 (ld_out = ld), widened
@@ -546,7 +564,7 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
     for (int64_t d = 0; d < p.Dv; ++d) out[d] = acc[d] * inv;
     LSE[row] = alive ? (m + std::log2(l)) * kLn2 : (l == 0.0f ? kNegInf : l);
     if (suspect(!all_finite(Q.at(b, h, i), p.D), out, p.Dv, LSE[row])) {
-      exact_row(p, Q, K, V, b, h, i, out, LSE + row);
+      exact_row(p, Q.at(b, h, i), K, V, b, h, i, out, LSE + row);
       rare.store(true, std::memory_order_relaxed);
     }
   };
@@ -636,30 +654,34 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
 constexpr int64_t kSmallWork = int64_t(1) << 15;
 constexpr int64_t kSmallMaxLk = 256;
 
-// a . b over n floats (any n: whole vectors, then the tail one by one).
-inline float dot_row(const float* a, const float* b, int64_t n) {
+// a . b over n values (any n: whole vectors, then the tail one by one); b float32 or bfloat16.
+template <typename T>
+inline float dot_row(const float* a, const T* b, int64_t n) {
   vec acc = vzero();
   int64_t d = 0;
   for (; d + W <= n; d += W) acc = vfma(vload(a + d), vload(b + d), acc);
   float t = vsum(acc);
-  for (; d < n; ++d) t += a[d] * b[d];
+  for (; d < n; ++d) t += a[d] * static_cast<float>(b[d]);
   return t;
 }
 
-// Every row on the caller's thread: its scores into a stack buffer (a disallowed key is never read), max,
-// base-2 weights, and the weighted sum of the value rows. A suspect row takes exact_row, as on the tiles.
-bool small_fwd(const Problem& p, const Rows<float>& Q, const Rows<float>& K, const Rows<float>& V, float* O,
-               float* LSE) {
+// Every row on the caller's thread, straight from q, k and v in their own dtype: its scores into a stack
+// buffer (a disallowed key is never read), max, base-2 weights, and the weighted sum of the value rows,
+// written in the output dtype. A suspect row takes exact_row, as on the tiles.
+template <typename T, typename TO>
+bool small_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows<T>& V, TO* O, float* LSE) {
   const float c = p.scale * kLog2e;
   float s[kSmallMaxLk];
+  std::vector<float> qrow(std::is_same<T, float>::value ? 0 : p.D), orow(std::is_same<TO, float>::value ? 0 : p.Dv);
   bool rare = false;
   for (int64_t b = 0; b < p.B; ++b) {
     for (int64_t h = 0; h < p.Hq; ++h) {
       const int64_t hk = h / p.group;
       for (int64_t i = 0; i < p.Lq; ++i) {
         const int64_t row = (b * p.Hq + h) * p.Lq + i, n = p.key_end(i, 1);
-        const float* q = Q.at(b, h, i);
-        float* out = O + row * p.Dv;
+        int64_t ld = 0;
+        const float* q = block_as_float(Q.at(b, h, i), Q.sl, 1, p.D, qrow.data(), ld);
+        float* out = orow.empty() ? reinterpret_cast<float*>(O + row * p.Dv) : orow.data();
         float m = kNegInf;
         for (int64_t j = 0; j < n; ++j) {
           s[j] = p.mask == nullptr || p.allowed(b, h, i, j) ? c * dot_row(q, K.at(b, hk, j), p.D) : kNegInf;
@@ -672,8 +694,8 @@ bool small_fwd(const Problem& p, const Rows<float>& Q, const Rows<float>& K, con
             if (p.mask != nullptr && !p.allowed(b, h, i, j)) continue;  // its value row is never read
             const float w = fast_exp2(s[j] - m);
             l += w;
-            const float* vr = V.at(b, hk, j);
-            for (int64_t d = 0; d < p.Dv; ++d) out[d] += w * vr[d];
+            const T* vr = V.at(b, hk, j);
+            for (int64_t d = 0; d < p.Dv; ++d) out[d] += w * static_cast<float>(vr[d]);
           }
         }
         const bool alive = l > 0.0f;
@@ -681,9 +703,10 @@ bool small_fwd(const Problem& p, const Rows<float>& Q, const Rows<float>& K, con
         for (int64_t d = 0; d < p.Dv; ++d) out[d] *= inv;
         LSE[row] = alive ? (m + std::log2(l)) * kLn2 : (l == 0.0f ? kNegInf : l);
         if (suspect(!all_finite(q, p.D), out, p.Dv, LSE[row])) {
-          exact_row(p, Q, K, V, b, h, i, out, LSE + row);
+          exact_row(p, q, K, V, b, h, i, out, LSE + row);
           rare = true;
         }
+        store_row(out, O + row * p.Dv, p.Dv);
       }
     }
   }
@@ -692,15 +715,13 @@ bool small_fwd(const Problem& p, const Rows<float>& Q, const Rows<float>& K, con
 
 // -- prefill: FlashAttention-2 tiles --------------------------------------------------------------------
 
-// q is contiguous float32; k and v are read through their strides (last dimension contiguous), float32
-// in place or bfloat16 widened one key block at a time inside each task, so a call makes no copy of
-// them first (a bfloat16 call at L=16 spent more on its widening copies, each a parallel region, than
-// on its tiles).
-template <typename T>
-bool prefill_fwd(const Problem& p, const at::Tensor& q, const Rows<T>& Kr, const Rows<T>& Vr, float* O,
-                 float* LSE, int64_t block_q, int64_t block_k) {
-  const float* Q = q.data_ptr<float>();
-  const Rows<float> Qr = rows_of<float>(q);
+// q, k and v are read through their strides (last dimension contiguous): float32 in place, bfloat16
+// widened one block at a time inside each task, so a call makes no copy of them first (a bfloat16 call at
+// L=16 spent more on its widening copies and the rounding of its output, each a parallel region, than on
+// its tiles). Each output row is written in the output dtype TO (float32, or bfloat16 rounded here).
+template <typename T, typename TO>
+bool prefill_fwd(const Problem& p, const Rows<T>& Qr, const Rows<T>& Kr, const Rows<T>& Vr, TO* O, float* LSE,
+                 int64_t block_q, int64_t block_k) {
   // Tiles no larger than the sequences, so that short calls allocate small scratch buffers.
   const int64_t BQ = std::max<int64_t>(1, std::min(block_q, p.Lq)), BK = std::max<int64_t>(1, std::min(block_k, p.Lk));
   const int64_t nqb = (p.Lq + BQ - 1) / BQ;
@@ -713,14 +734,16 @@ bool prefill_fwd(const Problem& p, const at::Tensor& q, const Rows<T>& Kr, const
   {
     std::vector<float> S(BQ * BK), acc(BQ * p.Dv), m(BQ), l(BQ);
     constexpr bool widen = !std::is_same<T, float>::value;
-    std::vector<float> kbuf(widen ? BK * p.D : 0), vbuf(widen ? BK * p.Dv : 0);
+    std::vector<float> qbuf(widen ? BQ * p.D : 0), kbuf(widen ? BK * p.D : 0), vbuf(widen ? BK * p.Dv : 0);
+    std::vector<float> orow(std::is_same<TO, float>::value ? 0 : p.Dv);
     // The last query blocks attend the most keys under causal: hand them out first.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t qb = nqb - 1 - t / heads, bh = t % heads;
       const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const int64_t q0 = qb * BQ, rows = std::min(BQ, p.Lq - q0);
-      const float* Qb = Q + (bh * p.Lq + q0) * p.D;
+      int64_t ldq = 0;
+      const float* Qb = block_as_float(Qr.at(b, h, q0), Qr.sl, rows, p.D, qbuf.data(), ldq);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
@@ -730,7 +753,7 @@ bool prefill_fwd(const Problem& p, const at::Tensor& q, const Rows<T>& Kr, const
         int64_t ldk = 0, ldv = 0;
         const float* kb = block_as_float(Kr.at(b, hk, k0), Kr.sl, n, p.D, kbuf.data(), ldk);
         float* s0 = S.data();
-        gemm(false, true, rows, n, p.D, p.scale * kLog2e, Qb, p.D, kb, ldk, 0.0f, s0, BK);
+        gemm(false, true, rows, n, p.D, p.scale * kLog2e, Qb, ldq, kb, ldk, 0.0f, s0, BK);
         if (p.tile_needs_mask(q0, k0, n)) p.mask_tile(s0, BK, b, h, q0, rows, k0, n);
         for (int64_t r = 0; r < rows; ++r) {
           float* s = s0 + r * BK;
@@ -741,16 +764,18 @@ bool prefill_fwd(const Problem& p, const at::Tensor& q, const Rows<T>& Kr, const
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = bh * p.Lq + q0 + r;
-        float* out = O + row * p.Dv;
+        float* out = orow.empty() ? reinterpret_cast<float*>(O + row * p.Dv) : orow.data();
         const float* a = acc.data() + r * p.Dv;
         const bool alive = l[r] > 0.0f;
         const float inv = alive ? 1.0f / l[r] : 0.0f;
         for (int64_t d = 0; d < p.Dv; ++d) out[d] = a[d] * inv;
         LSE[row] = alive ? (m[r] + std::log2(l[r])) * kLn2 : (l[r] == 0.0f ? kNegInf : l[r]);
-        if (suspect(!all_finite(Qb + r * p.D, p.D), out, p.Dv, LSE[row])) {
-          exact_row(p, Qr, Kr, Vr, b, h, q0 + r, out, LSE + row);
+        const float* qr = Qb + r * ldq;
+        if (suspect(!all_finite(qr, p.D), out, p.Dv, LSE[row])) {
+          exact_row(p, qr, Kr, Vr, b, h, q0 + r, out, LSE + row);
           rare.store(true, std::memory_order_relaxed);
         }
+        store_row(out, O + row * p.Dv, p.Dv);
       }
     }
   }
@@ -782,52 +807,70 @@ at::Tensor in_dtype(const at::Tensor& o, at::ScalarType dtype) {
   const float* src = o.data_ptr<float>();
   c10::BFloat16* dst = r.data_ptr<c10::BFloat16>();
   at::parallel_for(0, o.numel(), int64_t(1) << 12, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) dst[i] = c10::BFloat16(src[i]);
+    store_row(src + begin, dst + begin, end - begin);
   });
   return r;
 }
 
+namespace {
+
+// The forward with o in ``out`` (float32, or q's dtype): the small path and the prefill tiles write each
+// row in that dtype themselves; the decode kernel writes float32, rounded after.
+std::tuple<at::Tensor, at::Tensor, bool> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& mask, bool causal, double scale,
+                                                 int64_t block_q, int64_t block_k, at::ScalarType out) {
+  const Problem p = describe(q, k, v, mask, causal, scale);
+  TORCH_CHECK(block_q > 0 && block_k > 0, "attention: tile sizes must be positive");
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
+  // Every path reads q, k and v in place through their strides, float32 or bfloat16.
+  const at::Tensor qq = q.stride(3) == 1 ? q : q.contiguous(), kk = k.stride(3) == 1 ? k : k.contiguous(),
+                   vv = v.stride(3) == 1 ? v : v.contiguous();
+  const bool small = p.Lk <= kSmallMaxLk && p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv) <= kSmallWork;
+  const bool decode = !small && p.Lq <= kDecodeMaxLq && p.D % W == 0 && p.Dv % W == 0;
+  at::Tensor o = at::empty({p.B, p.Hq, p.Lq, p.Dv}, q.options().dtype(decode ? at::kFloat : out));
+  std::optional<SerialBlas> serial;  // MKL on the calling thread (the small path makes no BLAS call)
+  if (!small) serial.emplace();
+  auto run = [&](auto element, auto output) -> bool {
+    using T = decltype(element);
+    using TO = decltype(output);
+    const Rows<T> Q = rows_of<T>(qq), K = rows_of<T>(kk), V = rows_of<T>(vv);
+    if (small) return small_fwd(p, Q, K, V, o.data_ptr<TO>(), lse.data_ptr<float>());
+    if (!decode) return prefill_fwd(p, Q, K, V, o.data_ptr<TO>(), lse.data_ptr<float>(), block_q, block_k);
+    if constexpr (std::is_same<TO, float>::value) {
+      const at::Tensor qf = as_float(q);
+      return decode_fwd(p, rows_of<float>(qf), K, V, o.data_ptr<float>(), lse.data_ptr<float>());
+    }
+    return false;  // not reached: decode writes float32
+  };
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  bool rare;
+  if (decode || out == at::kFloat) rare = bf16 ? run(c10::BFloat16(), 0.0f) : run(0.0f, 0.0f);
+  else rare = run(c10::BFloat16(), c10::BFloat16());  // out is q's dtype, bfloat16
+  if (decode) o = in_dtype(o, out);
+  return {o, lse, rare};
+}
+
+}  // namespace
+
 // Forward: (o [B, Hq, Lq, Dv] float32, lse [B, Hq, Lq] float32, rare). Decode shapes (Lq <= 8, head dims
-// a multiple of the vector width) take the split-K kernel, which reads bfloat16 or float32 k and v in
-// place through their strides; the rest takes the FlashAttention-2 tiles on float32 copies. A row that
-// may attend nothing gets o = 0 and lse = -inf. Non-finite inputs cost the common path nothing: each row's
-// result is checked where it is written, and a suspect row (see ``suspect``) is recomputed by
-// ``exact_row``; ``rare`` says whether any row was, so that the backward pass knows to take the exact path.
+// a multiple of the vector width) take the split-K kernel; the rest the FlashAttention-2 tiles, or, for a
+// few thousand multiply-adds, a row at a time on the caller's thread. A row that may attend nothing gets
+// o = 0 and lse = -inf. Non-finite inputs cost the common path nothing: each row's result is checked where
+// it is written, and a suspect row (see ``suspect``) is recomputed by ``exact_row``; ``rare`` says whether
+// any row was, so that the backward pass knows to take the exact path.
 std::tuple<at::Tensor, at::Tensor, int64_t> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, const std::optional<at::Tensor>& mask,
                                                           bool causal, double scale, int64_t block_q, int64_t block_k) {
-  const Problem p = describe(q, k, v, mask, causal, scale);
-  TORCH_CHECK(block_q > 0 && block_k > 0, "attention: tile sizes must be positive");
-  at::Tensor o = at::empty({p.B, p.Hq, p.Lq, p.Dv}, q.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
-  const at::Tensor qf = as_float(q);
-  bool rare = false;
-  if (p.Lk <= kSmallMaxLk && p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv) <= kSmallWork) {
-    const at::Tensor kf = as_float(k), vf = as_float(v);
-    rare = small_fwd(p, rows_of<float>(qf), rows_of<float>(kf), rows_of<float>(vf), o.data_ptr<float>(),
-                     lse.data_ptr<float>());
-    return {o, lse, rare ? 1 : 0};
-  }
-  const SerialBlas serial;  // the small path above makes no BLAS call
-  // Both paths read k and v in place through their strides, float32 or bfloat16.
-  const at::Tensor kk = k.stride(3) == 1 ? k : k.contiguous(), vv = v.stride(3) == 1 ? v : v.contiguous();
-  const bool decode = p.Lq <= kDecodeMaxLq && p.D % W == 0 && p.Dv % W == 0;
-  auto run = [&](auto element) {
-    using T = decltype(element);
-    const Rows<T> K = rows_of<T>(kk), V = rows_of<T>(vv);
-    return decode ? decode_fwd(p, rows_of<float>(qf), K, V, o.data_ptr<float>(), lse.data_ptr<float>())
-                  : prefill_fwd(p, qf, K, V, o.data_ptr<float>(), lse.data_ptr<float>(), block_q, block_k);
-  };
-  rare = k.scalar_type() == at::kBFloat16 ? run(c10::BFloat16()) : run(0.0f);
+  auto [o, lse, rare] = forward(q, k, v, mask, causal, scale, block_q, block_k, at::kFloat);
   return {o, lse, rare ? 1 : 0};
 }
 
 // The eager call without a mask or a graph (plugins/fused/attention.py's lean path, through pybind11
-// only): (o in q's dtype, lse), o rounded here rather than by a second dispatched call.
+// only): (o in q's dtype, lse), each row of a bfloat16 o rounded where it is written.
 std::tuple<at::Tensor, at::Tensor> attention_fwd_eager(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                        bool causal, double scale, int64_t block_q, int64_t block_k) {
-  auto [o, lse, rare] = attention_fwd(q, k, v, std::nullopt, causal, scale, block_q, block_k);
-  return {in_dtype(o, q.scalar_type()), lse};
+  auto [o, lse, rare] = forward(q, k, v, std::nullopt, causal, scale, block_q, block_k, q.scalar_type());
+  return {o, lse};
 }
 
 // Whether shapes with Lq query rows and head dims D, Dv take the decode kernel.
