@@ -23,13 +23,15 @@ needs_triton = pytest.mark.skipif(NO_TRITON is not None, reason=f"{NO_TRITON}")
 ISAS = [_build.machine_isa()] + [i for i in ("avx2",) if i in _build.supported_isas() and i != _build.machine_isa()]
 
 # (dtype, B, Hq, Hkv, Lq, Lk, D, extra): splits > 1 need Lk >= 512 at B * Hkv < 4 * threads; groups of fewer
-# than 8 query rows per kv head take the SIMD dot/axpy loops, larger ones the tile products.
+# than 16 query rows per kv head take the SIMD dot/axpy loops (bfloat16 blocks widened once from 8 rows on),
+# larger ones the tile products.
 DECODE = {
     "mha-lq1": (torch.float32, 2, 3, 3, 1, 300, 64, {}),
     "gqa4-lq3-causal-split": (torch.float32, 1, 8, 2, 3, 700, 32, {"causal": True}),
     "gqa8-lq8-mask-split": (torch.float32, 1, 8, 1, 8, 600, 64, {"mask": "random"}),
     "bf16-gqa4-lq2-causal-split": (torch.bfloat16, 1, 8, 2, 2, 530, 128, {"causal": True}),
     "bf16-gqa2-lq1-split-mask": (torch.bfloat16, 1, 4, 2, 1, 600, 64, {"mask": "random"}),
+    "bf16-gqa8-lq2-tiles": (torch.bfloat16, 1, 8, 1, 2, 530, 64, {"causal": True}),
     "lq-gt-lk-causal": (torch.float32, 1, 4, 2, 8, 5, 16, {"causal": True}),
     "d48-dv16-gqa2": (torch.float32, 2, 4, 2, 4, 130, 48, {"Dv": 16}),
 }

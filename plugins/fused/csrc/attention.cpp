@@ -396,8 +396,12 @@ constexpr int64_t kDecodeMaxLq = 8;     // query rows per head up to which the d
 constexpr int64_t kDecodeBlock = 32;    // keys per block: a block of k rows stays in L1 for every query row
 constexpr int64_t kDecodeMinSplit = 256;  // keys per split at least, so that the merge stays negligible
 // From this many query rows per kv head (group * Lq) on, the rows share each key and value block through
-// the tile products (BLAS), on blocks this long, widened to float32 once for all the rows.
-constexpr int64_t kDecodeGemmRows = 8;
+// the tile products (BLAS), on blocks this long, widened to float32 once for all the rows. Below it each
+// row runs the SIMD dot and axpy loops over an L1-resident block (8 rows: 0.7-0.95x the time of BLAS on
+// 8 x 128 tiles, float32, Zen 4; at 16 rows neither wins). From kDecodeWidenRows rows on, a bfloat16
+// block is widened once for the rows instead of in each row's loads (at 4 rows that cost 1.1-1.2x).
+constexpr int64_t kDecodeGemmRows = 16;
+constexpr int64_t kDecodeWidenRows = 8;
 constexpr int64_t kDecodeGemmBlock = 128;
 
 // dst[0..n) = src[0..n) widened to float32: a bfloat16 is the top half of a float32 (the loop vectorises).
@@ -572,7 +576,9 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
 #pragma omp parallel num_threads(std::min(nt, base * splits)) if (nt > 1 && base * splits > 1)
   {
     std::vector<float> S(R * KB), acc(R * p.Dv), m(R), l(R);
-    std::vector<float> kbuf(tiles && !std::is_same<T, float>::value ? KB * p.D : 0), vbuf(kbuf.empty() ? 0 : KB * p.Dv);
+    // bfloat16 blocks are widened once for all the group's rows (a row at a time widens each key R times)
+    const bool widen_blocks = !std::is_same<T, float>::value && (tiles || R >= kDecodeWidenRows);
+    std::vector<float> kbuf(widen_blocks ? KB * p.D : 0), vbuf(widen_blocks ? KB * p.Dv : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < base * splits; ++t) {
       const int64_t bk = t / splits, sp = t % splits, b = bk / p.Hkv, hk = bk % p.Hkv;
@@ -580,32 +586,40 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
+      // the rows one at a time against n keys at kb and values at vb (float32 or bfloat16)
+      auto each_row = [&](int64_t k0, int64_t n, const auto* kb, int64_t skn, const auto* vb, int64_t svn) {
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
+          float* s = S.data() + r * KB;
+          score_block(Q.at(b, h, i), kb, skn, n, p.D, c, s);
+          if (p.tile_needs_mask(i, k0, n)) p.mask_tile(s, KB, b, h, i, 1, k0, n);
+          float* a = acc.data() + r * p.Dv;
+          if (softmax_update(s, n, m[r], l[r], a, p.Dv)) axpy_row(a, s, vb, svn, n, p.Dv);
+        }
+      };
       for (int64_t k0 = lo; k0 < hi; k0 += KB) {
         const int64_t n = std::min(KB, hi - k0);
         const T* kb = K.at(b, hk, k0);
         const T* vb = V.at(b, hk, k0);
-        if (tiles) {
-          int64_t ldk = 0, ldv = 0;
-          const float* kf = block_as_float(kb, K.sl, n, p.D, kbuf.data(), ldk);
-          const float* vf = block_as_float(vb, V.sl, n, p.Dv, vbuf.data(), ldv);
-          gemm(false, true, R, n, p.D, c, Q.at(b, hk * p.group, 0), p.D, kf, ldk, 0.0f, S.data(), KB);
-          for (int64_t r = 0; r < R; ++r) {
-            const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
-            float* s = S.data() + r * KB;
-            if (p.tile_needs_mask(i, k0, n)) p.mask_tile(s, KB, b, h, i, 1, k0, n);
-            if (!softmax_update(s, n, m[r], l[r], acc.data() + r * p.Dv, p.Dv)) std::fill(s, s + n, 0.0f);
-          }
-          gemm(false, false, R, p.Dv, n, 1.0f, S.data(), KB, vf, ldv, 1.0f, acc.data(), p.Dv);
+        if (!tiles && !widen_blocks) {
+          each_row(k0, n, kb, K.sl, vb, V.sl);
           continue;
         }
+        int64_t ldk = 0, ldv = 0;
+        const float* kf = block_as_float(kb, K.sl, n, p.D, kbuf.data(), ldk);
+        const float* vf = block_as_float(vb, V.sl, n, p.Dv, vbuf.data(), ldv);
+        if (!tiles) {
+          each_row(k0, n, kf, ldk, vf, ldv);
+          continue;
+        }
+        gemm(false, true, R, n, p.D, c, Q.at(b, hk * p.group, 0), p.D, kf, ldk, 0.0f, S.data(), KB);
         for (int64_t r = 0; r < R; ++r) {
           const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
           float* s = S.data() + r * KB;
-          score_block(Q.at(b, h, i), kb, K.sl, n, p.D, c, s);
           if (p.tile_needs_mask(i, k0, n)) p.mask_tile(s, KB, b, h, i, 1, k0, n);
-          float* a = acc.data() + r * p.Dv;
-          if (softmax_update(s, n, m[r], l[r], a, p.Dv)) axpy_row(a, s, vb, V.sl, n, p.Dv);
+          if (!softmax_update(s, n, m[r], l[r], acc.data() + r * p.Dv, p.Dv)) std::fill(s, s + n, 0.0f);
         }
+        gemm(false, false, R, p.Dv, n, 1.0f, S.data(), KB, vf, ldv, 1.0f, acc.data(), p.Dv);
       }
       for (int64_t r = 0; r < R; ++r) {
         if (splits == 1) {
