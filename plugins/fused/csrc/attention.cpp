@@ -550,7 +550,12 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
   const int64_t R = p.group * p.Lq, base = p.B * p.Hkv, nt = threads_for(p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv));
   const int64_t kend = p.key_end(0, p.Lq);
   const bool tiles = R >= kDecodeGemmRows;  // the group's rows are one contiguous [R, D] block of q
-  const int64_t KB = tiles ? kDecodeGemmBlock : kDecodeBlock;
+  // bfloat16 blocks are widened once for all the group's rows (a row at a time widens each key R times)
+  const bool widen_blocks = !std::is_same<T, float>::value && (tiles || R >= kDecodeWidenRows);
+  // a widened key and value block stays within half of L1 beside its bfloat16 source
+  const int64_t KB = tiles ? kDecodeGemmBlock
+                           : widen_blocks ? std::max<int64_t>(8, std::min<int64_t>(kDecodeBlock, 4096 / (p.D + p.Dv)))
+                                          : kDecodeBlock;
   int64_t splits = 1;
   while (base * splits < 4 * nt && kend >= 2 * splits * kDecodeMinSplit) splits *= 2;
   const int64_t chunk = ((kend + splits - 1) / splits + KB - 1) / KB * KB;
@@ -576,8 +581,6 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
 #pragma omp parallel num_threads(std::min(nt, base * splits)) if (nt > 1 && base * splits > 1)
   {
     std::vector<float> S(R * KB), acc(R * p.Dv), m(R), l(R);
-    // bfloat16 blocks are widened once for all the group's rows (a row at a time widens each key R times)
-    const bool widen_blocks = !std::is_same<T, float>::value && (tiles || R >= kDecodeWidenRows);
     std::vector<float> kbuf(widen_blocks ? KB * p.D : 0), vbuf(widen_blocks ? KB * p.Dv : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < base * splits; ++t) {
