@@ -98,6 +98,28 @@ def test_cpp_eager_bfloat16_rows_equal_the_float32_call_rounded(gen, isa, shape)
             assert verdict.ok, verdict.reason
 
 
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 2, 1, 5, 9, 12), (2, 4, 2, 40, 70, 16), (2, 4, 2, 3, 300, 64)])  # small, tiles, decode
+def test_cpp_reads_broadcast_views(gen, isa, dtype, shape):
+    # A view expanded along the sequence (row stride 0) read in place would hand BLAS a leading dimension
+    # of 0 (MKL rejects the call and the tile stays unwritten): such inputs are copied first. Views expanded
+    # over the batch are still read in place through their strides.
+    B, Hq, Hkv, Lq, Lk, D = shape
+    q, k, v = make_inputs(gen, "cpu", dtype, B, Hq, Hkv, Lq, Lk, D)
+    inputs = [
+        (q[:, :, :1].expand(B, Hq, Lq, D), k, v),  # one query row repeated: stride 0 along Lq
+        (q, k[:, :, :1].expand(B, Hkv, Lk, D), v[:, :, :1].expand(B, Hkv, Lk, D)),  # one key and value repeated
+        (q, k[:1].expand(B, Hkv, Lk, D), v[:1].expand(B, Hkv, Lk, D)),  # the batch sharing one cache
+    ]
+    with _level(isa):
+        for args in inputs:
+            sample = Sample(args=args, attrs={"causal": True, "scale": 0.25, "attn_mask": None, "return_lse": True})
+            verdict = check(SPEC, fused.attention, expected(SPEC, _reference(), sample, False, gen))
+            assert verdict.ok, verdict.reason
+
+
 # -- non-finite inputs, with no pass over them before the kernels --------------------------------------
 
 def _poison(gen, dtype, B, Hq, Hkv, Lq, Lk, D, where, causal=False):

@@ -831,6 +831,13 @@ at::Tensor in_dtype(const at::Tensor& o, at::ScalarType dtype) {
 
 namespace {
 
+// ``t`` itself where the kernels can read it in place: contiguous rows (the last stride 1) that do not
+// overlap (the row stride at least a row, as a BLAS leading dimension must be; an expanded sequence
+// dimension has stride 0); else a contiguous copy.
+at::Tensor in_place(const at::Tensor& t) {
+  return t.stride(3) == 1 && t.stride(2) >= t.size(3) ? t : t.contiguous();
+}
+
 // The forward with o in ``out`` (float32, or q's dtype): the small path and the prefill tiles write each
 // row in that dtype themselves; the decode kernel writes float32, rounded after.
 std::tuple<at::Tensor, at::Tensor, bool> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -840,8 +847,7 @@ std::tuple<at::Tensor, at::Tensor, bool> forward(const at::Tensor& q, const at::
   TORCH_CHECK(block_q > 0 && block_k > 0, "attention: tile sizes must be positive");
   at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
   // Every path reads q, k and v in place through their strides, float32 or bfloat16.
-  const at::Tensor qq = q.stride(3) == 1 ? q : q.contiguous(), kk = k.stride(3) == 1 ? k : k.contiguous(),
-                   vv = v.stride(3) == 1 ? v : v.contiguous();
+  const at::Tensor qq = in_place(q), kk = in_place(k), vv = in_place(v);
   const bool small = p.Lk <= kSmallMaxLk && p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv) <= kSmallWork;
   const bool decode = !small && p.Lq <= kDecodeMaxLq && p.D % W == 0 && p.Dv % W == 0;
   at::Tensor o = at::empty({p.B, p.Hq, p.Lq, p.Dv}, q.options().dtype(decode ? at::kFloat : out));
