@@ -260,20 +260,26 @@ def main() -> None:
         for name, ours, peer, what in rows(a.quick):
             if a.match and not any(m in name for m in a.match.split(",")):
                 continue
+            known = dict(dispatcher._state.choices)
             t0 = time.perf_counter()
             ours()  # tunes the key
             tune_s = time.perf_counter() - t0
+            # the kernel the dispatcher chose for this row's key (a key an earlier row tuned: as it chose then)
+            new = [c.name for k, c in dispatcher._state.choices.items() if known.get(k) is not c]
+            kernel = new[0] if new else "(an earlier row's key)"
             o, pr, ratio = paired(ours, peer, budget)
             ok = ratio <= RATIO or o - pr <= SLACK_US
             r = {"row": name, "peer": what, "ours_us": o, "peer_us": pr, "ratio": ratio, "extra_us": o - pr,
-                 "pass": ok, "tune_s": tune_s}
+                 "pass": ok, "tune_s": tune_s, "kernel": kernel}
             results.append(r)
-            print(f"{'PASS' if ok else 'MISS'} {ratio:6.2f}x  ours {o:10.1f} us  peer {pr:10.1f} us  {name}", flush=True)
+            print(f"{'PASS' if ok else 'MISS'} {ratio:6.2f}x  ours {o:10.1f} us  peer {pr:10.1f} us  {name}  [{kernel}]",
+                  flush=True)
     results.sort(key=lambda r: (r["pass"], -r["ratio"]), reverse=True)
     print()
-    print(tabulate([[r["row"], r["peer"], f"{r['peer_us']:.1f}", f"{r['ours_us']:.1f}", f"{r['ratio']:.2f}x",
+    print(tabulate([[r["row"], r["peer"], f"{r['peer_us']:.1f}", r["kernel"], f"{r['ours_us']:.1f}", f"{r['ratio']:.2f}x",
                      f"{r['extra_us']:+.1f}", "pass" if r["pass"] else "MISS"] for r in results],
-                   headers=["row", "peer", "peer us", "ours us", "ours / peer", "extra us", f"<= {RATIO}x or +{SLACK_US:g} us"]))
+                   headers=["row", "peer", "peer us", "our kernel", "ours us", "ours / peer", "extra us",
+                            f"<= {RATIO}x or +{SLACK_US:g} us"]))
     misses = sum(not r["pass"] for r in results)
     print(f"\n{len(results) - misses} of {len(results)} rows meet the target; worst: {results[-1]['row']} "
           f"({results[-1]['ratio']:.2f}x); load average {os.getloadavg()[0]:.2f} at the end")
