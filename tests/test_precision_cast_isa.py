@@ -69,6 +69,44 @@ def test_every_level_bit_exact(isa, dtype, gen):
             assert_same_bits(scaled.y, bits(want.y).reshape(-1), values)
 
 
+@pytest.mark.skipif("avx512" not in LEVELS, reason="this CPU runs no AVX-512 build")
+@pytest.mark.parametrize("instruction", [True, False], ids=["vcvtneps2bf16", "integer-rule"])
+def test_avx512_bfloat16_by_instruction_and_by_integer_rule(instruction, gen):
+    """The AVX-512 build casts float32 to bfloat16 with AVX512_BF16's conversion where the CPU has it, else
+    with the integer rule: both, on the same data. The conversion flushes subnormal inputs to zero, so runs
+    of float32 subnormals (whole vectors of them, and single ones among normal values) check the lanes it
+    hands back to the integer rule; boundary values, both overflow rules, scaling amax and float64 sources
+    check the rest against ml_dtypes and the reference."""
+    lib = _build.library(OP, "avx512")
+    if instruction and not lib.precision_cast_bf16_instruction(True):
+        pytest.skip("this CPU has no AVX512_BF16 conversion")
+    dtype = torch.bfloat16
+    try:
+        assert lib.precision_cast_bf16_instruction(instruction) == instruction
+        subnormal = torch.randint(1, 1 << 23, (3 * 64,), generator=gen, dtype=torch.int32).view(torch.float32)
+        subnormal = subnormal * (torch.randint(0, 2, (3 * 64,), generator=gen) * 2 - 1).float()
+        for saturate in (False, True):
+            values = boundary_mix(gen, dtype, 4000)
+            values[torch.randint(0, values.numel(), (100,), generator=gen)] = subnormal[:100]
+            values = torch.cat([subnormal, values])
+            assert int(((values != 0) & (values.abs() < 2.0 ** -126)).sum()) >= 250
+            out = run("avx512", values, dtype=dtype, saturate=saturate)
+            assert_same_bits(out.y, peer_bits(values, dtype, saturate), values)
+            finite = values.isfinite()
+            assert float(out.amax) == float(values[finite].abs().max())
+            assert int(out.nonfinite) == int((~finite).sum())
+            for x in (values, values.double() * (1 + 2.0 ** -30)):  # float32 scaled; float64 rounded once
+                scaled = run("avx512", x, dtype=dtype, saturate=saturate, scaling="amax", margin=1)
+                want = reference(x, **attrs(dtype, saturate=saturate, scaling="amax", margin=1))
+                for field in ("scale", "amax", "nonfinite"):
+                    assert float(getattr(scaled, field)) == float(getattr(want, field)), field
+                assert_same_bits(scaled.y, bits(want.y).reshape(-1), values)
+                plain = run("avx512", x, dtype=dtype, saturate=saturate)
+                assert_same_bits(plain.y, bits(reference(x, **attrs(dtype, saturate=saturate)).y).reshape(-1), values)
+    finally:
+        lib.precision_cast_bf16_instruction(True)
+
+
 @pytest.mark.parametrize("isa", LEVELS)
 def test_every_level_parallel_and_chunk_edges(isa, gen):
     """Past the parallel grain (two threads' shares, 2048-element chunks) with specials at the chunk and

@@ -483,6 +483,50 @@ struct Simd {
     for (int k = 0; k < 4; ++k) _mm_storeu_si128(reinterpret_cast<__m128i*>(y + k * lanes), _mm512_cvtepi32_epi8(r[k]));
   }
 };
+
+// float32 -> bfloat16 by the CPU's own conversion where it has one: AVX512_BF16's vcvtneps2bf16 (Zen 4,
+// Cooper Lake, Sapphire Rapids; not part of x86-64-v4, so chosen at run time). It rounds to nearest even
+// and makes a NaN quiet keeping its top bits, as the integer rule does, in one instruction for 16 lanes
+// where the integer rule takes about ten. It flushes subnormal inputs to zero, which the contract does
+// not: a vector holding one (0 < |v| < 2^-126) has those lanes redone by the integer rule, which is exact
+// there (their rounding cannot carry past the exponent field). Saturation is a clamp before it (NaN kept).
+std::atomic<bool> bf16_instruction_allowed{true};  // tests switch it off to check the integer loop here
+
+bool bf16_instruction() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has && bf16_instruction_allowed.load(std::memory_order_relaxed);
+}
+
+template <bool Scaled, bool WithStats, bool Saturate>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+int64_t bf16_by_instruction(const float* __restrict x, uint16_t* __restrict y, int64_t n, float scale, int32_t& mx) {
+  const __m512 vscale = _mm512_set1_ps(scale);
+  const __m512 hi = _mm512_set1_ps(BF16::max_finite()), lo = _mm512_set1_ps(-BF16::max_finite());
+  const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF), one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
+  const __m512i below_normal = _mm512_set1_epi32(0x007FFFFF);  // |v| - 1 below it: a subnormal (not zero)
+  __m512i vmax = _mm512_setzero_si512();
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    for (int k = 0; k < 4; ++k) {
+      __m512 v = _mm512_loadu_ps(x + i + 16 * k);
+      if constexpr (Scaled) v = _mm512_mul_ps(v, vscale);
+      const __m512i u = _mm512_castps_si512(v);
+      const __m512i a = _mm512_and_si512(u, absmask);
+      if constexpr (WithStats) vmax = _mm512_max_epi32(vmax, a);
+      if constexpr (Saturate) v = _mm512_max_ps(lo, _mm512_min_ps(hi, v));
+      __m256i r = (__m256i)_mm512_cvtneps_pbh(v);
+      const __mmask16 sub = _mm512_cmplt_epu32_mask(_mm512_sub_epi32(a, one), below_normal);
+      if (sub) {  // rare: the integer rule for the subnormal lanes (sign included in u)
+        const __m512i t = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, half),
+                                                             _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16);
+        r = _mm256_mask_blend_epi16(sub, r, _mm512_cvtepi32_epi16(t));
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i + 16 * k), r);
+    }
+  }
+  if constexpr (WithStats) mx = std::max(mx, _mm512_reduce_max_epi32(vmax));
+  return i;
+}
 #elif defined(__AVX2__) && defined(__F16C__)
 #define SWITCHYARD_PC_SIMD 1
 struct Simd {
@@ -546,6 +590,12 @@ int64_t simd_cast(const float* __restrict x, typename T::Out* __restrict y, int6
   const VI absmask = V::set1(0x7FFFFFFFu);
   VI vmax = V::set1(0);
   int64_t i = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, BF16>) {
+    if (bf16_instruction())
+      return bf16_by_instruction<Scaled, WithStats, Saturate>(x, reinterpret_cast<uint16_t*>(y), n, scale, mx);
+  }
+#endif
   if constexpr (std::is_same_v<T, F16>) {
     const VF hi = V::set1f(T::max_finite()), lo = V::set1f(-T::max_finite());
     for (; i + B <= n; i += B) {
@@ -924,6 +974,17 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> precision_cast_pool_stat
   return OutputPool::get().stats();
 }
 int64_t precision_cast_pool_clear() { return OutputPool::get().clear(); }
+
+// Asks for the float32 -> bfloat16 loops on AVX512_BF16's conversion (on = true, the default) or on the
+// integer rule; returns whether the conversion is in use (false on CPUs without it and on other levels).
+bool precision_cast_bf16_instruction(bool on) {
+#if defined(__AVX512F__)
+  bf16_instruction_allowed.store(on);
+  return bf16_instruction();
+#else
+  return false;
+#endif
+}
 int64_t precision_cast_pool_limit(int64_t limit) { return OutputPool::get().set_limit(limit); }
 
 using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // (y, scale, amax, nonfinite)
@@ -1031,6 +1092,7 @@ TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m) {
   m.def("precision_cast_pool_stats", &precision_cast_pool_stats);
   m.def("precision_cast_pool_clear", &precision_cast_pool_clear);
   m.def("precision_cast_pool_limit", &precision_cast_pool_limit);
+  m.def("precision_cast_bf16_instruction", &precision_cast_bf16_instruction);
 }
 
 // The cast as a plain Python function as well (plugins/fused/precision_cast.py's eager call): through
