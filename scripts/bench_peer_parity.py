@@ -272,12 +272,12 @@ def main() -> None:
             r = {"row": name, "peer": what, "ours_us": o, "peer_us": pr, "ratio": ratio, "extra_us": o - pr,
                  "pass": ok, "tune_s": tune_s, "kernel": kernel}
             results.append(r)
-            print(f"{'PASS' if ok else 'MISS'} {ratio:6.2f}x  ours {o:10.1f} us  peer {pr:10.1f} us  {name}  [{kernel}]",
-                  flush=True)
+            verdict = "PASS" if ok else "MISS"
+            print(f"{verdict} {ratio:6.2f}x  ours {o:10.1f} us  peer {pr:10.1f} us  {name}  [{kernel}]", flush=True)
     results.sort(key=lambda r: (r["pass"], -r["ratio"]), reverse=True)
     print()
-    print(tabulate([[r["row"], r["peer"], f"{r['peer_us']:.1f}", r["kernel"], f"{r['ours_us']:.1f}", f"{r['ratio']:.2f}x",
-                     f"{r['extra_us']:+.1f}", "pass" if r["pass"] else "MISS"] for r in results],
+    print(tabulate([[r["row"], r["peer"], f"{r['peer_us']:.1f}", r["kernel"], f"{r['ours_us']:.1f}",
+                     f"{r['ratio']:.2f}x", f"{r['extra_us']:+.1f}", "pass" if r["pass"] else "MISS"] for r in results],
                    headers=["row", "peer", "peer us", "our kernel", "ours us", "ours / peer", "extra us",
                             f"<= {RATIO}x or +{SLACK_US:g} us"]))
     misses = sum(not r["pass"] for r in results)

@@ -72,7 +72,8 @@ def test_cpp_prefill_on_each_level(gen, monkeypatch, isa):
 
 @needs_cpp
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("shape", [(2, 4, 2, 5, 9, 12), (1, 4, 2, 20, 45, 16), (1, 8, 2, 3, 300, 64)])  # small, tiles, decode
+@pytest.mark.parametrize("shape", [(2, 4, 2, 5, 9, 12), (1, 4, 2, 20, 45, 16), (1, 8, 2, 3, 300, 64)],
+                         ids=["small", "tiles", "decode"])
 def test_cpp_eager_bfloat16_rows_equal_the_float32_call_rounded(gen, isa, shape):
     # The eager bfloat16 call reads q, k and v in place (a transposed q included) and rounds each output row
     # where it writes it. Widening is exact, so it must give the float32 call's result rounded by torch's cast,
@@ -101,7 +102,8 @@ def test_cpp_eager_bfloat16_rows_equal_the_float32_call_rounded(gen, isa, shape)
 @needs_cpp
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 2, 1, 5, 9, 12), (2, 4, 2, 40, 70, 16), (2, 4, 2, 3, 300, 64)])  # small, tiles, decode
+@pytest.mark.parametrize("shape", [(1, 2, 1, 5, 9, 12), (2, 4, 2, 40, 70, 16), (2, 4, 2, 3, 300, 64)],
+                         ids=["small", "tiles", "decode"])
 def test_cpp_reads_broadcast_views(gen, isa, dtype, shape):
     # A view expanded along the sequence (row stride 0) read in place would hand BLAS a leading dimension
     # of 0 (MKL rejects the call and the tile stays unwritten): such inputs are copied first. Views expanded

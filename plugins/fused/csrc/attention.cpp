@@ -5,7 +5,8 @@
 //
 // Inputs are float32 or bfloat16, read through their strides (the last dimension contiguous; bfloat16 is
 // widened a block at a time): q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]; query head h
-// reads key/value head h / (Hq / Hkv). Causal is bottom-right aligned: query i may attend key j iff j <= i + Lk - Lq.
+// reads key/value head h / (Hq / Hkv). Causal is bottom-right aligned: query i may attend key j iff
+// j <= i + Lk - Lq.
 // The optional mask is a bool view expanded to [B, Hq, Lq, Lk] (broadcast dimensions have stride 0).
 //
 // The tile products go through the BLAS sgemm that PyTorch itself links (MKL on x86 wheels), found

@@ -490,13 +490,22 @@ struct Simd {
 // where the integer rule takes about ten. It flushes subnormal inputs to zero, which the contract does
 // not: a vector holding one (0 < |v| < 2^-126) has those lanes redone by the integer rule, which is exact
 // there (their rounding cannot carry past the exponent field). Saturation is a clamp before it (NaN kept).
+// Compilers from GCC 10 and Clang 11 on know the instruction; older ones build the integer rule alone.
+#if (defined(__clang__) && __clang_major__ >= 11) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+#define SWITCHYARD_PC_BF16 1
+#endif
 std::atomic<bool> bf16_instruction_allowed{true};  // tests switch it off to check the integer loop here
 
 bool bf16_instruction() {
+#if defined(SWITCHYARD_PC_BF16)
   static const bool has = __builtin_cpu_supports("avx512bf16");
   return has && bf16_instruction_allowed.load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
 }
 
+#if defined(SWITCHYARD_PC_BF16)
 template <bool Scaled, bool WithStats, bool Saturate>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 int64_t bf16_by_instruction(const float* __restrict x, uint16_t* __restrict y, int64_t n, float scale, int32_t& mx) {
@@ -527,6 +536,7 @@ int64_t bf16_by_instruction(const float* __restrict x, uint16_t* __restrict y, i
   if constexpr (WithStats) mx = std::max(mx, _mm512_reduce_max_epi32(vmax));
   return i;
 }
+#endif  // SWITCHYARD_PC_BF16
 #elif defined(__AVX2__) && defined(__F16C__)
 #define SWITCHYARD_PC_SIMD 1
 struct Simd {
@@ -590,7 +600,7 @@ int64_t simd_cast(const float* __restrict x, typename T::Out* __restrict y, int6
   const VI absmask = V::set1(0x7FFFFFFFu);
   VI vmax = V::set1(0);
   int64_t i = 0;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(SWITCHYARD_PC_BF16)
   if constexpr (std::is_same_v<T, BF16>) {
     if (bf16_instruction())
       return bf16_by_instruction<Scaled, WithStats, Saturate>(x, reinterpret_cast<uint16_t*>(y), n, scale, mx);
