@@ -430,6 +430,11 @@ inline void store_row(const float* src, c10::BFloat16* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) d[i] = bf16_bits(src[i]);
 }
 
+// Where a result row is computed: in the output itself for float32; in a float32 row buffer for a bfloat16
+// output, which store_row then rounds into it.
+inline float* result_row(float* o, std::vector<float>&) { return o; }
+inline float* result_row(c10::BFloat16*, std::vector<float>& buf) { return buf.data(); }
+
 // n rows of width D at src (row stride ld) as float32 rows: in place for float32 (ld_out = ld), widened
 // into buf for bfloat16 (any D).
 template <typename T>
@@ -699,7 +704,7 @@ bool small_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows<
         const int64_t row = (b * p.Hq + h) * p.Lq + i, n = p.key_end(i, 1);
         int64_t ld = 0;
         const float* q = block_as_float(Q.at(b, h, i), Q.sl, 1, p.D, qrow.data(), ld);
-        float* out = orow.empty() ? reinterpret_cast<float*>(O + row * p.Dv) : orow.data();
+        float* out = result_row(O + row * p.Dv, orow);
         float m = kNegInf;
         for (int64_t j = 0; j < n; ++j) {
           s[j] = p.mask == nullptr || p.allowed(b, h, i, j) ? c * dot_row(q, K.at(b, hk, j), p.D) : kNegInf;
@@ -782,7 +787,7 @@ bool prefill_fwd(const Problem& p, const Rows<T>& Qr, const Rows<T>& Kr, const R
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = bh * p.Lq + q0 + r;
-        float* out = orow.empty() ? reinterpret_cast<float*>(O + row * p.Dv) : orow.data();
+        float* out = result_row(O + row * p.Dv, orow);
         const float* a = acc.data() + r * p.Dv;
         const bool alive = l[r] > 0.0f;
         const float inv = alive ? 1.0f / l[r] : 0.0f;
