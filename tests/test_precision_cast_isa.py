@@ -159,9 +159,17 @@ def test_every_level_float64_rounds_once(isa, dtype, gen):
     chunked float64 path (narrowed to odd float32) and its tails run on every level, both overflow rules."""
     base = boundary_mix(gen, dtype, 700).double()
     hair = base * (torch.rand(base.shape, generator=gen, dtype=torch.float64) - 0.5) * 2.0 ** -28
-    extra = torch.tensor([1e39, -1e39, 1e300, -1e300, 3.5e38, 2.0 ** -160, -(2.0 ** -1074), 0.0, -0.0],
+    f32_max = float(torch.finfo(torch.float32).max)
+    extra = torch.tensor([1e39, -1e39, 1e300, -1e300, 3.5e38, 2.0 ** -160, -(2.0 ** -1074), 0.0, -0.0,
+                          f32_max * (1 + 2.0 ** -40), -f32_max * (1 + 2.0 ** -40), 2.0 ** 128,  # to 2^128
+                          2.0 ** -126 * (1 - 2.0 ** -40), 2.0 ** -130 * (1 + 2.0 ** -35),  # float32 subnormals
+                          -(2.0 ** -134) * (1 + 2.0 ** -30), 2.0 ** -134, 3 * 2.0 ** -134],
                          dtype=torch.float64)
-    x = torch.cat([base, base + hair, extra]).repeat(40)[: (1 << 16) + 301]
+    # just past and just short of a tie of the target, by bit 28 (half of float32's last place) or bit 0
+    tie = 1 + 2.0 ** -(FORMATS[dtype].man_bits + 1)
+    near = torch.tensor([tie + 2.0 ** -24, tie + 2.0 ** -52, tie - 2.0 ** -52], dtype=torch.float64)
+    ties = torch.cat([near * s for s in (1.0, -1.0, 2.0 ** -3, -(2.0 ** 5))])
+    x = torch.cat([base, base + hair, extra, ties]).repeat(40)[: (1 << 16) + 301]
     for saturate in (False, True):
         for scaling in ("none", "amax"):
             got = run(isa, x, dtype=dtype, saturate=saturate, scaling=scaling)
