@@ -263,24 +263,33 @@ inline uint64_t largest_lane(__m256i v) {
 // float64 -> float32 rounded to odd: toward zero, with the last bit set when inexact (Boldo and Melquiond,
 // "When double rounding is odd", 2005). Rounding that float32 to nearest even then rounds the float64
 // value once, for every target here (float32 keeps at least two more bits than each, down to its
-// subnormals; past its range the value narrows to max finite, still past every target's). NaN stays NaN.
-// The vector loops truncate (AVX-512: the conversion's own round-toward-zero; AVX2: the rounding mode
-// set to toward zero, or where a scaled product must round to nearest first, round to nearest and one
-// step back toward zero where that went away from it, as the scalar tail does) and set the last bit
-// where the float32 differs from the float64 (NaN included, which stays NaN).
-// Without kSubnormals (every target but bfloat16), "inexact" is read off the float64's 29 bits below
-// float32's last place instead: one integer test, where the conversion back and its compare took several
-// operations (float64 sources: 0.83-0.93x the time on AVX-512, 0.65-0.84x on AVX2, Zen 4). It is exact
-// from float32's smallest normal up. Below it the conversion drops more bits than those 29, but these
-// targets round every value there to zero, whatever the float32's last bit. bfloat16 shares float32's
-// exponent range, so it keeps the exact compare. On AVX2 the test's bit goes into float32's last place
-// before the conversion, with the 29 bits cleared: the float64 is then a float32 value up to 2^128 (from
-// there it converts to inf, past every target's range as max finite is), so the conversion is exact in
-// any rounding mode, and the mode is left alone.
+// subnormals; past its range the value narrows to max finite or inf, past every target's). NaN stays NaN.
+// This is the scalar rule: round to nearest, one step back toward zero where that went away from it.
+inline float odd_float(double v) {
+  const float f = static_cast<float>(v);
+  const double back = static_cast<double>(f);
+  uint32_t u = bits_of(f);
+  u -= uint32_t(std::fabs(back) > std::fabs(v));
+  return float_of(u | uint32_t(back != v));
+}
+
+// The same over [x, x + m) into w, each value scaled in float64 first when `scaled`.
 // With kStats, mx also becomes the max of |x|'s bits (the unscaled x: a pass over the chunk saved).
+// The vector loops read "inexact" off the float64's 29 bits below float32's last place (kLow) with one
+// integer test, where a conversion back and a compare took several operations (float64 sources on Zen 4:
+// 0.65-0.94x the time on AVX2, 0.77-0.97x on AVX-512). That is exact from float32's smallest normal up.
+// Below it the conversion drops more bits than those 29. The targets other than bfloat16 (kSubnormals
+// false) round every value there to zero whatever float32's last bit, so it does not matter; bfloat16
+// shares float32's exponent range and must not lose them.
+// - AVX-512 truncates by the conversion's own round-toward-zero, and ORs the bit in; for bfloat16 it
+//   compares the conversion back instead (one branch per vector cost more).
+// - AVX2 has no rounding in the instruction. The test's bit goes into float32's last place, with the 29
+//   bits cleared: the float64 is then a float32 value up to 2^128 (from there it converts to inf, past
+//   every target's range as max finite is), so the conversion is exact in any rounding mode. A vector
+//   holding a bfloat16 target's float32 subnormal (rare) takes the scalar rule.
 template <bool kStats, bool kSubnormals>
 inline void narrow_to_odd(const double* x, float* __restrict w, int64_t m, bool scaled, double scale, uint64_t& mx) {
-  constexpr int64_t kLow = (int64_t(1) << 29) - 1;  // the float64 bits below float32's last place
+  constexpr int64_t kLow = (int64_t(1) << 29) - 1;
   int64_t i = 0;
 #if defined(__AVX512F__)
   const __m512d by = _mm512_set1_pd(scale);
@@ -299,75 +308,42 @@ inline void narrow_to_odd(const double* x, float* __restrict w, int64_t m, bool 
   }
   if constexpr (kStats) mx = std::max(mx, uint64_t(_mm512_reduce_max_epu64(vmx)));
 #elif defined(__AVX2__)
-  // 4 x 64-bit lane masks, two of them, as 8 x 32 bits in order (each lane all ones or all zeros)
-  auto narrow_masks = [](__m256d lo, __m256d hi) {
-    const __m256 mixed = _mm256_shuffle_ps(_mm256_castpd_ps(lo), _mm256_castpd_ps(hi), _MM_SHUFFLE(2, 0, 2, 0));
-    return _mm256_permute4x64_epi64(_mm256_castps_si256(mixed), _MM_SHUFFLE(3, 1, 2, 0));
-  };
-  auto both = [](__m128 lo, __m128 hi) { return _mm256_castps_si256(_mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1)); };
-  const __m256i magnitude = _mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFll);
+  const __m256d by = _mm256_set1_pd(scale);
+  const __m256i magnitude = _mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFll), low = _mm256_set1_epi64x(kLow);
+  // 0 < |v| < 2^-126 is |v| - 1 < 2^-126's bits - 1 unsigned, a signed compare with the top bits flipped
+  const __m256i flip = _mm256_set1_epi64x(0x7FFFFFFFFFFFFFFFll);  // - 1, then the top bit flipped
+  const __m256i below = _mm256_set1_epi64x(int64_t((uint64_t(1023 - 126) << 52) - 1 + (uint64_t(1) << 63)));
   __m256i mx0 = _mm256_setzero_si256(), mx1 = mx0;
   auto track = [&](__m256i& acc, __m256d v) {
     if constexpr (kStats) acc = max_magnitude(_mm256_and_si256(_mm256_castpd_si256(v), magnitude), acc);
   };
-  if constexpr (!kSubnormals) {
-    const __m256d by = _mm256_set1_pd(scale);
-    const __m256i low = _mm256_set1_epi64x(kLow);
-    auto odd = [&](__m256d v) {  // bit 29 set when any bit below it is, then those bits cleared
-      const __m256i u = _mm256_castpd_si256(v);
-      const __m256i sticky = _mm256_add_epi64(_mm256_and_si256(u, low), low);
-      return _mm256_cvtpd_ps(_mm256_castsi256_pd(_mm256_andnot_si256(low, _mm256_or_si256(u, sticky))));
-    };
-    for (; i + 8 <= m; i += 8) {
-      __m256d v0 = _mm256_loadu_pd(x + i), v1 = _mm256_loadu_pd(x + i + 4);
-      track(mx0, v0), track(mx1, v1);
-      if (scaled) v0 = _mm256_mul_pd(v0, by), v1 = _mm256_mul_pd(v1, by);
-      _mm256_storeu_ps(w + i, _mm256_insertf128_ps(_mm256_castps128_ps256(odd(v0)), odd(v1), 1));
+  auto odd = [&](__m256d v) {  // bit 29 set when any bit below it is, then those bits cleared
+    const __m256i u = _mm256_castpd_si256(v);
+    const __m256i sticky = _mm256_add_epi64(_mm256_and_si256(u, low), low);
+    return _mm256_cvtpd_ps(_mm256_castsi256_pd(_mm256_andnot_si256(low, _mm256_or_si256(u, sticky))));
+  };
+  auto subnormal = [&](__m256d v) {
+    const __m256i a = _mm256_and_si256(_mm256_castpd_si256(v), magnitude);
+    return _mm256_cmpgt_epi64(below, _mm256_add_epi64(a, flip));
+  };
+  for (; i + 8 <= m; i += 8) {
+    __m256d v0 = _mm256_loadu_pd(x + i), v1 = _mm256_loadu_pd(x + i + 4);
+    track(mx0, v0), track(mx1, v1);
+    if (scaled) v0 = _mm256_mul_pd(v0, by), v1 = _mm256_mul_pd(v1, by);
+    if constexpr (kSubnormals) {
+      const __m256i t = _mm256_or_si256(subnormal(v0), subnormal(v1));
+      if (!_mm256_testz_si256(t, t)) {
+        for (int k = 0; k < 8; ++k) w[i + k] = odd_float(scaled ? x[i + k] * scale : x[i + k]);
+        continue;
+      }
     }
-  } else if (!scaled) {
-    // Truncation by the rounding mode: toward zero for this loop only (restored before anything else
-    // rounds; the barriers keep the compiler from moving a conversion across the mode's change).
-    const unsigned int mode = _mm_getcsr();
-    _mm_setcsr((mode & ~0x6000u) | 0x6000u);
-    asm volatile("" ::: "memory");
-    for (; i + 8 <= m; i += 8) {
-      const __m256d v0 = _mm256_loadu_pd(x + i), v1 = _mm256_loadu_pd(x + i + 4);
-      track(mx0, v0), track(mx1, v1);
-      const __m128 f0 = _mm256_cvtpd_ps(v0), f1 = _mm256_cvtpd_ps(v1);
-      const __m256i inexact = narrow_masks(_mm256_cmp_pd(_mm256_cvtps_pd(f0), v0, _CMP_NEQ_UQ),
-                                           _mm256_cmp_pd(_mm256_cvtps_pd(f1), v1, _CMP_NEQ_UQ));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm256_or_si256(both(f0, f1), _mm256_srli_epi32(inexact, 31)));
-    }
-    asm volatile("" ::: "memory");
-    _mm_setcsr(mode);
-  } else {  // the product rounds to nearest: truncate by stepping back where the conversion went away from zero
-    const __m256d by = _mm256_set1_pd(scale), sign = _mm256_set1_pd(-0.0);
-    for (; i + 8 <= m; i += 8) {
-      const __m256d x0 = _mm256_loadu_pd(x + i), x1 = _mm256_loadu_pd(x + i + 4);
-      track(mx0, x0), track(mx1, x1);
-      const __m256d v0 = _mm256_mul_pd(x0, by), v1 = _mm256_mul_pd(x1, by);
-      const __m128 f0 = _mm256_cvtpd_ps(v0), f1 = _mm256_cvtpd_ps(v1);
-      const __m256d b0 = _mm256_cvtps_pd(f0), b1 = _mm256_cvtps_pd(f1);
-      const __m256i away = narrow_masks(
-          _mm256_cmp_pd(_mm256_andnot_pd(sign, b0), _mm256_andnot_pd(sign, v0), _CMP_GT_OQ),
-          _mm256_cmp_pd(_mm256_andnot_pd(sign, b1), _mm256_andnot_pd(sign, v1), _CMP_GT_OQ));
-      const __m256i inexact = narrow_masks(_mm256_cmp_pd(b0, v0, _CMP_NEQ_UQ), _mm256_cmp_pd(b1, v1, _CMP_NEQ_UQ));
-      const __m256i u = _mm256_add_epi32(both(f0, f1), away);  // -1: one step toward zero
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), _mm256_or_si256(u, _mm256_srli_epi32(inexact, 31)));
-    }
+    _mm256_storeu_ps(w + i, _mm256_insertf128_ps(_mm256_castps128_ps256(odd(v0)), odd(v1), 1));
   }
   if constexpr (kStats) mx = std::max(mx, largest_lane(max_magnitude(mx0, mx1)));
 #endif
   for (; i < m; ++i) {
     if constexpr (kStats) mx = std::max(mx, uint64_t(bits_of(x[i]) & 0x7FFFFFFFFFFFFFFFull));
-    const double v = scaled ? x[i] * scale : x[i];
-    const float f = static_cast<float>(v);
-    const double back = static_cast<double>(f);
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof u);
-    u -= uint32_t(std::fabs(back) > std::fabs(v));  // rounded away from zero: one step back toward it
-    u |= uint32_t(back != v);
-    std::memcpy(&w[i], &u, sizeof u);
+    w[i] = odd_float(scaled ? x[i] * scale : x[i]);
   }
 }
 
