@@ -34,6 +34,9 @@ DECODE = {
     "bf16-gqa8-lq2-tiles": (torch.bfloat16, 1, 8, 1, 2, 530, 64, {"causal": True}),
     "lq-gt-lk-causal": (torch.float32, 1, 4, 2, 8, 5, 16, {"causal": True}),
     "d48-dv16-gqa2": (torch.float32, 2, 4, 2, 4, 130, 48, {"Dv": 16}),
+    # rows in pairs with an odd one left over; a pair where one row attends nothing (Lq > Lk, bottom-right)
+    "bf16-mha-lq5-mask-split": (torch.bfloat16, 1, 2, 2, 5, 600, 64, {"mask": "random"}),
+    "gqa2-lq7-gt-lk-causal": (torch.float32, 1, 4, 2, 7, 4, 16, {"causal": True}),
 }
 
 

@@ -399,10 +399,11 @@ constexpr int64_t kDecodeMinSplit = 256;  // keys per split at least, so that th
 // From this many query rows per kv head (group * Lq) on, the rows share each key and value block through
 // the tile products (BLAS), on blocks this long, widened to float32 once for all the rows. Below it each
 // row runs the SIMD dot and axpy loops over an L1-resident block (8 rows: 0.7-0.95x the time of BLAS on
-// 8 x 128 tiles, float32, Zen 4; at 16 rows neither wins). From kDecodeWidenRows rows on, a bfloat16
-// block is widened once for the rows instead of in each row's loads (at 4 rows that cost 1.1-1.2x).
+// 8 x 128 tiles, float32, Zen 4; at 16 rows neither wins), two rows at a time so that each load of a key
+// or value vector, bfloat16 widened in the register, serves both. (Widening a bfloat16 block once into a
+// float32 buffer for the rows instead, as this did from 8 rows on, took 1.5-1.7x the time of the paired
+// loads at 8 rows, D = 128.)
 constexpr int64_t kDecodeGemmRows = 16;
-constexpr int64_t kDecodeWidenRows = 8;
 constexpr int64_t kDecodeGemmBlock = 128;
 
 // dst[0..n) = src[0..n) widened to float32: a bfloat16 is the top half of a float32 (the loop vectorises).
@@ -498,6 +499,66 @@ inline void axpy_row(float* acc, const float* p, const T* v, int64_t svn, int64_
   for (; d0 < Dv; d0 += W) axpy_block<1>(acc, p, v, svn, n, d0);
 }
 
+// Two query rows at once, each with exactly score_block's and axpy_row's arithmetic (so the same bits):
+// each load of a key or value row serves both rows. A row's work is as many multiply-adds as loads
+// otherwise, and a 512-bit load takes a cycle of Zen 4's load ports as an FMA takes its FMA pipes.
+template <typename T>
+inline void score_block2(const float* q0, const float* q1, const T* k, int64_t skn, int64_t n, int64_t D, float c,
+                         float* s0, float* s1) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const T* k0 = k + j * skn;
+    const T* k1 = k0 + skn;
+    const T* k2 = k1 + skn;
+    const T* k3 = k2 + skn;
+    vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+    vec b0 = vzero(), b1 = vzero(), b2 = vzero(), b3 = vzero();
+    for (int64_t d = 0; d < D; d += W) {
+      const vec x = vload(q0 + d), y = vload(q1 + d);
+      const vec v0 = vload(k0 + d), v1 = vload(k1 + d), v2 = vload(k2 + d), v3 = vload(k3 + d);
+      a0 = vfma(x, v0, a0), b0 = vfma(y, v0, b0);
+      a1 = vfma(x, v1, a1), b1 = vfma(y, v1, b1);
+      a2 = vfma(x, v2, a2), b2 = vfma(y, v2, b2);
+      a3 = vfma(x, v3, a3), b3 = vfma(y, v3, b3);
+    }
+    vsum4(a0, a1, a2, a3, s0 + j);
+    vsum4(b0, b1, b2, b3, s1 + j);
+    for (int t = 0; t < 4; ++t) s0[j + t] *= c, s1[j + t] *= c;
+  }
+  if (j < n) {
+    score_block(q0, k + j * skn, skn, n - j, D, c, s0 + j);
+    score_block(q1, k + j * skn, skn, n - j, D, c, s1 + j);
+  }
+}
+
+template <int NV, typename T>
+inline void axpy_block2(float* acc0, float* acc1, const float* p0, const float* p1, const T* v, int64_t svn,
+                        int64_t n, int64_t d0) {
+  vec a[NV], b[NV];
+  for (int t = 0; t < NV; ++t) a[t] = vload(acc0 + d0 + t * W), b[t] = vload(acc1 + d0 + t * W);
+  for (int64_t j = 0; j < n; ++j) {
+    const vec x = vbcast(p0[j]), y = vbcast(p1[j]);
+    const T* vr = v + j * svn + d0;
+    for (int t = 0; t < NV; ++t) {
+      const vec vv = vload(vr + t * W);
+      a[t] = vfma(x, vv, a[t]);
+      b[t] = vfma(y, vv, b[t]);
+    }
+  }
+  for (int t = 0; t < NV; ++t) vstore(acc0 + d0 + t * W, a[t]), vstore(acc1 + d0 + t * W, b[t]);
+}
+
+// axpy_row for two rows; the accumulators of both fit the registers (32 on AVX-512, 16 on AVX2).
+template <typename T>
+inline void axpy_row2(float* acc0, float* acc1, const float* p0, const float* p1, const T* v, int64_t svn, int64_t n,
+                      int64_t Dv) {
+  constexpr int kWide = W >= 16 ? 8 : 4;
+  int64_t d0 = 0;
+  for (; d0 + kWide * W <= Dv; d0 += kWide * W) axpy_block2<kWide>(acc0, acc1, p0, p1, v, svn, n, d0);
+  for (; d0 + 4 * W <= Dv; d0 += 4 * W) axpy_block2<4>(acc0, acc1, p0, p1, v, svn, n, d0);
+  for (; d0 < Dv; d0 += W) axpy_block2<1>(acc0, acc1, p0, p1, v, svn, n, d0);
+}
+
 // Online-softmax update of one row with its block of base-2 scores s[0..n) (overwritten by the weights);
 // returns false when the row has attended nothing yet (its weights are all 0 and nothing is to be added).
 inline bool softmax_update(float* s, int64_t n, float& m, float& l, float* acc, int64_t Dv) {
@@ -556,12 +617,7 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
   const int64_t R = p.group * p.Lq, base = p.B * p.Hkv, nt = threads_for(p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv));
   const int64_t kend = p.key_end(0, p.Lq);
   const bool tiles = R >= kDecodeGemmRows;  // the group's rows are one contiguous [R, D] block of q
-  // bfloat16 blocks are widened once for all the group's rows (a row at a time widens each key R times)
-  const bool widen_blocks = !std::is_same<T, float>::value && (tiles || R >= kDecodeWidenRows);
-  // a widened key and value block stays within half of L1 beside its bfloat16 source
-  const int64_t KB = tiles ? kDecodeGemmBlock
-                           : widen_blocks ? std::max<int64_t>(8, std::min<int64_t>(kDecodeBlock, 4096 / (p.D + p.Dv)))
-                                          : kDecodeBlock;
+  const int64_t KB = tiles ? kDecodeGemmBlock : kDecodeBlock;
   int64_t splits = 1;
   while (base * splits < 4 * nt && kend >= 2 * splits * kDecodeMinSplit) splits *= 2;
   const int64_t chunk = ((kend + splits - 1) / splits + KB - 1) / KB * KB;
@@ -587,7 +643,9 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
 #pragma omp parallel num_threads(std::min(nt, base * splits)) if (nt > 1 && base * splits > 1)
   {
     std::vector<float> S(R * KB), acc(R * p.Dv), m(R), l(R);
-    std::vector<float> kbuf(widen_blocks ? KB * p.D : 0), vbuf(widen_blocks ? KB * p.Dv : 0);
+    // the tiles' key and value blocks as float32 (bfloat16 widened into these, once for all the rows)
+    std::vector<float> kbuf(tiles && !std::is_same<T, float>::value ? KB * p.D : 0);
+    std::vector<float> vbuf(tiles && !std::is_same<T, float>::value ? KB * p.Dv : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < base * splits; ++t) {
       const int64_t bk = t / splits, sp = t % splits, b = bk / p.Hkv, hk = bk % p.Hkv;
@@ -595,9 +653,31 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
-      // the rows one at a time against n keys at kb and values at vb (float32 or bfloat16)
-      auto each_row = [&](int64_t k0, int64_t n, const auto* kb, int64_t skn, const auto* vb, int64_t svn) {
-        for (int64_t r = 0; r < R; ++r) {
+      // the rows against n keys at kb and values at vb (float32 or bfloat16), two at a time sharing each
+      // load, an odd last row alone
+      auto each_row = [&](int64_t k0, int64_t n, const T* kb, int64_t skn, const T* vb, int64_t svn) {
+        int64_t r = 0;
+        for (; r + 2 <= R; r += 2) {
+          const int64_t h0 = hk * p.group + r / p.Lq, i0 = r % p.Lq;
+          const int64_t h1 = hk * p.group + (r + 1) / p.Lq, i1 = (r + 1) % p.Lq;
+          float* s0 = S.data() + r * KB;
+          float* s1 = s0 + KB;
+          score_block2(Q.at(b, h0, i0), Q.at(b, h1, i1), kb, skn, n, p.D, c, s0, s1);
+          if (p.tile_needs_mask(i0, k0, n)) p.mask_tile(s0, KB, b, h0, i0, 1, k0, n);
+          if (p.tile_needs_mask(i1, k0, n)) p.mask_tile(s1, KB, b, h1, i1, 1, k0, n);
+          float* a0 = acc.data() + r * p.Dv;
+          float* a1 = a0 + p.Dv;
+          const bool live0 = softmax_update(s0, n, m[r], l[r], a0, p.Dv);
+          const bool live1 = softmax_update(s1, n, m[r + 1], l[r + 1], a1, p.Dv);
+          if (live0 && live1) {
+            axpy_row2(a0, a1, s0, s1, vb, svn, n, p.Dv);
+          } else if (live0) {
+            axpy_row(a0, s0, vb, svn, n, p.Dv);
+          } else if (live1) {
+            axpy_row(a1, s1, vb, svn, n, p.Dv);
+          }
+        }
+        for (; r < R; ++r) {
           const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
           float* s = S.data() + r * KB;
           score_block(Q.at(b, h, i), kb, skn, n, p.D, c, s);
@@ -610,17 +690,13 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
         const int64_t n = std::min(KB, hi - k0);
         const T* kb = K.at(b, hk, k0);
         const T* vb = V.at(b, hk, k0);
-        if (!tiles && !widen_blocks) {
+        if (!tiles) {
           each_row(k0, n, kb, K.sl, vb, V.sl);
           continue;
         }
         int64_t ldk = 0, ldv = 0;
         const float* kf = block_as_float(kb, K.sl, n, p.D, kbuf.data(), ldk);
         const float* vf = block_as_float(vb, V.sl, n, p.Dv, vbuf.data(), ldv);
-        if (!tiles) {
-          each_row(k0, n, kf, ldk, vf, ldv);
-          continue;
-        }
         gemm(false, true, R, n, p.D, c, Q.at(b, hk * p.group, 0), p.D, kf, ldk, 0.0f, S.data(), KB);
         for (int64_t r = 0; r < R; ++r) {
           const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
