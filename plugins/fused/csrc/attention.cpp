@@ -401,8 +401,8 @@ constexpr int64_t kDecodeMinSplit = 256;  // keys per split at least, so that th
 // row runs the SIMD dot and axpy loops over an L1-resident block (8 rows: 0.7-0.95x the time of BLAS on
 // 8 x 128 tiles, float32, Zen 4; at 16 rows neither wins), two rows at a time so that each load of a key
 // or value vector, bfloat16 widened in the register, serves both. (Widening a bfloat16 block once into a
-// float32 buffer for the rows instead, as this did from 8 rows on, took 1.5-1.7x the time of the paired
-// loads at 8 rows, D = 128.)
+// float32 buffer for the rows instead, as this did from 8 rows on, took 1.06-1.6x the time of the paired
+// loads at 8 rows, D = 128, Zen 4, both levels.)
 constexpr int64_t kDecodeGemmRows = 16;
 constexpr int64_t kDecodeGemmBlock = 128;
 
