@@ -450,113 +450,72 @@ const float* block_as_float(const T* src, int64_t ld, int64_t n, int64_t D, floa
   }
 }
 
-// s[0..n) = c * (q . k_j) for the n keys at k, k + skn, ...; four keys share each load of q.
-template <typename T>
-inline void score_block(const float* q, const T* k, int64_t skn, int64_t n, int64_t D, float c, float* s) {
+// The decode loops take the query rows NR at a time (1 or 2): each load of a key or value vector serves
+// every row, each row keeping the arithmetic it has alone (the same bits whatever NR). A row's work is as
+// many multiply-adds as loads otherwise, and a 512-bit load takes a cycle of Zen 4's load ports as an FMA
+// takes its FMA pipes.
+
+// s[r][0..n) = c * (q[r] . k_j) for the NR rows and the n keys at k, k + skn, ...; four keys share each
+// load of a row of q.
+template <int NR, typename T>
+inline void score_rows(const float* const* q, const T* k, int64_t skn, int64_t n, int64_t D, float c,
+                       float* const* s) {
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
-    const T* k0 = k + j * skn;
-    const T* k1 = k0 + skn;
-    const T* k2 = k1 + skn;
-    const T* k3 = k2 + skn;
-    vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+    const T* kr[4] = {k + j * skn, k + (j + 1) * skn, k + (j + 2) * skn, k + (j + 3) * skn};
+    vec a[NR][4];
+    for (int r = 0; r < NR; ++r)
+      for (int t = 0; t < 4; ++t) a[r][t] = vzero();
     for (int64_t d = 0; d < D; d += W) {
-      const vec qv = vload(q + d);
-      a0 = vfma(qv, vload(k0 + d), a0);
-      a1 = vfma(qv, vload(k1 + d), a1);
-      a2 = vfma(qv, vload(k2 + d), a2);
-      a3 = vfma(qv, vload(k3 + d), a3);
+      vec kv[4];
+      for (int t = 0; t < 4; ++t) kv[t] = vload(kr[t] + d);
+      for (int r = 0; r < NR; ++r) {
+        const vec qv = vload(q[r] + d);
+        for (int t = 0; t < 4; ++t) a[r][t] = vfma(qv, kv[t], a[r][t]);
+      }
     }
-    vsum4(a0, a1, a2, a3, s + j);
-    for (int t = 0; t < 4; ++t) s[j + t] *= c;
+    for (int r = 0; r < NR; ++r) {
+      vsum4(a[r][0], a[r][1], a[r][2], a[r][3], s[r] + j);
+      for (int t = 0; t < 4; ++t) s[r][j + t] *= c;
+    }
   }
   for (; j < n; ++j) {
     const T* kj = k + j * skn;
-    vec a = vzero();
-    for (int64_t d = 0; d < D; d += W) a = vfma(vload(q + d), vload(kj + d), a);
-    s[j] = c * vsum(a);
-  }
-}
-
-// acc[d0, d0 + NV * W) += sum_j p[j] * v_j[d0, ...): NV independent accumulators held in registers.
-template <int NV, typename T>
-inline void axpy_block(float* acc, const float* p, const T* v, int64_t svn, int64_t n, int64_t d0) {
-  vec a[NV];
-  for (int t = 0; t < NV; ++t) a[t] = vload(acc + d0 + t * W);
-  for (int64_t j = 0; j < n; ++j) {
-    const vec pj = vbcast(p[j]);
-    const T* vr = v + j * svn + d0;
-    for (int t = 0; t < NV; ++t) a[t] = vfma(pj, vload(vr + t * W), a[t]);
-  }
-  for (int t = 0; t < NV; ++t) vstore(acc + d0 + t * W, a[t]);
-}
-
-template <typename T>
-inline void axpy_row(float* acc, const float* p, const T* v, int64_t svn, int64_t n, int64_t Dv) {
-  int64_t d0 = 0;
-  for (; d0 + 8 * W <= Dv; d0 += 8 * W) axpy_block<8>(acc, p, v, svn, n, d0);
-  for (; d0 + 4 * W <= Dv; d0 += 4 * W) axpy_block<4>(acc, p, v, svn, n, d0);
-  for (; d0 < Dv; d0 += W) axpy_block<1>(acc, p, v, svn, n, d0);
-}
-
-// Two query rows at once, each with exactly score_block's and axpy_row's arithmetic (so the same bits):
-// each load of a key or value row serves both rows. A row's work is as many multiply-adds as loads
-// otherwise, and a 512-bit load takes a cycle of Zen 4's load ports as an FMA takes its FMA pipes.
-template <typename T>
-inline void score_block2(const float* q0, const float* q1, const T* k, int64_t skn, int64_t n, int64_t D, float c,
-                         float* s0, float* s1) {
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    const T* k0 = k + j * skn;
-    const T* k1 = k0 + skn;
-    const T* k2 = k1 + skn;
-    const T* k3 = k2 + skn;
-    vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
-    vec b0 = vzero(), b1 = vzero(), b2 = vzero(), b3 = vzero();
-    for (int64_t d = 0; d < D; d += W) {
-      const vec x = vload(q0 + d), y = vload(q1 + d);
-      const vec v0 = vload(k0 + d), v1 = vload(k1 + d), v2 = vload(k2 + d), v3 = vload(k3 + d);
-      a0 = vfma(x, v0, a0), b0 = vfma(y, v0, b0);
-      a1 = vfma(x, v1, a1), b1 = vfma(y, v1, b1);
-      a2 = vfma(x, v2, a2), b2 = vfma(y, v2, b2);
-      a3 = vfma(x, v3, a3), b3 = vfma(y, v3, b3);
+    for (int r = 0; r < NR; ++r) {
+      vec a = vzero();
+      for (int64_t d = 0; d < D; d += W) a = vfma(vload(q[r] + d), vload(kj + d), a);
+      s[r][j] = c * vsum(a);
     }
-    vsum4(a0, a1, a2, a3, s0 + j);
-    vsum4(b0, b1, b2, b3, s1 + j);
-    for (int t = 0; t < 4; ++t) s0[j + t] *= c, s1[j + t] *= c;
-  }
-  if (j < n) {
-    score_block(q0, k + j * skn, skn, n - j, D, c, s0 + j);
-    score_block(q1, k + j * skn, skn, n - j, D, c, s1 + j);
   }
 }
 
-template <int NV, typename T>
-inline void axpy_block2(float* acc0, float* acc1, const float* p0, const float* p1, const T* v, int64_t svn,
-                        int64_t n, int64_t d0) {
-  vec a[NV], b[NV];
-  for (int t = 0; t < NV; ++t) a[t] = vload(acc0 + d0 + t * W), b[t] = vload(acc1 + d0 + t * W);
+// acc[r][d0, d0 + NV * W) += sum_j p[r][j] * v_j[d0, ...) for the NR rows: NR * NV independent
+// accumulators held in registers.
+template <int NR, int NV, typename T>
+inline void axpy_block(float* const* acc, const float* const* p, const T* v, int64_t svn, int64_t n, int64_t d0) {
+  vec a[NR][NV];
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < NV; ++t) a[r][t] = vload(acc[r] + d0 + t * W);
   for (int64_t j = 0; j < n; ++j) {
-    const vec x = vbcast(p0[j]), y = vbcast(p1[j]);
+    vec pj[NR];
+    for (int r = 0; r < NR; ++r) pj[r] = vbcast(p[r][j]);
     const T* vr = v + j * svn + d0;
     for (int t = 0; t < NV; ++t) {
       const vec vv = vload(vr + t * W);
-      a[t] = vfma(x, vv, a[t]);
-      b[t] = vfma(y, vv, b[t]);
+      for (int r = 0; r < NR; ++r) a[r][t] = vfma(pj[r], vv, a[r][t]);
     }
   }
-  for (int t = 0; t < NV; ++t) vstore(acc0 + d0 + t * W, a[t]), vstore(acc1 + d0 + t * W, b[t]);
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < NV; ++t) vstore(acc[r] + d0 + t * W, a[r][t]);
 }
 
-// axpy_row for two rows; the accumulators of both fit the registers (32 on AVX-512, 16 on AVX2).
-template <typename T>
-inline void axpy_row2(float* acc0, float* acc1, const float* p0, const float* p1, const T* v, int64_t svn, int64_t n,
-                      int64_t Dv) {
-  constexpr int kWide = W >= 16 ? 8 : 4;
+template <int NR, typename T>
+inline void axpy_rows(float* const* acc, const float* const* p, const T* v, int64_t svn, int64_t n, int64_t Dv) {
+  constexpr int kWide = NR == 1 || W >= 16 ? 8 : 4;  // two rows' accumulators fit AVX2's 16 registers at 4
   int64_t d0 = 0;
-  for (; d0 + kWide * W <= Dv; d0 += kWide * W) axpy_block2<kWide>(acc0, acc1, p0, p1, v, svn, n, d0);
-  for (; d0 + 4 * W <= Dv; d0 += 4 * W) axpy_block2<4>(acc0, acc1, p0, p1, v, svn, n, d0);
-  for (; d0 < Dv; d0 += W) axpy_block2<1>(acc0, acc1, p0, p1, v, svn, n, d0);
+  for (; d0 + kWide * W <= Dv; d0 += kWide * W) axpy_block<NR, kWide>(acc, p, v, svn, n, d0);
+  for (; d0 + 4 * W <= Dv; d0 += 4 * W) axpy_block<NR, 4>(acc, p, v, svn, n, d0);
+  for (; d0 < Dv; d0 += W) axpy_block<NR, 1>(acc, p, v, svn, n, d0);
 }
 
 // Online-softmax update of one row with its block of base-2 scores s[0..n) (overwritten by the weights);
@@ -653,37 +612,37 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
-      // the rows against n keys at kb and values at vb (float32 or bfloat16), two at a time sharing each
-      // load, an odd last row alone
+      // the rows against n keys at kb and values at vb (float32 or bfloat16), two at a time (an odd last
+      // row alone); a row that has attended nothing yet adds no values
       auto each_row = [&](int64_t k0, int64_t n, const T* kb, int64_t skn, const T* vb, int64_t svn) {
-        int64_t r = 0;
-        for (; r + 2 <= R; r += 2) {
-          const int64_t h0 = hk * p.group + r / p.Lq, i0 = r % p.Lq;
-          const int64_t h1 = hk * p.group + (r + 1) / p.Lq, i1 = (r + 1) % p.Lq;
-          float* s0 = S.data() + r * KB;
-          float* s1 = s0 + KB;
-          score_block2(Q.at(b, h0, i0), Q.at(b, h1, i1), kb, skn, n, p.D, c, s0, s1);
-          if (p.tile_needs_mask(i0, k0, n)) p.mask_tile(s0, KB, b, h0, i0, 1, k0, n);
-          if (p.tile_needs_mask(i1, k0, n)) p.mask_tile(s1, KB, b, h1, i1, 1, k0, n);
-          float* a0 = acc.data() + r * p.Dv;
-          float* a1 = a0 + p.Dv;
-          const bool live0 = softmax_update(s0, n, m[r], l[r], a0, p.Dv);
-          const bool live1 = softmax_update(s1, n, m[r + 1], l[r + 1], a1, p.Dv);
-          if (live0 && live1) {
-            axpy_row2(a0, a1, s0, s1, vb, svn, n, p.Dv);
-          } else if (live0) {
-            axpy_row(a0, s0, vb, svn, n, p.Dv);
-          } else if (live1) {
-            axpy_row(a1, s1, vb, svn, n, p.Dv);
+        for (int64_t r = 0; r < R; r += 2) {
+          const int nr = R - r >= 2 ? 2 : 1;
+          const float* qs[2];
+          float* ss[2];
+          float* as[2];
+          bool live[2];
+          for (int u = 0; u < nr; ++u) {
+            const int64_t h = hk * p.group + (r + u) / p.Lq, i = (r + u) % p.Lq;
+            qs[u] = Q.at(b, h, i);
+            ss[u] = S.data() + (r + u) * KB;
+            as[u] = acc.data() + (r + u) * p.Dv;
           }
-        }
-        for (; r < R; ++r) {
-          const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
-          float* s = S.data() + r * KB;
-          score_block(Q.at(b, h, i), kb, skn, n, p.D, c, s);
-          if (p.tile_needs_mask(i, k0, n)) p.mask_tile(s, KB, b, h, i, 1, k0, n);
-          float* a = acc.data() + r * p.Dv;
-          if (softmax_update(s, n, m[r], l[r], a, p.Dv)) axpy_row(a, s, vb, svn, n, p.Dv);
+          if (nr == 2) {
+            score_rows<2>(qs, kb, skn, n, p.D, c, ss);
+          } else {
+            score_rows<1>(qs, kb, skn, n, p.D, c, ss);
+          }
+          for (int u = 0; u < nr; ++u) {
+            const int64_t h = hk * p.group + (r + u) / p.Lq, i = (r + u) % p.Lq;
+            if (p.tile_needs_mask(i, k0, n)) p.mask_tile(ss[u], KB, b, h, i, 1, k0, n);
+            live[u] = softmax_update(ss[u], n, m[r + u], l[r + u], as[u], p.Dv);
+          }
+          if (nr == 2 && live[0] && live[1]) {
+            axpy_rows<2>(as, ss, vb, svn, n, p.Dv);
+          } else {
+            for (int u = 0; u < nr; ++u)
+              if (live[u]) axpy_rows<1>(as + u, ss + u, vb, svn, n, p.Dv);
+          }
         }
       };
       for (int64_t k0 = lo; k0 < hi; k0 += KB) {
