@@ -590,8 +590,10 @@ struct Simd {
 #if defined(SWITCHYARD_PC_SIMD)
 // Rounds and stores the longest prefix of x that is a whole number of 4-vector blocks; returns its
 // length (the caller does the rest with the scalar loop). With Stats, mx becomes the max of mx and of
-// |x|'s bits over the prefix. The integer rule is nearest_bits' float32 one, lane by lane.
-template <class T, bool Scaled, bool WithStats, bool Saturate>
+// |x|'s bits over the prefix. The integer rule is nearest_bits' float32 one, lane by lane. Without Nan
+// the integer rules leave out their NaN lanes' fix (a NaN may come out as inf or a number): the caller
+// takes that form only for a block it knows to hold no NaN, and redoes one that does.
+template <class T, bool Scaled, bool WithStats, bool Saturate, bool Nan>
 int64_t simd_cast(const float* __restrict x, typename T::Out* __restrict y, int64_t n, float scale, int32_t& mx) {
   static_assert(!(Scaled && WithStats), "the statistics are of x, taken in the unscaled pass");
   using V = Simd;
@@ -634,7 +636,7 @@ int64_t simd_cast(const float* __restrict x, typename T::Out* __restrict y, int6
         if constexpr (WithStats) vmax = V::max(vmax, a);
         const VI top = V::template shr<16>(u);
         const VI out = V::template shr<16>(V::add(V::add(u, half), V::band(top, one)));
-        r[k] = V::gt_sel(a, inf, V::bor(top, quiet), out);
+        r[k] = Nan ? V::gt_sel(a, inf, V::bor(top, quiet), out) : out;
       }
       V::store4(y + i, r);
     }
@@ -667,7 +669,7 @@ int64_t simd_cast(const float* __restrict x, typename T::Out* __restrict y, int6
         // the overflow pattern in; a NaN then gets the NaN bits ORed in (over | nan_bits is a NaN for
         // either overflow rule; for e4m3fn without saturation the overflow pattern is the NaN already).
         out = V::min(out, over);
-        if constexpr (Saturate || T::overflow_bits != T::nan_bits)
+        if constexpr (Nan && (Saturate || T::overflow_bits != T::nan_bits))
           out = V::bor(out, V::band(V::gt_mask(a, inf), nan));
         r[k] = V::bor(out, V::template shl<T::bits - 1>(V::template shr<31>(u)));
       }
@@ -713,10 +715,11 @@ inline void stream_copy(void* dst, const void* src, int64_t bytes) {
 }
 
 // One pass over x, split into contiguous shares, one per OpenMP thread, each walked in chunks that stay
-// in L1: the cast and the statistics of a chunk read it from memory once (as two loops, because GCC
-// does not vectorize the max reduction inside the rounding loop). The statistics go first, so that a
-// chunk without NaN (known from them, or from `may_nan` false in the Cast phase) takes the rounding
-// loop without the NaN rule.
+// in L1: the cast and the statistics of a chunk read it from memory once. A chunk without NaN (known
+// from the statistics, or from `may_nan` false in the Cast phase) takes a rounding loop without the NaN
+// rule. The scalar loops take the statistics first, in a loop of their own (GCC does not vectorize the
+// max reduction inside the rounding loop); the vector loops take them while rounding, and redo a chunk
+// the max shows to hold a NaN.
 template <Phase P, class S, class T, bool Stochastic, bool Scaled>
 Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S> scale, uint32_t over,
                          uint64_t seed, bool may_nan = true) {
@@ -726,12 +729,26 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
   const bool streaming = P != Phase::Stats && n * int64_t(sizeof(Out)) >= kStreamBytes;
 #if defined(SWITCHYARD_PC_SIMD)
   // float32 values [b, b + m) at src rounded to nearest into dst by the level's vector loop, the rest by
-  // the scalar one (`by` multiplies them first when scaled); with with_stats, mx becomes the max of |src|'s bits.
+  // the scalar one (`by` multiplies them first when scaled). With with_stats, mx becomes the max of
+  // |src|'s bits, and the vector loop leaves out the NaN rule: a max above inf's bits (a NaN, rare) sends
+  // the prefix, still in L1, through the loop again with the rule. Without, `nan` says whether src may
+  // hold a NaN (known from the statistics). The rule took 3 of the bfloat16 integer loop's 11 operations
+  // a vector, and that loop is bound by its operations (AVX2, or AVX-512 without AVX512_BF16).
   auto round_floats = [&](auto scaled, auto with_stats, const float* src, Out* dst, int64_t b, int64_t m,
-                          float by, int32_t& mx) {
+                          float by, int32_t& mx, bool nan) {
     constexpr bool kScaled = decltype(scaled)::value, kStats = decltype(with_stats)::value;
-    const int64_t done = over == T::max_bits ? simd_cast<T, kScaled, kStats, true>(src, dst, m, by, mx)
-                                             : simd_cast<T, kScaled, kStats, false>(src, dst, m, by, mx);
+    auto vector = [&](auto stats, auto nan_rule) {
+      constexpr bool kS = decltype(stats)::value, kN = decltype(nan_rule)::value;
+      return over == T::max_bits ? simd_cast<T, kScaled, kS, true, kN>(src, dst, m, by, mx)
+                                 : simd_cast<T, kScaled, kS, false, kN>(src, dst, m, by, mx);
+    };
+    int64_t done;
+    if constexpr (kStats) {
+      done = vector(std::true_type{}, std::false_type{});
+      if (mx > int32_t(Wide<float>::inf)) done = vector(std::false_type{}, std::true_type{});
+    } else {
+      done = nan ? vector(std::false_type{}, std::true_type{}) : vector(std::false_type{}, std::false_type{});
+    }
     if (done < m) {
       if constexpr (kStats)
         for (int64_t i = done; i < m; ++i) mx = std::max(mx, int32_t(bits_of(src[i]) & 0x7FFFFFFFu));
@@ -748,7 +765,7 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
       constexpr bool with_stats = P == Phase::CastAndStats;
       using I = typename Stats<C>::I;
       int32_t mx = 0;
-      round_floats(std::bool_constant<Scaled>{}, std::bool_constant<with_stats>{}, src, dst, b, m, scale, mx);
+      round_floats(std::bool_constant<Scaled>{}, std::bool_constant<with_stats>{}, src, dst, b, m, scale, mx, may_nan);
       if constexpr (with_stats) {
         if (mx < int32_t(Wide<float>::inf)) {
           mine.amax = std::max(mine.amax, I(mx));
@@ -795,9 +812,11 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
         // the float64 values taken in the same loop (a finite value past float32's range makes amax inf),
         // then rounded by the float32 vector loops: the same bits as the float64 scalar loops, 3-4x faster
         alignas(64) float wide[kChunk];
+        bool nan = may_nan;  // a NaN narrows to a NaN, and nothing else does
         if constexpr (P == Phase::CastAndStats) {
           uint64_t mx = 0;
           narrow_to_odd<true, std::is_same_v<T, BF16>>(x + b, wide, m, Scaled, double(scale), mx);
+          nan = mx > Wide<double>::inf;
           if (mx < Wide<double>::inf) {
             mine.amax = std::max(mine.amax, typename Stats<C>::I(mx));
           } else {
@@ -809,7 +828,7 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
         }
         Out* dst = streaming ? staged : y + b;
         int32_t unused = 0;
-        round_floats(std::false_type{}, std::false_type{}, wide, dst, b, m, 1.0f, unused);
+        round_floats(std::false_type{}, std::false_type{}, wide, dst, b, m, 1.0f, unused, nan);
         if (streaming) stream_copy(y + b, staged, m * int64_t(sizeof(Out)));
 #endif
       } else {
