@@ -73,6 +73,62 @@ def test_cpp_prefill_on_each_level(gen, monkeypatch, isa):
         _check(fused.CPP, _sample(gen, torch.bfloat16, 1, 2, 1, 40, 40, 59, causal=True), gen)
 
 
+# The prefill tiles' two kinds of products (the file's own register-blocked loops, MKL's sgemm), each forced:
+# head dims and key blocks that are not whole vectors, the causal diagonal set in registers, a caller's mask,
+# Lq > Lk, bfloat16.
+PRODUCTS = {"own": 1, "blas": 2}
+PREFILL = {
+    "mask-causal-tiles": (torch.float32, 1, 4, 2, 70, 90, 32, {"causal": True, "mask": "random"}, (24, 40)),
+    "d59-dv33-causal": (torch.float32, 1, 2, 1, 40, 43, 59, {"Dv": 33, "causal": True}, None),
+    "bf16-d24-causal": (torch.bfloat16, 1, 2, 2, 37, 53, 24, {"causal": True}, (16, 24)),
+    "lq-gt-lk-causal": (torch.float32, 1, 2, 2, 50, 20, 16, {"causal": True}, None),
+    "d16-l40": (torch.float32, 1, 2, 2, 40, 40, 16, {}, None),
+    "d128-gqa": (torch.float32, 1, 4, 1, 33, 70, 128, {"causal": True}, None),
+}
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("products", PRODUCTS)
+@pytest.mark.parametrize("name", PREFILL)
+def test_cpp_prefill_products_on_each_level(gen, monkeypatch, isa, products, name):
+    dtype, B, Hq, Hkv, Lq, Lk, D, extra, tiles = PREFILL[name]
+    if tiles is not None:
+        monkeypatch.setattr(fused, "CPU_FWD_BLOCKS", tiles)
+    with _level(isa):
+        lib = _build.library("attention")
+        lib.attention_tile_products(PRODUCTS[products])
+        try:
+            _check(fused.CPP, _sample(gen, dtype, B, Hq, Hkv, Lq, Lk, D, **extra), gen)
+        finally:
+            lib.attention_tile_products(0)
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("products", PRODUCTS)
+def test_cpp_prefill_products_keep_the_nonfinite_rules(gen, isa, products):
+    # Keys and values causal hides from the first rows hold NaN and inf: the rows that may not attend them
+    # must come out finite and right (their weights 0 even where the product meets NaN), the rows that do
+    # attend them NaN as in IEEE arithmetic; and an inf in a query poisons only its own row.
+    q, k, v = make_inputs(gen, "cpu", torch.float32, 1, 2, 2, 40, 40, 16)
+    k[:, 0, 30] = float("nan")
+    v[:, 1, 33, 5] = float("inf")
+    q[:, 1, 7, 3] = float("inf")
+    sample = Sample(args=(q, k, v), attrs={"causal": True, "scale": 0.25, "attn_mask": None, "return_lse": True})
+    with _level(isa):
+        lib = _build.library("attention")
+        lib.attention_tile_products(PRODUCTS[products])
+        try:
+            verdict = check(SPEC, fused.attention, expected(SPEC, _reference(), sample, False, gen))
+            o = fused.attention(q, k, v, causal=True, scale=0.25, attn_mask=None, return_lse=False)
+        finally:
+            lib.attention_tile_products(0)
+    assert verdict.ok, verdict.reason
+    assert torch.isfinite(o[0, 0, :30]).all() and torch.isnan(o[0, 0, 30:]).all()
+    assert torch.isfinite(o[0, 1, :33][torch.arange(33) != 7]).all()
+
+
 @needs_cpp
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("shape", [(2, 4, 2, 5, 9, 12), (1, 4, 2, 20, 45, 16), (1, 8, 2, 3, 300, 64)],

@@ -236,6 +236,10 @@ inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline float vhmax(vec a) { return _mm512_reduce_max_ps(a); }
+// a with its lanes from k on (k in [0, W)) set to -inf.
+inline vec vkeep(vec a, int64_t k) {
+  return _mm512_mask_blend_ps(static_cast<__mmask16>((1u << k) - 1), _mm512_set1_ps(kNegInf), a);
+}
 // 2^x as fast_exp2 does, with scalef for 2^n: max(-200, x) keeps a NaN (the second operand is returned
 // when one is NaN), and 2^-200 rounds to exactly 0, as a masked score's weight must.
 inline vec vexp2(vec x) {
@@ -281,6 +285,10 @@ inline float vhmax(vec a) {
   s = _mm_max_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
+inline vec vkeep(vec a, int64_t k) {
+  const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_blendv_ps(_mm256_set1_ps(kNegInf), a, _mm256_castsi256_ps(keep));
+}
 // 2^x as fast_exp2 does: max(-126, x) keeps a NaN (the second operand is returned when one is NaN), and
 // the final select (not-less-than, true when unordered) zeroes x < -126 but keeps a NaN.
 inline vec vexp2(vec x) {
@@ -314,6 +322,7 @@ inline vec vmul(vec a, vec b) { return a * b; }
 inline vec vsub(vec a, vec b) { return a - b; }
 inline vec vadd(vec a, vec b) { return a + b; }
 inline float vhmax(vec a) { return a; }
+inline vec vkeep(vec a, int64_t k) { return k > 0 ? a : kNegInf; }
 inline vec vexp2(vec x) { return fast_exp2(x); }
 #endif
 
@@ -706,11 +715,22 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
 
 // -- small calls: a few thousand multiply-adds in all ----------------------------------------------------
 
-// Up to this much work (B * Hq * Lq * Lk * (D + Dv) multiply-adds) and this many keys, each result row is
-// computed on its own, straight from q, k and v: the tile path's products, scratch buffers and copies
-// cost more than such a call's arithmetic ([1, 1, 4, 8] took 7.5 us on the tiles, as long as SDPA).
-constexpr int64_t kSmallWork = int64_t(1) << 15;
+// Each result row computed on its own, straight from q, k and v, for calls of up to kSmallWork
+// multiply-adds (B * Hq * Lq * Lk * (D + Dv)) and kSmallMaxLk keys: the tiles' scratch buffers, key
+// transposes and four-row blocks cost more than such a call's arithmetic. Up to kSmallWideWork where the
+// head dims are wide (D + Dv >= kSmallWideDims): a row's dot products then take several vectors each, and
+// their horizontal sums count for less. Measured on Zen 4 (AVX-512 and AVX2 builds, paired): the rows took
+// 0.6-0.8x the tiles' time at 2^11 multiply-adds and at [1, 4, 8, 32] or [1, 1, 12, 20, 64], but 1.1-2x it
+// for narrow heads from [1, 2, 16, 16] on ([1, 1, 32, 16]: 9.4 us against 4.6 us).
+constexpr int64_t kSmallWork = int64_t(1) << 12;
+constexpr int64_t kSmallWideWork = int64_t(1) << 15;
+constexpr int64_t kSmallWideDims = 64;
 constexpr int64_t kSmallMaxLk = 256;
+
+inline bool takes_small(const Problem& p) {
+  const int64_t work = p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv);
+  return p.Lk <= kSmallMaxLk && (work <= kSmallWork || (work <= kSmallWideWork && p.D + p.Dv >= kSmallWideDims));
+}
 
 // a . b over n values (any n: whole vectors, then the tail one by one); b float32 or bfloat16.
 template <typename T>
@@ -771,6 +791,141 @@ bool small_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows<
   return rare;
 }
 
+// -- the prefill tiles' products, our own -----------------------------------------------------------------
+
+// MKL's sgemm is the faster product on large tiles, but each call costs about half a microsecond before
+// its arithmetic, as much as a small tile's work: a [1, 2, 40, 16] call spent most of its 10 us in the
+// eight calls it made. Small tiles take these register-blocked loops instead (see own_products).
+std::atomic<int> tile_products{0};  // 0: by size; 1: always these loops; 2: always gemm (tests and benchmarks)
+
+// Where these loops take the products, measured against MKL on Zen 4 over L = 24-1024, D = 16-128 (paired,
+// the whole forward): with AVX-512, 0.82-0.97x the time for head dims up to 96 and 0.96-1.03x at 128;
+// with AVX2, 0.87-0.97x for head dims up to 32 and 1.00-1.15x from 64 on, but 0.96-1.01x for tiles of
+// at most 2^16 multiply-adds (where MKL's per-call cost counts most). Without vectors they took 1.7-5.8x
+// MKL's time, so the scalar build keeps to BLAS where there is one.
+#if defined(__AVX512F__)
+constexpr int64_t kOwnMaxD = 96, kOwnSmallTileMaxD = 128;
+#elif defined(__AVX2__)
+constexpr int64_t kOwnMaxD = 32, kOwnSmallTileMaxD = 64;
+#else
+constexpr int64_t kOwnMaxD = 0, kOwnSmallTileMaxD = 0;
+#endif
+constexpr int64_t kOwnSmallTile = int64_t(1) << 16;  // rows x keys x head dim
+
+inline bool own_products(int64_t rows, int64_t keys, int64_t D, int64_t Dv) {
+  const int mode = tile_products.load(std::memory_order_relaxed);
+  if (mode != 0) return mode == 1;
+  if (sgemm_ == nullptr || !use_blas.load(std::memory_order_relaxed)) return W > 1;
+  const int64_t d = std::max(D, Dv);
+  return d <= kOwnMaxD || (d <= kOwnSmallTileMaxD && rows * keys * d <= kOwnSmallTile);
+}
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// KT[d * ldt + j] = K[j][d] for the block's n keys, and 0 for j in [n, ldt) (ldt a multiple of W), so that
+// the score loop below takes whole vectors of keys. Those columns' scores are set to -inf there whatever
+// they hold; the 0 keeps their arithmetic on plain finite values (not an earlier block's keys).
+inline void transpose_keys(const float* K, int64_t ldk, int64_t n, int64_t D, float* KT, int64_t ldt) {
+  for (int64_t d = 0; d < D; ++d) {  // a row of KT at a time: strided loads, sequential stores
+    float* kt = KT + d * ldt;
+    for (int64_t j = 0; j < n; ++j) kt[j] = K[j * ldk + d];
+    std::fill(kt + n, kt + ldt, 0.0f);
+  }
+}
+
+// S[r][0..ldt) = c * (q_r . k_j) for R rows, and -inf from column end[r] on (the keys past the block, and
+// those causal hides from row r): a broadcast of q_r[d] times a vector of KT's row d, two vectors of keys at
+// a time, so each load of KT serves R rows and 2R chains of multiply-adds run at once. The -inf is set in
+// registers: scalar stores into a row just stored as vectors would stall the softmax's vector loads.
+template <int R>
+inline void score_tile_rows(const float* Q, int64_t ldq, const float* KT, int64_t ldt, int64_t D, float c,
+                            const int64_t* end, float* S, int64_t lds) {
+  const vec cv = vbcast(c);
+  auto store = [&](int r, int64_t j, vec a) {
+    a = vmul(cv, a);
+    if (j + W > end[r]) a = vkeep(a, std::max<int64_t>(0, end[r] - j));
+    vstore(S + r * lds + j, a);
+  };
+  int64_t j = 0;
+  for (; j + 2 * W <= ldt; j += 2 * W) {
+    vec a[R][2];
+    for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = vzero();
+    for (int64_t d = 0; d < D; ++d) {
+      const vec k0 = vload(KT + d * ldt + j), k1 = vload(KT + d * ldt + j + W);
+      for (int r = 0; r < R; ++r) {
+        const vec qv = vbcast(Q[r * ldq + d]);
+        a[r][0] = vfma(qv, k0, a[r][0]);
+        a[r][1] = vfma(qv, k1, a[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      store(r, j, a[r][0]);
+      store(r, j + W, a[r][1]);
+    }
+  }
+  if (j < ldt) {  // one vector left
+    vec a[R];
+    for (int r = 0; r < R; ++r) a[r] = vzero();
+    for (int64_t d = 0; d < D; ++d) {
+      const vec k0 = vload(KT + d * ldt + j);
+      for (int r = 0; r < R; ++r) a[r] = vfma(vbcast(Q[r * ldq + d]), k0, a[r]);
+    }
+    for (int r = 0; r < R; ++r) store(r, j, a[r]);
+  }
+}
+
+// S = c * Q KT for ``rows`` rows, four at a time; row r's scores from column end[r] on are -inf.
+inline void score_tile(const float* Q, int64_t ldq, const float* KT, int64_t ldt, int64_t rows, int64_t D, float c,
+                       const int64_t* end, float* S, int64_t lds) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) score_tile_rows<4>(Q + r * ldq, ldq, KT, ldt, D, c, end + r, S + r * lds, lds);
+  for (; r < rows; ++r) score_tile_rows<1>(Q + r * ldq, ldq, KT, ldt, D, c, end + r, S + r * lds, lds);
+}
+
+// acc[r][d0, d0 + NV * W) += sum_j P[r][j] * V[j][d0, ...) for R rows: R * NV accumulators in registers,
+// each load of a value vector serving R rows.
+template <int R, int NV>
+inline void value_tile_rows(const float* P, int64_t ldp, const float* V, int64_t ldv, int64_t n, float* acc,
+                            int64_t lda, int64_t d0) {
+  vec a[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NV; ++t) a[r][t] = vload(acc + r * lda + d0 + t * W);
+  for (int64_t j = 0; j < n; ++j) {
+    vec vv[NV];
+    for (int t = 0; t < NV; ++t) vv[t] = vload(V + j * ldv + d0 + t * W);
+    for (int r = 0; r < R; ++r) {
+      const vec pj = vbcast(P[r * ldp + j]);
+      for (int t = 0; t < NV; ++t) a[r][t] = vfma(pj, vv[t], a[r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < NV; ++t) vstore(acc + r * lda + d0 + t * W, a[r][t]);
+}
+
+template <int R>
+inline void value_tile_block(const float* P, int64_t ldp, const float* V, int64_t ldv, int64_t n, float* acc,
+                             int64_t Dv) {
+  int64_t d0 = 0;
+  for (; d0 + 2 * W <= Dv; d0 += 2 * W) value_tile_rows<R, 2>(P, ldp, V, ldv, n, acc, Dv, d0);
+  for (; d0 + W <= Dv; d0 += W) value_tile_rows<R, 1>(P, ldp, V, ldv, n, acc, Dv, d0);
+  for (int r = 0; r < R; ++r) {  // the last Dv % W columns
+    float* a = acc + r * Dv;
+    for (int64_t j = 0; j < n; ++j) {
+      const float pj = P[r * ldp + j];
+      const float* v = V + j * ldv;
+      for (int64_t d = d0; d < Dv; ++d) a[d] += pj * v[d];
+    }
+  }
+}
+
+// acc[rows, Dv] += P[rows, n] V[n, Dv], four rows at a time.
+inline void value_tile(const float* P, int64_t ldp, const float* V, int64_t ldv, int64_t rows, int64_t n, float* acc,
+                       int64_t Dv) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) value_tile_block<4>(P + r * ldp, ldp, V, ldv, n, acc + r * Dv, Dv);
+  for (; r < rows; ++r) value_tile_block<1>(P + r * ldp, ldp, V, ldv, n, acc + r * Dv, Dv);
+}
+
 // -- prefill: FlashAttention-2 tiles --------------------------------------------------------------------
 
 // q, k and v are read through their strides (last dimension contiguous): float32 in place, bfloat16
@@ -787,10 +942,13 @@ bool prefill_fwd(const Problem& p, const Rows<T>& Qr, const Rows<T>& Kr, const R
   const int64_t tasks = nqb * heads;
   std::atomic<bool> rare{false};
   const int nt = threads_for(p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv));
+  const bool own = own_products(BQ, BK, p.D, p.Dv);
+  const int64_t SK = round_up(BK, W);  // the score tile's row stride: whole vectors of keys
 
 #pragma omp parallel num_threads(nt) if (nt > 1 && tasks > 1)
   {
-    std::vector<float> S(BQ * BK), acc(BQ * p.Dv), m(BQ), l(BQ);
+    std::vector<float> S(BQ * SK), acc(BQ * p.Dv), m(BQ), l(BQ), KT(own ? p.D * SK : 0);
+    std::vector<int64_t> end(own ? BQ : 0);
     constexpr bool widen = !std::is_same<T, float>::value;
     std::vector<float> qbuf(widen ? BQ * p.D : 0), kbuf(widen ? BK * p.D : 0), vbuf(widen ? BK * p.Dv : 0);
     std::vector<float> orow(std::is_same<TO, float>::value ? 0 : p.Dv);
@@ -811,14 +969,27 @@ bool prefill_fwd(const Problem& p, const Rows<T>& Qr, const Rows<T>& Kr, const R
         int64_t ldk = 0, ldv = 0;
         const float* kb = block_as_float(Kr.at(b, hk, k0), Kr.sl, n, p.D, kbuf.data(), ldk);
         float* s0 = S.data();
-        gemm(false, true, rows, n, p.D, p.scale * kLog2e, Qb, ldq, kb, ldk, 0.0f, s0, BK);
-        if (p.tile_needs_mask(q0, k0, n)) p.mask_tile(s0, BK, b, h, q0, rows, k0, n);
+        int64_t width = n;  // the score columns the softmax takes
+        if (own) {
+          // Whole vectors of keys: the columns past the block's n keys, and those causal hides, score -inf
+          // (weight 0); the product with the values reads only the n keys.
+          width = round_up(n, W);
+          for (int64_t r = 0; r < rows; ++r)
+            end[r] = p.causal ? std::clamp<int64_t>(q0 + r + p.shift + 1 - k0, 0, n) : n;
+          transpose_keys(kb, ldk, n, p.D, KT.data(), width);
+          score_tile(Qb, ldq, KT.data(), width, rows, p.D, p.scale * kLog2e, end.data(), s0, SK);
+          if (p.mask != nullptr) p.mask_tile(s0, SK, b, h, q0, rows, k0, n);
+        } else {
+          gemm(false, true, rows, n, p.D, p.scale * kLog2e, Qb, ldq, kb, ldk, 0.0f, s0, SK);
+          if (p.tile_needs_mask(q0, k0, n)) p.mask_tile(s0, SK, b, h, q0, rows, k0, n);
+        }
         for (int64_t r = 0; r < rows; ++r) {
-          float* s = s0 + r * BK;
-          if (!softmax_update(s, n, m[r], l[r], acc.data() + r * p.Dv, p.Dv)) std::fill(s, s + n, 0.0f);
+          float* s = s0 + r * SK;
+          if (!softmax_update(s, width, m[r], l[r], acc.data() + r * p.Dv, p.Dv)) std::fill(s, s + width, 0.0f);
         }
         const float* vb = block_as_float(Vr.at(b, hk, k0), Vr.sl, n, p.Dv, vbuf.data(), ldv);
-        gemm(false, false, rows, p.Dv, n, 1.0f, s0, BK, vb, ldv, 1.0f, acc.data(), p.Dv);
+        if (own) value_tile(s0, SK, vb, ldv, rows, n, acc.data(), p.Dv);
+        else gemm(false, false, rows, p.Dv, n, 1.0f, s0, SK, vb, ldv, 1.0f, acc.data(), p.Dv);
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = bh * p.Lq + q0 + r;
@@ -889,11 +1060,14 @@ std::tuple<at::Tensor, at::Tensor, bool> forward(const at::Tensor& q, const at::
   at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
   // Every path reads q, k and v in place through their strides, float32 or bfloat16.
   const at::Tensor qq = in_place(q), kk = in_place(k), vv = in_place(v);
-  const bool small = p.Lk <= kSmallMaxLk && p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv) <= kSmallWork;
+  const bool small = takes_small(p);
   const bool decode = !small && p.Lq <= kDecodeMaxLq && p.D % W == 0 && p.Dv % W == 0;
   at::Tensor o = at::empty({p.B, p.Hq, p.Lq, p.Dv}, q.options().dtype(decode ? at::kFloat : out));
-  std::optional<SerialBlas> serial;  // MKL on the calling thread (the small path makes no BLAS call)
-  if (!small) serial.emplace();
+  // MKL on the calling thread, where a product may go to it (the small path and the tiles' own products
+  // make no BLAS call).
+  std::optional<SerialBlas> serial;
+  if (!small && (decode || !own_products(std::min(block_q, p.Lq), std::min(block_k, p.Lk), p.D, p.Dv)))
+    serial.emplace();
   auto run = [&](auto element, auto output) -> bool {
     using T = decltype(element);
     using TO = decltype(output);
@@ -1044,8 +1218,17 @@ bool attention_use_blas(bool on) {
   return on && sgemm_ != nullptr;
 }
 
+// Which products the prefill tiles take: 0 by size (the default), 1 always this file's own loops, 2 always
+// gemm; returns the mode in force. For tests and benchmarks.
+int64_t attention_tile_products(int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "attention: tile product mode must be 0, 1 or 2");
+  tile_products.store(static_cast<int>(mode));
+  return mode;
+}
+
 TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m) {
   m.def("attention_fwd", &attention_fwd);
+  m.def("attention_tile_products", &attention_tile_products);
   m.def("attention_bwd", &attention_bwd);
   m.def("attention_use_blas", &attention_use_blas);
   m.def("attention_takes_decode", &attention_takes_decode);
