@@ -224,7 +224,7 @@ def test_eager_bfloat16_call_rounds_as_torch_does(gen, shape):
     with torch.no_grad():
         got = fused.attention(q, k, v, causal=False, scale=0.3, attn_mask=None, return_lse=False)
         o, _, _ = _build.library("attention").attention_fwd(q.float(), k.float(), v.float(), None, False, 0.3,
-                                                            *fused._cpu_fwd_blocks(B * H, Lq))
+                                                            *fused.CPU_FWD_BLOCKS)
     assert got.dtype == torch.bfloat16
     want = o.to(torch.bfloat16)
     assert torch.equal(torch.isnan(got), torch.isnan(want)) and bool(torch.isnan(got).any())

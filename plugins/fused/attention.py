@@ -39,8 +39,9 @@ CPU_DTYPES = (torch.float32, torch.bfloat16)
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM_CUDA = 256
 # Tile sizes of the C++ kernels (query rows, keys), measured at B=1, H=8, L=2048, D=64 on AVX-512 and AVX2
-# builds (a 128 x 256 score tile, 128 KiB, stays in a Zen 3 core's 512 KiB L2 beside its k and v tiles);
-# the tile along the parallel axis shrinks (halving, down to 32) until each thread has 4 tiles to take.
+# builds (a 128 x 256 score tile, 128 KiB, stays in a Zen 3 core's 512 KiB L2 beside its k and v tiles).
+# The tile along the parallel axis shrinks (halving, down to 32) until each thread has 4 tiles to take:
+# the forward's query tile in C++ (which knows how many threads a call runs on), the backward's key tile here.
 CPU_FWD_BLOCKS = (128, 256)
 CPU_BWD_BLOCKS = (128, 128)
 
@@ -52,21 +53,6 @@ def _cpu_blocks(blocks: tuple[int, int], heads: int, length: int, axis: int) -> 
     while tiles[axis] > 32 and heads * -(-length // tiles[axis]) < 4 * threads:
         tiles[axis] //= 2
     return tiles[0], tiles[1]
-
-
-_fwd_tiles: dict[tuple[Any, ...], tuple[int, int]] = {}  # (heads, Lq, threads, blocks) -> the forward's tiles
-
-
-def _cpu_fwd_blocks(heads: int, length: int) -> tuple[int, int]:
-    """``_cpu_blocks(CPU_FWD_BLOCKS, heads, length, 0)``, remembered (a small call's time is mostly such steps);
-    keyed by CPU_FWD_BLOCKS too, which tests set to reach tile edges at small sizes."""
-    key = (heads, length, torch.get_num_threads(), CPU_FWD_BLOCKS)
-    tiles = _fwd_tiles.get(key)
-    if tiles is None:
-        if len(_fwd_tiles) > 4096:
-            _fwd_tiles.clear()
-        tiles = _fwd_tiles[key] = _cpu_blocks(CPU_FWD_BLOCKS, heads, length, 0)
-    return tiles
 
 
 def _mask4(attn_mask: torch.Tensor | None, full: tuple[int, int, int, int]) -> torch.Tensor | None:
@@ -82,9 +68,7 @@ class _Cpu:
     @staticmethod
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                 mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        lib = _build.library(OP)
-        blocks = _cpu_fwd_blocks(q.shape[0] * q.shape[1], q.shape[2])
-        return lib.attention_fwd(q, k, v, mask, causal, scale, *blocks)  # (o, lse, rare)
+        return _build.library(OP).attention_fwd(q, k, v, mask, causal, scale, *CPU_FWD_BLOCKS)  # (o, lse, rare)
 
     @staticmethod
     def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
@@ -195,14 +179,17 @@ def attend(path: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
     return (o, lse) if return_lse else o
 
 
-_eager_ops: dict[Any, Any] = {}  # a C++ library (one per level) -> its pybind11 attention_fwd_eager
+# a level ("avx512", "avx2", "scalar") -> its pybind11 attention_fwd_eager, looked up by the level in force
+# straight from _build's two globals (``default_isa`` spelled out, as plugins/fused/precision_cast.py does):
+# a small call costs a few microseconds, and each function call on its way a tenth of one.
+_eager_ops: dict[str, Any] = {}
 
 
 def _eager_forward() -> Any:
     """The C++ eager forward of the level in force: (o in q's dtype, lse), through pybind11 (about 1.8 us
     less a call than torch.ops)."""
-    lib = _build.library(OP)
-    fn = _eager_ops[lib] = _build.module(OP).attention_fwd_eager  # the same level as lib
+    _build.library(OP)  # builds or loads the level in force
+    fn = _eager_ops[_build.default_isa()] = _build.module(OP).attention_fwd_eager
     return fn
 
 
@@ -212,16 +199,15 @@ _grad_enabled = torch.is_grad_enabled
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
               attn_mask: torch.Tensor | None, return_lse: bool) -> Any:
     """FlashAttention-2 forward (and, through autograd, backward): C++ for CPU tensors, Triton for CUDA."""
-    cpu = q.is_cpu
-    if (cpu and attn_mask is None and not (_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and q.numel() and k.shape[2]):
+    if attn_mask is None and q.is_cpu and not (_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                    or v.requires_grad)):
         # the common CPU call, no mask and no graph, in as few steps as possible (a small call's time is
-        # mostly these steps): what attend() does for it
-        B, Hq, Lq, _ = q.shape
-        eager = _eager_ops.get(_build.library(OP)) or _eager_forward()
-        o, lse = eager(q, k, v, causal, scale, *_cpu_fwd_blocks(B * Hq, Lq))  # o in q's dtype
+        # mostly these steps): what attend() does for it. The C++ call takes empty sequences (o = 0, lse
+        # -inf) and picks its query tile itself.
+        eager = _eager_ops.get(_build._forced or _build._from_env) or _eager_forward()
+        o, lse = eager(q, k, v, causal, scale, *CPU_FWD_BLOCKS)  # o in q's dtype
         return (o, lse) if return_lse else o
-    return attend(CPP if cpu else TRITON, q, k, v, causal=causal, scale=scale, attn_mask=attn_mask,
+    return attend(CPP if q.is_cpu else TRITON, q, k, v, causal=causal, scale=scale, attn_mask=attn_mask,
                   return_lse=return_lse)
 
 

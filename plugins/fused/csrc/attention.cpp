@@ -164,6 +164,9 @@ struct Problem {
     return mask != nullptr || (causal && k0 + n - 1 > q0 + shift);
   }
 
+  // Multiply-adds of the whole call.
+  int64_t work() const { return B * Hq * Lq * Lk * (D + Dv); }
+
   // Keys [0, end) hold every key any query in [q0, q0 + rows) may attend.
   int64_t key_end(int64_t q0, int64_t rows) const {
     if (!causal) return Lk;
@@ -728,7 +731,7 @@ constexpr int64_t kSmallWideDims = 64;
 constexpr int64_t kSmallMaxLk = 256;
 
 inline bool takes_small(const Problem& p) {
-  const int64_t work = p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv);
+  const int64_t work = p.work();
   return p.Lk <= kSmallMaxLk && (work <= kSmallWork || (work <= kSmallWideWork && p.D + p.Dv >= kSmallWideDims));
 }
 
@@ -928,6 +931,16 @@ inline void value_tile(const float* P, int64_t ldp, const float* V, int64_t ldv,
 
 // -- prefill: FlashAttention-2 tiles --------------------------------------------------------------------
 
+// The query tile of a call: the caller's largest, halved (down to 32) until the tasks (heads x query tiles)
+// number 4 per thread the call runs on; a call on one thread keeps it whole, so that each key block is
+// transposed and each task set up as few times as possible.
+int64_t query_tile(const Problem& p, int64_t block_q) {
+  const int nt = threads_for(p.work());
+  if (nt == 1) return block_q;
+  while (block_q > 32 && p.B * p.Hq * ((p.Lq + block_q - 1) / block_q) < 4 * int64_t(nt)) block_q /= 2;
+  return block_q;
+}
+
 // q, k and v are read through their strides (last dimension contiguous): float32 in place, bfloat16
 // widened one block at a time inside each task, so a call makes no copy of them first (a bfloat16 call at
 // L=16 spent more on its widening copies and the rounding of its output, each a parallel region, than on
@@ -941,7 +954,7 @@ bool prefill_fwd(const Problem& p, const Rows<T>& Qr, const Rows<T>& Kr, const R
   const int64_t heads = p.B * p.Hq;
   const int64_t tasks = nqb * heads;
   std::atomic<bool> rare{false};
-  const int nt = threads_for(p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv));
+  const int nt = threads_for(p.work());
   const bool own = own_products(BQ, BK, p.D, p.Dv);
   const int64_t SK = round_up(BK, W);  // the score tile's row stride: whole vectors of keys
 
@@ -1062,6 +1075,7 @@ std::tuple<at::Tensor, at::Tensor, bool> forward(const at::Tensor& q, const at::
   const at::Tensor qq = in_place(q), kk = in_place(k), vv = in_place(v);
   const bool small = takes_small(p);
   const bool decode = !small && p.Lq <= kDecodeMaxLq && p.D % W == 0 && p.Dv % W == 0;
+  if (!small && !decode) block_q = query_tile(p, block_q);
   at::Tensor o = at::empty({p.B, p.Hq, p.Lq, p.Dv}, q.options().dtype(decode ? at::kFloat : out));
   // MKL on the calling thread, where a product may go to it (the small path and the tiles' own products
   // make no BLAS call).
