@@ -180,6 +180,29 @@ def test_every_level_float64_rounds_once(isa, dtype, gen):
 
 
 @pytest.mark.parametrize("isa", LEVELS)
+@pytest.mark.parametrize("source", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_every_level_nan_bits_are_the_references(isa, source, gen):
+    """A NaN casts to the reference's NaN bits (its sign kept), in the vector loops and their tails alike,
+    for every target and both overflow rules: the saturating loops once ORed max finite into it (bfloat16
+    0x7FFF, float8_e5m2 0x7F, still NaN but not the reference's, and only in the vector body)."""
+    n = 3000 + int(torch.randint(0, 64, (), generator=gen))
+    x = (torch.randn(n, generator=gen, dtype=torch.float64) * 4).to(source)
+    at = torch.randperm(n, generator=gen)[: n // 20]
+    x[at] = float("nan")
+    x[at[::2]] = -float("nan")
+    x[at[::7]] = float("inf")
+    for dtype in TARGETS:
+        for saturate in (False, True):
+            for scaling in ("none", "amax"):
+                got = run(isa, x, dtype=dtype, saturate=saturate, scaling=scaling)
+                want = reference(x, **attrs(dtype, saturate=saturate, scaling=scaling))
+                diff = bits(got.y).reshape(-1) != bits(want.y).reshape(-1)
+                assert not bool(diff.any()), (dtype, saturate, scaling, int(diff.sum()),
+                                              hex(int(bits(got.y).reshape(-1)[diff][0])),
+                                              hex(int(bits(want.y).reshape(-1)[diff][0])))
+
+
+@pytest.mark.parametrize("isa", LEVELS)
 def test_every_level_stochastic(isa, gen):
     """Stochastic rounding on each level: every element one of the two neighbours, scalars exact, the
     draws reproducible by seed and on average unbiased at the midpoint."""

@@ -471,7 +471,6 @@ struct Simd {
   template <int k> static I shl(I a) { return _mm512_slli_epi32(a, k); }
   static I max(I a, I b) { return _mm512_max_epi32(a, b); }
   static I gt_sel(I x, I y, I a, I b) { return _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(x, y), b, a); }
-  static I gt_mask(I x, I y) { return _mm512_movm_epi32(_mm512_cmpgt_epi32_mask(x, y)); }
   static I min(I a, I b) { return _mm512_min_epi32(a, b); }
   static F clamp(F v, F lo, F hi) { return _mm512_max_ps(lo, _mm512_min_ps(hi, v)); }
   static int32_t hmax(I a) { return _mm512_reduce_max_epi32(a); }
@@ -560,7 +559,6 @@ struct Simd {
   template <int k> static I shl(I a) { return _mm256_slli_epi32(a, k); }
   static I max(I a, I b) { return _mm256_max_epi32(a, b); }
   static I gt_sel(I x, I y, I a, I b) { return _mm256_blendv_epi8(b, a, _mm256_cmpgt_epi32(x, y)); }
-  static I gt_mask(I x, I y) { return _mm256_cmpgt_epi32(x, y); }
   static I min(I a, I b) { return _mm256_min_epi32(a, b); }
   static F clamp(F v, F lo, F hi) { return _mm256_max_ps(lo, _mm256_min_ps(hi, v)); }
   static int32_t hmax(I a) {
@@ -669,11 +667,11 @@ __attribute__((noinline)) int64_t simd_cast(const float* __restrict x, typename 
         }
         // Past the last value that rounds to max finite the add-and-shift count is above max_bits (inf
         // and NaN included: nothing carries out of 32 bits), below it at most max_bits, so a min puts
-        // the overflow pattern in; a NaN then gets the NaN bits ORed in (over | nan_bits is a NaN for
-        // either overflow rule; for e4m3fn without saturation the overflow pattern is the NaN already).
+        // the overflow pattern in; a NaN then takes the NaN bits (for e4m3fn without saturation the
+        // overflow pattern is the NaN already). Selected, not ORed in: max_bits | nan_bits is a NaN
+        // too, but not the reference's (bfloat16 0x7FFF for 0x7FC0, float8_e5m2 0x7F for 0x7E).
         out = V::min(out, over);
-        if constexpr (Nan && (Saturate || T::overflow_bits != T::nan_bits))
-          out = V::bor(out, V::band(V::gt_mask(a, inf), nan));
+        if constexpr (Nan && (Saturate || T::overflow_bits != T::nan_bits)) out = V::gt_sel(a, inf, nan, out);
         r[k] = V::bor(out, V::template shl<T::bits - 1>(V::template shr<31>(u)));
       }
       V::store4(y + i, r);
