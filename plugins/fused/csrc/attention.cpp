@@ -9,8 +9,10 @@
 // j <= i + Lk - Lq.
 // The optional mask is a bool view expanded to [B, Hq, Lq, Lk] (broadcast dimensions have stride 0).
 //
-// The tile products go through the BLAS sgemm that PyTorch itself links (MKL on x86 wheels), found
-// at load time through a weak symbol; when no such symbol exists they fall back to a plain loop.
+// The tile products go through this file's own register-blocked loops where they beat it (narrow heads,
+// small tiles: see own_products), else through the BLAS sgemm that PyTorch itself links (MKL on x86
+// wheels), found at load time through a weak symbol; when no such symbol exists the forward takes the
+// own loops (the scalar build, and the backward, a plain loop).
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
