@@ -798,9 +798,9 @@ bool small_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows<
 
 // -- the prefill tiles' products, our own -----------------------------------------------------------------
 
-// MKL's sgemm is the faster product on large tiles, but each call costs about half a microsecond before
-// its arithmetic, as much as a small tile's work: a [1, 2, 40, 16] call spent most of its 10 us in the
-// eight calls it made. Small tiles take these register-blocked loops instead (see own_products).
+// MKL's sgemm is the faster product on large tiles with wide heads. On narrow heads and small tiles these
+// register-blocked loops beat it (see own_products), and their score tile comes out with the causal
+// diagonal and the block's tail already at -inf, so that the softmax takes whole vectors.
 std::atomic<int> tile_products{0};  // 0: by size; 1: always these loops; 2: always gemm (tests and benchmarks)
 
 // Where these loops take the products, measured against MKL on Zen 4 over L = 24-1024, D = 16-128 (paired,
