@@ -887,32 +887,17 @@ inline void score_tile(const float* Q, int64_t ldq, const float* KT, int64_t ldt
   for (; r < rows; ++r) score_tile_rows<1>(Q + r * ldq, ldq, KT, ldt, D, c, end + r, S + r * lds, lds);
 }
 
-// acc[r][d0, d0 + NV * W) += sum_j P[r][j] * V[j][d0, ...) for R rows: R * NV accumulators in registers,
-// each load of a value vector serving R rows.
-template <int R, int NV>
-inline void value_tile_rows(const float* P, int64_t ldp, const float* V, int64_t ldv, int64_t n, float* acc,
-                            int64_t lda, int64_t d0) {
-  vec a[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NV; ++t) a[r][t] = vload(acc + r * lda + d0 + t * W);
-  for (int64_t j = 0; j < n; ++j) {
-    vec vv[NV];
-    for (int t = 0; t < NV; ++t) vv[t] = vload(V + j * ldv + d0 + t * W);
-    for (int r = 0; r < R; ++r) {
-      const vec pj = vbcast(P[r * ldp + j]);
-      for (int t = 0; t < NV; ++t) a[r][t] = vfma(pj, vv[t], a[r][t]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < NV; ++t) vstore(acc + r * lda + d0 + t * W, a[r][t]);
-}
-
+// acc[R rows, Dv] += P[R rows, n] V[n, Dv]: the decode loops' axpy_block on whole vectors (R x 2 accumulators
+// in registers), one column at a time past them.
 template <int R>
 inline void value_tile_block(const float* P, int64_t ldp, const float* V, int64_t ldv, int64_t n, float* acc,
                              int64_t Dv) {
+  float* accs[R];
+  const float* ps[R];
+  for (int r = 0; r < R; ++r) accs[r] = acc + r * Dv, ps[r] = P + r * ldp;
   int64_t d0 = 0;
-  for (; d0 + 2 * W <= Dv; d0 += 2 * W) value_tile_rows<R, 2>(P, ldp, V, ldv, n, acc, Dv, d0);
-  for (; d0 + W <= Dv; d0 += W) value_tile_rows<R, 1>(P, ldp, V, ldv, n, acc, Dv, d0);
+  for (; d0 + 2 * W <= Dv; d0 += 2 * W) axpy_block<R, 2>(accs, ps, V, ldv, n, d0);
+  for (; d0 + W <= Dv; d0 += W) axpy_block<R, 1>(accs, ps, V, ldv, n, d0);
   for (int r = 0; r < R; ++r) {  // the last Dv % W columns
     float* a = acc + r * Dv;
     for (int64_t j = 0; j < n; ++j) {
@@ -947,9 +932,10 @@ int64_t query_tile(const Problem& p, int64_t block_q) {
 // widened one block at a time inside each task, so a call makes no copy of them first (a bfloat16 call at
 // L=16 spent more on its widening copies and the rounding of its output, each a parallel region, than on
 // its tiles). Each output row is written in the output dtype TO (float32, or bfloat16 rounded here).
+// `own`: the tiles' products go through this file's loops, not gemm (forward's own_products choice).
 template <typename T, typename TO>
 bool prefill_fwd(const Problem& p, const Rows<T>& Qr, const Rows<T>& Kr, const Rows<T>& Vr, TO* O, float* LSE,
-                 int64_t block_q, int64_t block_k) {
+                 int64_t block_q, int64_t block_k, bool own) {
   // Tiles no larger than the sequences, so that short calls allocate small scratch buffers.
   const int64_t BQ = std::max<int64_t>(1, std::min(block_q, p.Lq)), BK = std::max<int64_t>(1, std::min(block_k, p.Lk));
   const int64_t nqb = (p.Lq + BQ - 1) / BQ;
@@ -957,7 +943,6 @@ bool prefill_fwd(const Problem& p, const Rows<T>& Qr, const Rows<T>& Kr, const R
   const int64_t tasks = nqb * heads;
   std::atomic<bool> rare{false};
   const int nt = threads_for(p.work());
-  const bool own = own_products(BQ, BK, p.D, p.Dv);
   const int64_t SK = round_up(BK, W);  // the score tile's row stride: whole vectors of keys
 
 #pragma omp parallel num_threads(nt) if (nt > 1 && tasks > 1)
@@ -1078,18 +1063,18 @@ std::tuple<at::Tensor, at::Tensor, bool> forward(const at::Tensor& q, const at::
   const bool small = takes_small(p);
   const bool decode = !small && p.Lq <= kDecodeMaxLq && p.D % W == 0 && p.Dv % W == 0;
   if (!small && !decode) block_q = query_tile(p, block_q);
+  // The tiles' products: own_products' choice; MKL on the calling thread where any product may go to it
+  // (the small path makes none).
+  const bool own = !small && !decode && own_products(std::min(block_q, p.Lq), std::min(block_k, p.Lk), p.D, p.Dv);
   at::Tensor o = at::empty({p.B, p.Hq, p.Lq, p.Dv}, q.options().dtype(decode ? at::kFloat : out));
-  // MKL on the calling thread, where a product may go to it (the small path and the tiles' own products
-  // make no BLAS call).
   std::optional<SerialBlas> serial;
-  if (!small && (decode || !own_products(std::min(block_q, p.Lq), std::min(block_k, p.Lk), p.D, p.Dv)))
-    serial.emplace();
+  if (!small && !own) serial.emplace();
   auto run = [&](auto element, auto output) -> bool {
     using T = decltype(element);
     using TO = decltype(output);
     const Rows<T> Q = rows_of<T>(qq), K = rows_of<T>(kk), V = rows_of<T>(vv);
     if (small) return small_fwd(p, Q, K, V, o.data_ptr<TO>(), lse.data_ptr<float>());
-    if (!decode) return prefill_fwd(p, Q, K, V, o.data_ptr<TO>(), lse.data_ptr<float>(), block_q, block_k);
+    if (!decode) return prefill_fwd(p, Q, K, V, o.data_ptr<TO>(), lse.data_ptr<float>(), block_q, block_k, own);
     if constexpr (std::is_same<TO, float>::value) {
       const at::Tensor qf = as_float(q);
       return decode_fwd(p, rows_of<float>(qf), K, V, o.data_ptr<float>(), lse.data_ptr<float>());
