@@ -37,6 +37,10 @@ DECODE = {
     # rows in pairs with an odd one left over; a pair where one row attends nothing (Lq > Lk, bottom-right)
     "bf16-mha-lq5-mask-split": (torch.bfloat16, 1, 2, 2, 5, 600, 64, {"mask": "random"}),
     "gqa2-lq7-gt-lk-causal": (torch.float32, 1, 4, 2, 7, 4, 16, {"causal": True}),
+    # float16, widened by F16C in the register (the dot/axpy loops) or a block at a time (the tile products)
+    "f16-gqa4-lq2-causal-split": (torch.float16, 1, 8, 2, 2, 530, 128, {"causal": True}),
+    "f16-gqa8-lq2-tiles": (torch.float16, 1, 8, 1, 2, 530, 64, {"causal": True}),
+    "f16-mha-lq5-mask-split": (torch.float16, 1, 2, 2, 5, 600, 64, {"mask": "random"}),
 }
 
 
@@ -81,6 +85,7 @@ PREFILL = {
     "mask-causal-tiles": (torch.float32, 1, 4, 2, 70, 90, 32, {"causal": True, "mask": "random"}, (24, 40)),
     "d59-dv33-causal": (torch.float32, 1, 2, 1, 40, 43, 59, {"Dv": 33, "causal": True}, None),
     "bf16-d24-causal": (torch.bfloat16, 1, 2, 2, 37, 53, 24, {"causal": True}, (16, 24)),
+    "f16-d40-mask-causal": (torch.float16, 1, 4, 2, 37, 53, 40, {"causal": True, "mask": "random"}, (16, 24)),
     "lq-gt-lk-causal": (torch.float32, 1, 2, 2, 50, 20, 16, {"causal": True}, None),
     "d16-l40": (torch.float32, 1, 2, 2, 40, 40, 16, {}, None),
     "d128-gqa": (torch.float32, 1, 4, 1, 33, 70, 128, {"causal": True}, None),
@@ -131,14 +136,15 @@ def test_cpp_prefill_products_keep_the_nonfinite_rules(gen, isa, products):
 
 @needs_cpp
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("shape", [(2, 4, 2, 5, 9, 12), (1, 4, 2, 20, 45, 16), (1, 8, 2, 3, 300, 64)],
-                         ids=["small", "tiles", "decode"])
-def test_cpp_eager_bfloat16_rows_equal_the_float32_call_rounded(gen, isa, shape):
-    # The eager bfloat16 call reads q, k and v in place (a transposed q included) and rounds each output row
-    # where it writes it. Widening is exact, so it must give the float32 call's result rounded by torch's cast,
-    # bit for bit, rows recomputed by the exact path (a NaN query, an inf key) included.
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 5, 9, 12), (1, 4, 2, 20, 45, 16), (1, 8, 2, 3, 300, 64),
+                                   (1, 2, 2, 70, 90, 40)], ids=["small", "tiles", "decode", "tiles-d40"])
+def test_cpp_eager_16bit_rows_equal_the_float32_call_rounded(gen, isa, dtype, shape):
+    # The eager bfloat16 or float16 call reads q, k and v in place (a transposed q included) and rounds each
+    # output row where it writes it. Widening is exact, so it must give the float32 call's result rounded by
+    # torch's cast, bit for bit, rows recomputed by the exact path (a NaN query, an inf key) included.
     B, Hq, Hkv, Lq, Lk, D = shape
-    q, k, v = make_inputs(gen, "cpu", torch.bfloat16, B, Hq, Hkv, Lq, Lk, D)
+    q, k, v = make_inputs(gen, "cpu", dtype, B, Hq, Hkv, Lq, Lk, D)
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Lq, Hq, D] memory, as a transformers layer has it
     q[0, 1, Lq - 1, 2] = float("nan")
     k[0, 0, 1, 0] = float("inf")
@@ -146,8 +152,8 @@ def test_cpp_eager_bfloat16_rows_equal_the_float32_call_rounded(gen, isa, shape)
         for causal in (False, True):
             got = fused.attention(q, k, v, causal=causal, scale=0.3, attn_mask=None, return_lse=False)
             want = fused.attention(q.float(), k.float(), v.float(), causal=causal, scale=0.3, attn_mask=None,
-                                   return_lse=False).to(torch.bfloat16)
-            assert got.dtype == torch.bfloat16
+                                   return_lse=False).to(dtype)
+            assert got.dtype == dtype
             nan = torch.isnan(want)
             assert bool(nan.any()) and torch.equal(torch.isnan(got), nan)
             assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
@@ -160,7 +166,7 @@ def test_cpp_eager_bfloat16_rows_equal_the_float32_call_rounded(gen, isa, shape)
 
 @needs_cpp
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 2, 1, 5, 9, 12), (2, 4, 2, 40, 70, 16), (2, 4, 2, 3, 300, 64)],
                          ids=["small", "tiles", "decode"])
 def test_cpp_reads_broadcast_views(gen, isa, dtype, shape):

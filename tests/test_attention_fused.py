@@ -87,6 +87,7 @@ SHAPES = {  # (dtype, B, Hq, Hkv, Lq, Lk, D, extra)
     "gqa-mask": (torch.float32, 2, 6, 2, 70, 90, 16, {"mask": "random"}),
     "mask-and-causal": (torch.float32, 1, 2, 2, 65, 65, 16, {"mask": "random", "causal": True}),
     "bfloat16-causal": (torch.bfloat16, 1, 4, 2, 130, 130, 64, {"causal": True}),
+    "float16-gqa-mask-causal": (torch.float16, 1, 4, 2, 70, 90, 40, {"causal": True, "mask": "random"}),
 }
 
 
@@ -206,7 +207,8 @@ def _stub(device, dtype, D=64, Dv=64):
 def test_check_gives_reasons_per_device(monkeypatch):
     kw = {"causal": False, "scale": 0.1, "attn_mask": None, "return_lse": False}
     assert fused._check(*_stub("cpu", torch.float32), **kw) == ([] if NO_CPP is None else [NO_CPP])
-    assert "dtype float16 on the CPU" in fused._check(*_stub("cpu", torch.float16), **kw)[0]
+    assert fused._check(*_stub("cpu", torch.float16), **kw) == ([] if NO_CPP is None else [NO_CPP])
+    assert "dtype float64 on the CPU" in fused._check(*_stub("cpu", torch.float64), **kw)[0]
     assert fused._check(*_stub("cuda", torch.bfloat16), **kw) == ([] if NO_TRITON is None else [NO_TRITON])
     assert "dtype float64 on CUDA" in fused._check(*_stub("cuda", torch.float64), **kw)[0]
     assert "head dim 320 on CUDA" in fused._check(*_stub("cuda", torch.float16, Dv=320), **kw)[0]

@@ -8,8 +8,8 @@ the Triton kernels ``triton/attention.py``; one ``torch.autograd.Function`` serv
 Few query rows (Lq <= 8, the decode step) take split-K kernels instead (flash-decoding): the keys are
 split across threads, each split's partial softmax kept with its log-sum-exp and merged; under GQA one
 task takes all the query heads of a key/value head, so each key and value is read once for the group.
-Both kernels choose by shape themselves; the C++ one reads bfloat16 or float32 q, k and v in place, and
-its eager call writes a bfloat16 output row by row (no widening copy before, no rounding pass after).
+Both kernels choose by shape themselves; the C++ one reads float32, bfloat16 or float16 q, k and v in
+place, and its eager call writes a 16-bit output row by row (no widening copy before, no rounding pass after).
 
 Non-finite inputs, at no cost to finite ones: no pass over q, k and v before the kernels. Each kernel
 checks every result row where it writes it (its query, its output, its lse; a few values a row): finite
@@ -35,7 +35,7 @@ from plugins.torch_backend.attention import attention as torch_attention
 from registry import Kernel
 
 OP = "attention"
-CPU_DTYPES = (torch.float32, torch.bfloat16)
+CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM_CUDA = 256
 # Tile sizes of the C++ kernels (query rows, keys), measured at B=1, H=8, L=2048, D=64 on AVX-512 and AVX2

@@ -3,8 +3,8 @@
 // Algorithms 1 and 2). The [Lq, Lk] score matrix is never materialised; one tile of it lives in a
 // thread's scratch buffer at a time.
 //
-// Inputs are float32 or bfloat16, read through their strides (the last dimension contiguous; bfloat16 is
-// widened a block at a time): q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]; query head h
+// Inputs are float32, bfloat16 or float16, read through their strides (the last dimension contiguous; the
+// 16-bit dtypes are widened a block at a time, float16 by F16C in the vector builds): q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]; query head h
 // reads key/value head h / (Hq / Hkv). Causal is bottom-right aligned: query i may attend key j iff
 // j <= i + Lk - Lq.
 // The optional mask is a bool view expanded to [B, Hq, Lq, Lk] (broadcast dimensions have stride 0).
@@ -179,8 +179,9 @@ struct Problem {
 Problem describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                  bool causal, double scale) {
   const auto dt = q.scalar_type();
-  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt,
-              "attention: the C++ kernels take float32 or bfloat16 q, k, v of one dtype");
+  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf) && k.scalar_type() == dt &&
+                  v.scalar_type() == dt,
+              "attention: the C++ kernels take float32, bfloat16 or float16 q, k, v of one dtype");
   Problem p{};
   p.B = q.size(0); p.Hq = q.size(1); p.Lq = q.size(2); p.D = q.size(3);
   p.Hkv = k.size(1); p.Lk = k.size(2); p.Dv = v.size(3);
@@ -213,7 +214,7 @@ int threads_for(int64_t work) { return work < (int64_t(1) << 17) ? 1 : threads()
 
 namespace {
 
-// -- SIMD helpers: one vector of W floats per instruction-set level (bfloat16 loads widen in-register) --
+// -- SIMD helpers: one vector of W floats per instruction-set level (16-bit loads widen in-register) --
 #if defined(__AVX512F__)
 constexpr int64_t W = 16;
 using vec = __m512;
@@ -224,6 +225,7 @@ inline vec vload(const c10::BFloat16* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+inline vec vload(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vec a) { _mm512_storeu_ps(p, a); }
 // The four sums of a0..a3, in one reduction tree (a horizontal sum each would cost twice the shuffles).
@@ -270,6 +272,7 @@ inline vec vload(const c10::BFloat16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+inline vec vload(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vec a) { _mm256_storeu_ps(p, a); }
 inline void vsum4(vec a0, vec a1, vec a2, vec a3, float* out) {
@@ -318,6 +321,7 @@ inline vec vzero() { return 0.0f; }
 inline vec vbcast(float x) { return x; }
 inline vec vload(const float* p) { return *p; }
 inline vec vload(const c10::BFloat16* p) { return static_cast<float>(*p); }
+inline vec vload(const c10::Half* p) { return static_cast<float>(*p); }
 inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
 inline void vstore(float* p, vec a) { *p = a; }
 inline void vsum4(vec a0, vec a1, vec a2, vec a3, float* out) { out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3; }
@@ -333,6 +337,7 @@ inline vec vexp2(vec x) { return fast_exp2(x); }
 
 inline double widen(float x) { return x; }
 inline double widen(c10::BFloat16 x) { return static_cast<float>(x); }
+inline double widen(c10::Half x) { return static_cast<float>(x); }
 
 // A [B, H, L, D] tensor read through its strides; the last dimension is contiguous.
 template <typename T>
@@ -426,6 +431,15 @@ inline void widen_row(const c10::BFloat16* src, float* dst, int64_t n) {
   uint32_t* d = reinterpret_cast<uint32_t*>(dst);
   for (int64_t i = 0; i < n; ++i) d[i] = uint32_t(s[i]) << 16;
 }
+// float16 widened (exact): F16C eight at a time in the vector builds, c10's conversion for the rest.
+inline void widen_row(const c10::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
 
 // bfloat16 rounded to nearest even from float32, NaN as 0x7FC0: the bits torch's own cast gives (branch-free,
 // so that row loops vectorise).
@@ -436,7 +450,7 @@ inline uint16_t bf16_bits(float x) {
   return (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : r;
 }
 
-// dst[0..n) = src[0..n) in the output dtype (float32 copied, bfloat16 rounded to nearest even).
+// dst[0..n) = src[0..n) in the output dtype (float32 copied, bfloat16 and float16 rounded to nearest even).
 inline void store_row(const float* src, float* dst, int64_t n) {
   if (src != dst) std::memcpy(dst, src, n * sizeof(float));
 }
@@ -444,14 +458,26 @@ inline void store_row(const float* src, c10::BFloat16* dst, int64_t n) {
   uint16_t* d = reinterpret_cast<uint16_t*>(dst);
   for (int64_t i = 0; i < n; ++i) d[i] = bf16_bits(src[i]);
 }
+// float16 rounded to nearest even (overflow to inf, NaN kept), as torch's own cast: F16C eight at a time in
+// the vector builds, c10's conversion (the same rounding) for the rest.
+inline void store_row(const float* src, c10::Half* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
 
-// Where a result row is computed: in the output itself for float32; in a float32 row buffer for a bfloat16
+// Where a result row is computed: in the output itself for float32; in a float32 row buffer for a 16-bit
 // output, which store_row then rounds into it.
 inline float* result_row(float* o, std::vector<float>&) { return o; }
 inline float* result_row(c10::BFloat16*, std::vector<float>& buf) { return buf.data(); }
+inline float* result_row(c10::Half*, std::vector<float>& buf) { return buf.data(); }
 
 // n rows of width D at src (row stride ld) as float32 rows: in place for float32 (ld_out = ld), widened
-// into buf for bfloat16 (any D).
+// into buf for bfloat16 and float16 (any D).
 template <typename T>
 const float* block_as_float(const T* src, int64_t ld, int64_t n, int64_t D, float* buf, int64_t& ld_out) {
   if constexpr (std::is_same<T, float>::value) {
@@ -616,7 +642,7 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
 #pragma omp parallel num_threads(std::min(nt, base * splits)) if (nt > 1 && base * splits > 1)
   {
     std::vector<float> S(R * KB), acc(R * p.Dv), m(R), l(R);
-    // the tiles' key and value blocks as float32 (bfloat16 widened into these, once for all the rows)
+    // the tiles' key and value blocks as float32 (16-bit ones widened into these, once for all the rows)
     std::vector<float> kbuf(tiles && !std::is_same<T, float>::value ? KB * p.D : 0);
     std::vector<float> vbuf(tiles && !std::is_same<T, float>::value ? KB * p.Dv : 0);
 #pragma omp for schedule(dynamic, 1)
@@ -626,7 +652,7 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
-      // the rows against n keys at kb and values at vb (float32 or bfloat16), two at a time (an odd last
+      // the rows against n keys at kb and values at vb (float32, bfloat16 or float16), two at a time (an odd last
       // row alone); a row that has attended nothing yet adds no values
       auto each_row = [&](int64_t k0, int64_t n, const T* kb, int64_t skn, const T* vb, int64_t svn) {
         for (int64_t r = 0; r < R; r += 2) {
@@ -737,7 +763,7 @@ inline bool takes_small(const Problem& p) {
   return p.Lk <= kSmallMaxLk && (work <= kSmallWork || (work <= kSmallWideWork && p.D + p.Dv >= kSmallWideDims));
 }
 
-// a . b over n values (any n: whole vectors, then the tail one by one); b float32 or bfloat16.
+// a . b over n values (any n: whole vectors, then the tail one by one); b float32, bfloat16 or float16.
 template <typename T>
 inline float dot_row(const float* a, const T* b, int64_t n) {
   vec acc = vzero();
@@ -928,10 +954,10 @@ int64_t query_tile(const Problem& p, int64_t block_q) {
   return block_q;
 }
 
-// q, k and v are read through their strides (last dimension contiguous): float32 in place, bfloat16
+// q, k and v are read through their strides (last dimension contiguous): float32 in place, 16-bit dtypes
 // widened one block at a time inside each task, so a call makes no copy of them first (a bfloat16 call at
 // L=16 spent more on its widening copies and the rounding of its output, each a parallel region, than on
-// its tiles). Each output row is written in the output dtype TO (float32, or bfloat16 rounded here).
+// its tiles). Each output row is written in the output dtype TO (float32, or bfloat16 / float16 rounded here).
 // `own`: the tiles' products go through this file's loops, not gemm (forward's own_products choice).
 template <typename T, typename TO>
 bool prefill_fwd(const Problem& p, const Rows<T>& Qr, const Rows<T>& Kr, const Rows<T>& Vr, TO* O, float* LSE,
@@ -1013,32 +1039,43 @@ bool prefill_fwd(const Problem& p, const Rows<T>& Qr, const Rows<T>& Kr, const R
 
 }  // namespace
 
-// ``t`` as contiguous float32: itself where it is already; a contiguous bfloat16 tensor widened by a
-// plain loop, since a dispatched t.to(float) costs 3-5 us at a small call's sizes, as long as its
+// ``t`` as contiguous float32: itself where it is already; a contiguous bfloat16 or float16 tensor widened
+// by a plain loop, since a dispatched t.to(float) costs 3-5 us at a small call's sizes, as long as its
 // arithmetic; anything else through the dispatcher.
-at::Tensor as_float(const at::Tensor& t) {
-  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t;
-  if (t.scalar_type() != at::kBFloat16 || !t.is_contiguous()) return t.to(at::kFloat).contiguous();
+template <typename T>
+at::Tensor widened(const at::Tensor& t) {
   at::Tensor f = at::detail::empty_cpu(t.sizes(), at::kFloat);
-  const c10::BFloat16* src = t.data_ptr<c10::BFloat16>();
+  const T* src = t.data_ptr<T>();
   float* dst = f.data_ptr<float>();
   at::parallel_for(0, t.numel(), int64_t(1) << 12,
                    [&](int64_t begin, int64_t end) { widen_row(src + begin, dst + begin, end - begin); });
   return f;
 }
+at::Tensor as_float(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t;
+  if (!t.is_contiguous()) return t.to(at::kFloat).contiguous();
+  if (t.scalar_type() == at::kBFloat16) return widened<c10::BFloat16>(t);
+  if (t.scalar_type() == at::kHalf) return widened<c10::Half>(t);
+  return t.to(at::kFloat);
+}
 
-// ``o`` (float32) in ``dtype``: itself for float32; rounded to bfloat16 by a plain loop (to nearest even,
-// NaN kept, as torch's own cast), which costs a fraction of a dispatched o.to(bfloat16) at small sizes.
-at::Tensor in_dtype(const at::Tensor& o, at::ScalarType dtype) {
-  if (dtype == at::kFloat) return o;
-  if (dtype != at::kBFloat16) return o.to(dtype);
-  at::Tensor r = at::detail::empty_cpu(o.sizes(), at::kBFloat16);
+// ``o`` (float32) in ``dtype``: itself for float32; rounded to bfloat16 or float16 by a plain loop (to
+// nearest even, NaN kept, as torch's own cast), which costs a fraction of a dispatched o.to() at small sizes.
+template <typename T>
+at::Tensor rounded(const at::Tensor& o, at::ScalarType dtype) {
+  at::Tensor r = at::detail::empty_cpu(o.sizes(), dtype);
   const float* src = o.data_ptr<float>();
-  c10::BFloat16* dst = r.data_ptr<c10::BFloat16>();
+  T* dst = r.data_ptr<T>();
   at::parallel_for(0, o.numel(), int64_t(1) << 12, [&](int64_t begin, int64_t end) {
     store_row(src + begin, dst + begin, end - begin);
   });
   return r;
+}
+at::Tensor in_dtype(const at::Tensor& o, at::ScalarType dtype) {
+  if (dtype == at::kFloat) return o;
+  if (dtype == at::kBFloat16) return rounded<c10::BFloat16>(o, dtype);
+  if (dtype == at::kHalf) return rounded<c10::Half>(o, dtype);
+  return o.to(dtype);
 }
 
 namespace {
@@ -1058,7 +1095,7 @@ std::tuple<at::Tensor, at::Tensor, bool> forward(const at::Tensor& q, const at::
   const Problem p = describe(q, k, v, mask, causal, scale);
   TORCH_CHECK(block_q > 0 && block_k > 0, "attention: tile sizes must be positive");
   at::Tensor lse = at::empty({p.B, p.Hq, p.Lq}, q.options().dtype(at::kFloat));
-  // Every path reads q, k and v in place through their strides, float32 or bfloat16.
+  // Every path reads q, k and v in place through their strides, float32, bfloat16 or float16.
   const at::Tensor qq = in_place(q), kk = in_place(k), vv = in_place(v);
   const bool small = takes_small(p);
   const bool decode = !small && p.Lq <= kDecodeMaxLq && p.D % W == 0 && p.Dv % W == 0;
@@ -1081,10 +1118,14 @@ std::tuple<at::Tensor, at::Tensor, bool> forward(const at::Tensor& q, const at::
     }
     return false;  // not reached: decode writes float32
   };
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  // o is float32 (decode, or asked for) or q's dtype
+  const bool wide = decode || out == at::kFloat;
   bool rare;
-  if (decode || out == at::kFloat) rare = bf16 ? run(c10::BFloat16(), 0.0f) : run(0.0f, 0.0f);
-  else rare = run(c10::BFloat16(), c10::BFloat16());  // out is q's dtype, bfloat16
+  switch (q.scalar_type()) {
+    case at::kBFloat16: rare = wide ? run(c10::BFloat16(), 0.0f) : run(c10::BFloat16(), c10::BFloat16()); break;
+    case at::kHalf: rare = wide ? run(c10::Half(), 0.0f) : run(c10::Half(), c10::Half()); break;
+    default: rare = run(0.0f, 0.0f);
+  }
   if (decode) o = in_dtype(o, out);
   return {o, lse, rare};
 }
@@ -1105,7 +1146,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> attention_fwd(const at::Tensor& q, c
 }
 
 // The eager call without a mask or a graph (plugins/fused/attention.py's lean path, through pybind11
-// only): (o in q's dtype, lse), each row of a bfloat16 o rounded where it is written.
+// only): (o in q's dtype, lse), each row of a 16-bit o rounded where it is written.
 std::tuple<at::Tensor, at::Tensor> attention_fwd_eager(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                        bool causal, double scale, int64_t block_q, int64_t block_k) {
   auto [o, lse, rare] = forward(q, k, v, std::nullopt, causal, scale, block_q, block_k, q.scalar_type());
