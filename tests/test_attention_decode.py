@@ -187,6 +187,40 @@ def test_cpp_reads_broadcast_views(gen, isa, dtype, shape):
             assert verdict.ok, verdict.reason
 
 
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("shape", [(2, 4, 2, 5, 9, 12), (1, 4, 2, 20, 45, 16), (2, 4, 2, 3, 300, 64)],
+                         ids=["small", "tiles", "decode"])
+def test_cpp_eager_reads_every_broadcast_mask_shape(gen, isa, shape):
+    # The no-grad call hands the caller's mask to C++ as it is, read through its strides (0 where it
+    # broadcasts): each shape must give the reference's answer, and the very bits of the same mask
+    # expanded to [B, Hq, Lq, Lk] first (the autograd path's form).
+    B, Hq, Hkv, Lq, Lk, D = shape
+    q, k, v = make_inputs(gen, "cpu", torch.float32, B, Hq, Hkv, Lq, Lk, D)
+
+    def rand(*size):
+        m = torch.rand(*size, generator=gen) < 0.7
+        m[..., 0] = True  # rows that attend nothing are covered elsewhere; here every stride must count
+        return m
+
+    masks = {
+        "[Lk]": rand(Lk), "[Lq, Lk]": rand(Lq, Lk), "[Hq, Lq, Lk]": rand(Hq, Lq, Lk),
+        "[B, 1, Lq, Lk]": rand(B, 1, Lq, Lk), "[B, Hq, 1, Lk]": rand(B, Hq, 1, Lk),
+        "[1, Hq, Lq, 1]": rand(1, Hq, Lq, 1) | True, "[B, Hq, Lq, Lk]": rand(B, Hq, Lq, Lk),
+        "[Lk, Lq].t()": rand(Lk, Lq).t(), "[B, Hq, Lq, Lk] strided": rand(B, Hq, Lq, 2 * Lk)[..., ::2],
+    }
+    with _level(isa), torch.no_grad():
+        for name, mask in masks.items():
+            for causal in (False, True):
+                sample = Sample(args=(q, k, v), attrs={"causal": causal, "scale": 0.3, "attn_mask": mask,
+                                                       "return_lse": True})
+                verdict = check(SPEC, fused.attention, expected(SPEC, _reference(), sample, False, gen))
+                assert verdict.ok, f"{name}: {verdict.reason}"
+                o, lse = fused.attention(q, k, v, **sample.attrs)
+                o4, lse4 = _run(fused.CPP)(q, k, v, **sample.attrs)
+                assert torch.equal(o, o4) and torch.equal(lse, lse4), name
+
+
 # -- non-finite inputs, with no pass over them before the kernels --------------------------------------
 
 def _poison(gen, dtype, B, Hq, Hkv, Lq, Lk, D, where, causal=False):

@@ -31,6 +31,9 @@ REFERENCE_WORK = 1 << 22  # B * Hq * Lq * Lk * (D + Dv) up to which candidates a
 
 _DTYPE_SET = frozenset(DTYPES)
 _CPU = torch.device("cpu")
+_BOOL = torch.bool
+# (mask shape, B, Hq, Lq, Lk) -> the mask's kind, for shapes _verify_mask has accepted
+_MASK_KINDS: dict[tuple[Any, ...], str] = {}
 
 
 def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -70,8 +73,17 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> tuple[Any, ...] | N
     if mask is None:
         kind = "none"
     else:
-        _verify_mask(mask, q, (B, Hq, Lq, Lk))
-        kind = _mask_kind(mask)
+        try:  # a bool mask on q's device, of a shape seen before for these sizes: two reads and a lookup
+            kind = (mask.dtype is _BOOL and (mask.is_cpu if dev is _CPU else mask.device == dev)
+                    and isinstance(mask, torch.Tensor) and _MASK_KINDS.get((mask.shape, B, Hq, Lq, Lk)))
+        except (AttributeError, TypeError):
+            kind = None
+        if not kind:
+            _verify_mask(mask, q, (B, Hq, Lq, Lk))
+            kind = _mask_kind(mask)
+            if len(_MASK_KINDS) >= 4096:  # shapes seen, bounded
+                _MASK_KINDS.clear()
+            _MASK_KINDS[(mask.shape, B, Hq, Lq, Lk)] = kind
     try:  # bucket() inlined
         return (dev, dt, B if B <= 1 else 1 << (B - 1).bit_length(), Hq, Hkv,
                 Lq if Lq <= 1 else 1 << (Lq - 1).bit_length(), Lk if Lk <= 1 else 1 << (Lk - 1).bit_length(), D,

@@ -199,13 +199,12 @@ _grad_enabled = torch.is_grad_enabled
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
               attn_mask: torch.Tensor | None, return_lse: bool) -> Any:
     """FlashAttention-2 forward (and, through autograd, backward): C++ for CPU tensors, Triton for CUDA."""
-    if attn_mask is None and q.is_cpu and not (_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                                    or v.requires_grad)):
-        # the common CPU call, no mask and no graph, in as few steps as possible (a small call's time is
-        # mostly these steps): what attend() does for it. The C++ call takes empty sequences (o = 0, lse
-        # -inf) and picks its query tile itself.
+    if q.is_cpu and not (_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # the common CPU call, no graph, in as few steps as possible (a small call's time is mostly these
+        # steps): what attend() does for it. The C++ call takes the caller's mask as it is (broadcast
+        # through its strides) and empty sequences (o = 0, lse -inf), and picks its query tile itself.
         eager = _eager_ops.get(_build._forced or _build._from_env) or _eager_forward()
-        o, lse = eager(q, k, v, causal, scale, *CPU_FWD_BLOCKS)  # o in q's dtype
+        o, lse = eager(q, k, v, attn_mask, causal, scale, *CPU_FWD_BLOCKS)  # o in q's dtype
         return (o, lse) if return_lse else o
     return attend(CPP if q.is_cpu else TRITON, q, k, v, causal=causal, scale=scale, attn_mask=attn_mask,
                   return_lse=return_lse)

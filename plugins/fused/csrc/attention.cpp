@@ -7,7 +7,8 @@
 // 16-bit dtypes are widened a block at a time, float16 by F16C in the vector builds): q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]; query head h
 // reads key/value head h / (Hq / Hkv). Causal is bottom-right aligned: query i may attend key j iff
 // j <= i + Lk - Lq.
-// The optional mask is a bool view expanded to [B, Hq, Lq, Lk] (broadcast dimensions have stride 0).
+// The optional mask is bool and broadcastable to [B, Hq, Lq, Lk] (1 to 4 dimensions, aligned at the right):
+// it is read through its strides, a broadcast dimension with stride 0.
 //
 // The tile products go through this file's own register-blocked loops where they beat it (narrow heads,
 // small tiles: see own_products), else through the BLAS sgemm that PyTorch itself links (MKL on x86
@@ -195,11 +196,17 @@ Problem describe(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   p.mask = nullptr;
   if (mask.has_value() && mask->defined()) {
     const at::Tensor& m = *mask;
-    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && m.size(0) == p.B && m.size(1) == p.Hq &&
-                    m.size(2) == p.Lq && m.size(3) == p.Lk,
-                "attention: the mask must be a bool view of shape [B, Hq, Lq, Lk]");
+    const int64_t nd = m.dim(), full[4] = {p.B, p.Hq, p.Lq, p.Lk};
+    int64_t stride[4] = {0, 0, 0, 0};
+    bool fits = m.scalar_type() == at::kBool && nd <= 4;
+    for (int64_t d = 1; fits && d <= nd; ++d) {  // the mask's d-th dimension from the right
+      const int64_t size = m.size(nd - d);
+      fits = size == full[4 - d] || size == 1;
+      stride[4 - d] = size == 1 ? 0 : m.stride(nd - d);
+    }
+    TORCH_CHECK(fits, "attention: the mask must be bool and broadcastable to [B, Hq, Lq, Lk]");
     p.mask = m.data_ptr<bool>();
-    p.msb = m.stride(0); p.msh = m.stride(1); p.msi = m.stride(2); p.msj = m.stride(3);
+    p.msb = stride[0]; p.msh = stride[1]; p.msi = stride[2]; p.msj = stride[3];
   }
   return p;
 }
@@ -1145,11 +1152,13 @@ std::tuple<at::Tensor, at::Tensor, int64_t> attention_fwd(const at::Tensor& q, c
   return {o, lse, rare ? 1 : 0};
 }
 
-// The eager call without a mask or a graph (plugins/fused/attention.py's lean path, through pybind11
-// only): (o in q's dtype, lse), each row of a 16-bit o rounded where it is written.
+// The eager call without a graph (plugins/fused/attention.py's lean path, through pybind11 only), the
+// caller's mask as it is (any broadcastable shape): (o in q's dtype, lse), each row of a 16-bit o rounded
+// where it is written.
 std::tuple<at::Tensor, at::Tensor> attention_fwd_eager(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                       bool causal, double scale, int64_t block_q, int64_t block_k) {
-  auto [o, lse, rare] = forward(q, k, v, std::nullopt, causal, scale, block_q, block_k, q.scalar_type());
+                                                       const std::optional<at::Tensor>& mask, bool causal, double scale,
+                                                       int64_t block_q, int64_t block_k) {
+  auto [o, lse, rare] = forward(q, k, v, mask, causal, scale, block_q, block_k, q.scalar_type());
   return {o, lse};
 }
 
@@ -1276,7 +1285,7 @@ TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m) {
   m.def("attention_takes_decode", &attention_takes_decode);
 }
 
-// The eager forward as a plain Python function as well (the unmasked no-grad CPU call of
+// The eager forward as a plain Python function as well (the no-grad CPU call of
 // plugins/fused/attention.py): through torch.ops a call costs about 1.8 us more (its arguments parsed
 // into IValues, the dispatcher), a fifth of a tiny call's time. The GIL is released while it runs.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
