@@ -419,7 +419,8 @@ void exact_row(const Problem& p, const float* q, const Rows<T>& K, const Rows<T>
 
 // -- decode: few query rows, many keys (flash-decoding) -------------------------------------------------
 
-constexpr int64_t kDecodeMaxLq = 8;     // query rows per head up to which the decode path is taken
+constexpr int64_t kDecodeMaxLq = 8;     // query rows per head up to which the decode path is always taken
+constexpr int64_t kDecodeWideLq = 32;   // and up to which it is taken under GQA or below kDecodeGemmRows rows
 constexpr int64_t kDecodeBlock = 32;    // keys per block: a block of k rows stays in L1 for every query row
 constexpr int64_t kDecodeMinSplit = 256;  // keys per split at least, so that the merge stays negligible
 // From this many query rows per kv head (group * Lq) on, the rows share each key and value block through
@@ -431,6 +432,17 @@ constexpr int64_t kDecodeMinSplit = 256;  // keys per split at least, so that th
 // loads at 8 rows, D = 128, Zen 4, both levels.)
 constexpr int64_t kDecodeGemmRows = 16;
 constexpr int64_t kDecodeGemmBlock = 128;
+
+// The decode kernel takes few query rows: up to kDecodeMaxLq per head always, up to kDecodeWideLq where its
+// tasks beat the prefill tiles. Measured on Zen 4 (float32 and bfloat16, Lk 128-4096, paired): under GQA
+// its tasks read each key and value block once for the whole group (Lq 10-32: 0.67-0.93x the tiles' time
+// on AVX-512, 0.78-0.95x on AVX2). MHA heads of 9-15 rows take its SIMD row loops: 0.68-0.92x on AVX-512,
+// but 0.84-1.13x on AVX2, so only on AVX-512; MHA heads of 16 rows and more ran 1.04-1.09x (the tiles' own
+// products beat its BLAS ones), so they keep the tiles.
+inline bool takes_decode(int64_t Lq, int64_t D, int64_t Dv, int64_t group) {
+  if (D % W != 0 || Dv % W != 0) return false;
+  return Lq <= kDecodeMaxLq || (Lq <= kDecodeWideLq && (group > 1 || (W >= 16 && Lq < kDecodeGemmRows)));
+}
 
 // dst[0..n) = src[0..n) widened to float32: a bfloat16 is the top half of a float32 (the loop vectorises).
 inline void widen_row(const c10::BFloat16* src, float* dst, int64_t n) {
@@ -1105,7 +1117,7 @@ std::tuple<at::Tensor, at::Tensor, bool> forward(const at::Tensor& q, const at::
   // Every path reads q, k and v in place through their strides, float32, bfloat16 or float16.
   const at::Tensor qq = in_place(q), kk = in_place(k), vv = in_place(v);
   const bool small = takes_small(p);
-  const bool decode = !small && p.Lq <= kDecodeMaxLq && p.D % W == 0 && p.Dv % W == 0;
+  const bool decode = !small && takes_decode(p.Lq, p.D, p.Dv, p.group);
   if (!small && !decode) block_q = query_tile(p, block_q);
   // The tiles' products: own_products' choice; MKL on the calling thread where any product may go to it
   // (the small path makes none).
@@ -1162,9 +1174,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_eager(const at::Tensor& q, cons
   return {o, lse};
 }
 
-// Whether shapes with Lq query rows and head dims D, Dv take the decode kernel.
-bool attention_takes_decode(int64_t Lq, int64_t D, int64_t Dv) {
-  return Lq <= kDecodeMaxLq && D % W == 0 && Dv % W == 0;
+// Whether shapes with Lq query rows, head dims D, Dv and `group` query heads per kv head take the decode kernel.
+bool attention_takes_decode(int64_t Lq, int64_t D, int64_t Dv, int64_t group) {
+  return takes_decode(Lq, D, Dv, group);
 }
 
 // Backward: (dq, dk, dv), float32. ``delta`` is rowsum(o * do) minus the cotangent of lse (when there
