@@ -4,9 +4,9 @@
 // thread's scratch buffer at a time.
 //
 // Inputs are float32, bfloat16 or float16, read through their strides (the last dimension contiguous; the
-// 16-bit dtypes are widened a block at a time, float16 by F16C in the vector builds): q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]; query head h
-// reads key/value head h / (Hq / Hkv). Causal is bottom-right aligned: query i may attend key j iff
-// j <= i + Lk - Lq.
+// 16-bit dtypes are widened a block at a time, float16 by F16C in the vector builds): q [B, Hq, Lq, D],
+// k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv]; query head h reads key/value head h / (Hq / Hkv). Causal is
+// bottom-right aligned: query i may attend key j iff j <= i + Lk - Lq.
 // The optional mask is bool and broadcastable to [B, Hq, Lq, Lk] (1 to 4 dimensions, aligned at the right):
 // it is read through its strides, a broadcast dimension with stride 0.
 //
@@ -232,7 +232,9 @@ inline vec vload(const c10::BFloat16* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-inline vec vload(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline vec vload(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vec a) { _mm512_storeu_ps(p, a); }
 // The four sums of a0..a3, in one reduction tree (a horizontal sum each would cost twice the shuffles).
@@ -671,8 +673,8 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
-      // the rows against n keys at kb and values at vb (float32, bfloat16 or float16), two at a time (an odd last
-      // row alone); a row that has attended nothing yet adds no values
+      // the rows against n keys at kb and values at vb (float32, bfloat16 or float16), two at a time (an odd
+      // last row alone); a row that has attended nothing yet adds no values
       auto each_row = [&](int64_t k0, int64_t n, const T* kb, int64_t skn, const T* vb, int64_t svn) {
         for (int64_t r = 0; r < R; r += 2) {
           const int nr = R - r >= 2 ? 2 : 1;
