@@ -83,7 +83,10 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> tuple[Any, ...] | N
             kind = _mask_kind(mask)
             if len(_MASK_KINDS) >= 4096:  # shapes seen, bounded
                 _MASK_KINDS.clear()
-            _MASK_KINDS[(mask.shape, B, Hq, Lq, Lk)] = kind
+            try:
+                _MASK_KINDS[(mask.shape, B, Hq, Lq, Lk)] = kind
+            except TypeError:  # symbolic sizes while tracing are not hashable: nothing to remember
+                pass
     try:  # bucket() inlined
         return (dev, dt, B if B <= 1 else 1 << (B - 1).bit_length(), Hq, Hkv,
                 Lq if Lq <= 1 else 1 << (Lq - 1).bit_length(), Lk if Lk <= 1 else 1 << (Lk - 1).bit_length(), D,
