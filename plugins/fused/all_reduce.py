@@ -15,6 +15,7 @@ import torch
 
 from core import distributed
 from core.ops.all_reduce import as_list, like_input
+from plugins.torch_backend.all_reduce import contribution
 from registry import Kernel
 
 MB = 1 << 20
@@ -50,10 +51,21 @@ def fused(tensors: Any, *, op: str, group: Any, bucket_mb: float) -> Any:
     outs: list[torch.Tensor | None] = [None] * len(items)
     packed: list[tuple[list[int], torch.Tensor]] = []
     pending = []
+    avg = op == "avg" and n > 1  # divided before the sum, as NCCL's PreMulSum does: the average cannot overflow
     for indices in buckets(items, int(bucket_mb * MB)):
-        flat = torch.cat([items[i].detach().reshape(-1) for i in indices])
-        if op == "avg" and n > 1:
-            flat.div_(n)  # before the sum, as NCCL's PreMulSum does: the average cannot overflow
+        if len(indices) == 1:  # a bucket of one: its contribution, made in one pass
+            flat = contribution(items[indices[0]], op, n).view(-1)
+        else:  # packed in one pass, each tensor divided on its way in for avg
+            first = items[indices[0]]
+            flat = torch.empty(sum(items[i].numel() for i in indices), dtype=first.dtype, device=first.device)
+            offset = 0
+            for i in indices:
+                src, end = items[i].detach().reshape(-1), offset + items[i].numel()
+                if avg:
+                    torch.div(src, n, out=flat[offset:end])
+                else:
+                    flat[offset:end].copy_(src)
+                offset = end
         if n > 1:
             pending.append(dist.all_reduce(flat, op=distributed.reduce_op(op), group=group, async_op=True))
         packed.append((indices, flat))
