@@ -1,5 +1,6 @@
 """DDP time per training step: DDP's default reduction against Switchyard's communication hooks (and
-torch's own fp16 compress hook as the compress peer), on a local gloo group, steps alternated.
+torch's own Python hooks, allreduce_hook and fp16_compress_hook, as the hooks' peers), on a local gloo
+group, steps alternated.
 
 Every hook gets its own DDP replica of the same model; each round times one step of each (forward,
 backward with the bucketed all-reduces, SGD step), after a barrier so no rank starts early. Medians
@@ -20,7 +21,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-HOOKS = ("default", "allreduce_hook", "bf16_compress_hook", "fp16_compress_hook", "torch fp16_compress_hook")
+HOOKS = ("default", "allreduce_hook", "torch allreduce_hook", "bf16_compress_hook", "fp16_compress_hook",
+         "torch fp16_compress_hook")
 
 
 def _hook(name: str) -> Any:
@@ -30,6 +32,7 @@ def _hook(name: str) -> Any:
 
     return {"allreduce_hook": ddp.allreduce_hook, "bf16_compress_hook": ddp.bf16_compress_hook,
             "fp16_compress_hook": ddp.fp16_compress_hook,
+            "torch allreduce_hook": default_hooks.allreduce_hook,
             "torch fp16_compress_hook": default_hooks.fp16_compress_hook}.get(name)
 
 

@@ -20,6 +20,7 @@ STEPS = 5
 LR = 0.1
 BUCKET_MB = 0.005  # 5 KB: the model below has 32 KB of float32 gradients, its 48 x 48 weights 9 KB each
 HOOKS = ("default", "allreduce_hook", "bf16_compress_hook", "fp16_compress_hook", "torch_bf16", "torch_fp16")
+UNUSED = ("default", "allreduce_hook", "fp16_compress_hook")  # trained with find_unused_parameters=True
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -42,10 +43,26 @@ def _hook(name: str) -> Any:
             "torch_fp16": default_hooks.fp16_compress_hook}.get(name)
 
 
-def _train(rank: int, name: str) -> dict[str, Any]:
+class _Skipping(torch.nn.Module):
+    """_model() beside a layer the forward never uses: DDP with find_unused_parameters all-reduces its map
+    of used parameters on the group right after the last bucket's hook returns, while the hooks'
+    reductions may still be running."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _model()
+        self.unused = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def _train(rank: int, name: str, unused: bool = False) -> dict[str, Any]:
+    import threading
+
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = DDP(_model(), bucket_cap_mb=BUCKET_MB)
+    model = DDP(_Skipping() if unused else _model(), bucket_cap_mb=BUCKET_MB, find_unused_parameters=unused)
     calls = {"buckets": 0}
     hook = _hook(name)
     if hook is not None:
@@ -56,15 +73,59 @@ def _train(rank: int, name: str) -> dict[str, Any]:
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     data = torch.Generator().manual_seed(1000 + rank)  # each rank its own batches
     gmax = 0.0
-    for _ in range(STEPS):
-        x = torch.randn(8, 16, generator=data)
-        y = torch.randn(8, 4, generator=data)
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        gmax = max(gmax, max(float(p.grad.abs().max()) for p in model.parameters()))
-        opt.step()
+    threads: set[str] = set()
+    from core import dispatcher
+
+    reduce = dispatcher.all_reduce
+
+    def where(*args: Any, **attrs: Any) -> Any:  # the thread each of the hooks' reductions runs on
+        threads.add(threading.current_thread().name)
+        return reduce(*args, **attrs)
+
+    dispatcher.all_reduce = where
+    try:
+        for _ in range(STEPS):
+            x = torch.randn(8, 16, generator=data)
+            y = torch.randn(8, 4, generator=data)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            gmax = max(gmax, max(float(p.grad.abs().max()) for p in model.parameters() if p.grad is not None))
+            opt.step()
+    finally:
+        dispatcher.all_reduce = reduce
     params = torch.cat([p.detach().reshape(-1) for p in model.module.parameters()])
-    return {"params": params, "buckets": calls["buckets"], "gmax": gmax}
+    return {"params": params, "buckets": calls["buckets"], "gmax": gmax, "threads": sorted(threads)}
+
+
+def _failing(rank: int) -> dict[str, str]:
+    """A reduction that raises on the hooks' thread reaches the program as the backward's error; the
+    group and the next step are unaffected."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from core import dispatcher
+    from core.integrations import ddp
+
+    model = DDP(_model(), bucket_cap_mb=BUCKET_MB)
+    model.register_comm_hook(None, ddp.allreduce_hook)
+    x, y = torch.randn(8, 16), torch.randn(8, 4)
+    reduce = dispatcher.all_reduce
+
+    def broken(*args: Any, **attrs: Any) -> Any:
+        raise RuntimeError("the reduction broke")
+
+    dispatcher.all_reduce = broken
+    try:
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        out = {"error": "none"}
+    except RuntimeError as e:
+        out = {"error": str(e)}
+    finally:
+        dispatcher.all_reduce = reduce
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    out["after"] = str(float(t))
+    return out
 
 
 class _Bucket:
@@ -108,7 +169,9 @@ def _checks(rank: int, world_size: int) -> dict[str, Any]:
 
     os.environ["SWITCHYARD_TUNE_BUDGET"] = "0.01"  # lazy tuning in lockstep: correctness, not speed
     results: dict[str, Any] = {name: _train(rank, name) for name in HOOKS}
+    results["unused"] = {name: _train(rank, name, unused=True) for name in UNUSED}
     results["unsupported"] = _unsupported(rank)
+    results["failing"] = _failing(rank)
     return results
 
 
@@ -180,3 +243,33 @@ def test_hooks_keep_torch_s_signature():
 
     for hook in (ddp.allreduce_hook, ddp.bf16_compress_hook, ddp.fp16_compress_hook):
         assert list(inspect.signature(hook).parameters) == ["state", "bucket"]
+
+
+def test_hooks_reduce_on_their_own_thread_while_the_backward_goes_on(ranks):
+    for r in ranks:
+        for name in ("allreduce_hook", "bf16_compress_hook", "fp16_compress_hook"):
+            assert r[name]["threads"] == ["switchyard-ddp-hook"], (name, r[name]["threads"])
+
+
+def test_unused_parameters_map_does_not_cross_the_hooks_reductions(ranks):
+    # find_unused_parameters: DDP's own all_reduce of the used-parameter map on the default group runs while
+    # the hooks' last reductions may be in flight; they run on a private copy of the group, so neither waits
+    # on or mixes with the other.
+    want = ranks[0]["unused"]["default"]["params"]
+    for name in UNUSED[1:]:
+        assert torch.equal(ranks[0]["unused"][name]["params"], ranks[1]["unused"][name]["params"]), name
+        assert ranks[0]["unused"][name]["threads"] == ["switchyard-ddp-hook"], name
+    got = ranks[0]["unused"]["allreduce_hook"]["params"]
+    initial = _model_params()
+    assert not torch.equal(want[:initial.numel()], initial), "training moved nothing"
+    gmax = ranks[0]["unused"]["default"]["gmax"]
+    bound = STEPS * LR * 4 * (torch.finfo(torch.float32).eps / 2) * gmax + 4 * torch.finfo(torch.float32).eps * float(want.abs().max())
+    assert float((got - want).abs().max()) <= bound
+    narrow = ranks[0]["unused"]["fp16_compress_hook"]["params"]
+    assert float((narrow - want).abs().max()) <= STEPS * LR * 4 * (torch.finfo(torch.float16).eps / 2) * gmax
+
+
+def test_a_failing_reduction_is_the_backward_s_error(ranks):
+    for rank, r in enumerate(ranks):
+        assert "the reduction broke" in r["failing"]["error"], (rank, r["failing"])
+        assert r["failing"]["after"] == "2.0", rank

@@ -15,14 +15,28 @@ exactly into the buffer. Gradients past the narrow dtype's range become inf ther
 
 A bucket of a dtype the op cannot reduce raises ``InvalidInput`` before any communication; DDP builds
 the same buckets on every rank, so every rank raises and none is left waiting in a collective.
+
+CPU buckets are reduced while the backward pass goes on, as DDP's default reduction is: the hook
+hands the bucket to a thread of its own and returns a future that thread completes. The thread
+reduces over a private copy of the group (same ranks, same backend, made on the hook's first call),
+so its collectives, the dispatcher's own (the ranks' call check, lockstep tuning) included, never
+interleave with those DDP or the program issue on the group meanwhile (``find_unused_parameters``
+all-reduces its map of used parameters right after the last bucket's hook returns). One thread per
+group runs the buckets in the order the hooks were called, which DDP keeps the same on every rank.
+CUDA buckets are still reduced on the calling thread, before the hook returns: a second thread would
+need the stream the gradients were written on, and no GPU was at hand to measure that path.
 """
 # No ``from __future__ import annotations``: DDP's register_comm_hook compares the hook's annotations
 # with the objects dist.GradBucket and torch.futures.Future[torch.Tensor], and refuses strings.
-from typing import Any
+import os
+import queue
+import threading
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
+from core import distributed
 from core.errors import InvalidInput
 
 REDUCIBLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -39,10 +53,61 @@ def _buffer(hook: str, bucket: dist.GradBucket, allowed: tuple[torch.dtype, ...]
     return buffer
 
 
-def _done(value: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(value)
-    return fut
+class _Lane:
+    """Where one process group's CPU buckets are reduced: a private copy of the group and one thread
+    that runs the hooks' reductions on it, first come first served, completing each hook's future."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = dist.new_group(ranks=dist.get_process_group_ranks(group), backend=dist.get_backend(group),
+                                    use_local_synchronization=True)  # only the group's own ranks take part
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="switchyard-ddp-hook", daemon=True).start()
+
+    def submit(self, job: Callable[[Any], torch.Tensor]) -> torch.futures.Future[torch.Tensor]:
+        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        self._jobs.put((job, fut))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            job, fut = self._jobs.get()
+            try:
+                value = job(self.group)
+            except BaseException as e:  # noqa: BLE001 - DDP re-raises it where it waits on the future
+                fut.set_exception(e)
+            else:
+                fut.set_result(value)
+
+
+_lanes: dict[Any, _Lane] = {}  # a process group -> its lane (the group object is the key: kept alive)
+_lanes_lock = threading.Lock()
+
+
+def _forget_lanes() -> None:
+    """In a forked child: none of the parent's threads came along (nor may its lock be free)."""
+    global _lanes_lock
+    _lanes.clear()
+    _lanes_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_lanes)
+
+
+def _run(state: Any, buffer: torch.Tensor, job: Callable[[Any], torch.Tensor]) -> torch.futures.Future[torch.Tensor]:
+    """``job(group)`` on the lane of ``state``'s group (its future completes later), or here, done, for
+    CUDA buckets and a world of one."""
+    group = distributed.resolve_group(state)
+    if buffer.device.type != "cpu" or group is None or distributed.world_size(group) == 1:
+        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        fut.set_result(job(state))
+        return fut
+    lane = _lanes.get(group)
+    if lane is None:
+        with _lanes_lock:
+            lane = _lanes.get(group)
+            if lane is None:
+                lane = _lanes[group] = _Lane(group)
+    return lane.submit(job)
 
 
 def allreduce_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -50,17 +115,20 @@ def allreduce_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[
     from core import dispatcher
 
     buffer = _buffer("allreduce_hook", bucket, REDUCIBLE)
-    return _done(dispatcher.all_reduce(buffer, op="avg", group=state))
+    return _run(state, buffer, lambda group: dispatcher.all_reduce(buffer, op="avg", group=group))
 
 
 def _compressed(hook: str, state: Any, bucket: dist.GradBucket, dtype: torch.dtype) -> torch.futures.Future[torch.Tensor]:
     from core import dispatcher
 
     buffer = _buffer(hook, bucket, COMPRESSIBLE)
-    narrow = buffer if buffer.dtype == dtype else dispatcher.precision_cast(buffer, dtype=dtype).y
-    averaged = dispatcher.all_reduce(narrow, op="avg", group=state)
-    buffer.copy_(averaged)  # widening is exact
-    return _done(buffer)
+
+    def job(group: Any) -> torch.Tensor:
+        narrow = buffer if buffer.dtype == dtype else dispatcher.precision_cast(buffer, dtype=dtype).y
+        buffer.copy_(dispatcher.all_reduce(narrow, op="avg", group=group))  # widening is exact
+        return buffer
+
+    return _run(state, buffer, job)
 
 
 def bf16_compress_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
