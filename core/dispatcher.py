@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import keyword
 import os
 import threading
 import warnings
@@ -25,7 +26,7 @@ import torch
 from core import record, tuning
 from core.errors import InvalidInput, Unsupported, ValidationError
 from core.ops import all_specs, get_spec
-from core.spec import OpSpec, Sample, describe_call
+from core.spec import REQUIRED, OpSpec, Sample, describe_call
 from registry import loader
 from registry.kernel import Variant
 
@@ -137,6 +138,11 @@ def _key(spec: OpSpec, args: tuple[Any, ...], attrs: Mapping[str, Any], key: tup
 
 def _dispatch(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any:
     args, attrs = spec.bind(args, attrs)
+    return _bound(spec, args, attrs)
+
+
+def _bound(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any:
+    """The call of bound inputs (``spec.inputs`` in order) and attributes (every one, defaults filled)."""
     key = _key(spec, args, attrs, spec.verify(args, attrs))  # a verify may return the key it computed
     if _slow_env() or _forced.get() is not None:
         return _call_special(spec, key, args, attrs)
@@ -176,7 +182,11 @@ def call(op: str, /, *args: Any, **attrs: Any) -> Any:
     return _dispatch(spec, args, attrs)
 
 
-def _make_entry(spec: OpSpec) -> Any:
+def _compiled_call(name: str, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any:
+    return _library.compiled_call(name, args, attrs)  # core.library imports this module: bound late
+
+
+def _generic_entry(spec: OpSpec) -> Any:
     name = spec.name
 
     def entry(*args: Any, **attrs: Any) -> Any:
@@ -184,6 +194,49 @@ def _make_entry(spec: OpSpec) -> Any:
             return _library.compiled_call(name, args, attrs)
         return _dispatch(spec, args, attrs)
 
+    return entry
+
+
+# The generated entry of an op: its attributes are the function's own keyword parameters with their
+# defaults, so Python binds a well-formed call itself (spec.bind merged the defaults into the caller's
+# dict on every call: a third of a microsecond, more once a large kernel has left the caches cold).
+# Anything else (inputs given by keyword, an unknown keyword, a required attribute left out, a wrong
+# count of inputs) goes the generic way, through spec.bind and its InvalidInput errors.
+_ENTRY_TEMPLATE = """
+def {name}(*args, {params}**extra):
+    if extra or len(args) != {n_inputs}{required}:
+        return _sy_slow(args, {{{given}}}, extra)
+    attrs = {{{given}}}
+    if _sy_compiling() or _sy_compiler._is_compiling_flag:
+        return _sy_compiled_call({name!r}, args, attrs)
+    return _sy_bound(_sy_spec, args, attrs)
+"""
+
+
+def _make_entry(spec: OpSpec) -> Any:
+    names = [a.name for a in spec.attrs]
+    if not all(n.isidentifier() and not keyword.iskeyword(n) and not n.startswith("_sy_") for n in names) or \
+            {"args", "extra", "attrs"} & set(names) or not spec.name.isidentifier():
+        entry = _generic_entry(spec)
+    else:
+        def slow(args: tuple[Any, ...], given: dict[str, Any], extra: dict[str, Any]) -> Any:
+            attrs = {k: v for k, v in given.items() if v is not REQUIRED}
+            attrs.update(extra)
+            if _dynamo_compiling() or _compiler._is_compiling_flag:
+                return _library.compiled_call(spec.name, args, attrs)
+            return _dispatch(spec, args, attrs)
+
+        namespace: dict[str, Any] = {
+            "_sy_slow": slow, "_sy_spec": spec, "_sy_bound": _bound, "_sy_compiling": _dynamo_compiling,
+            "_sy_compiler": _compiler, "_sy_compiled_call": _compiled_call, "_sy_required": REQUIRED,
+            **{f"_sy_default_{a.name}": a.default for a in spec.attrs}}
+        source = _ENTRY_TEMPLATE.format(
+            name=spec.name, n_inputs=len(spec.inputs),
+            params="".join(f"{n}=_sy_default_{n}, " for n in names),
+            required="".join(f" or {a.name} is _sy_required" for a in spec.attrs if a.default is REQUIRED),
+            given=", ".join(f"{n!r}: {n}" for n in names))
+        exec(compile(source, f"<switchyard entry {spec.name}>", "exec"), namespace)  # noqa: S102
+        entry = namespace[spec.name]
     entry.__name__ = entry.__qualname__ = spec.name
     entry.__doc__ = f"{spec.summary}.\n\nInputs: {', '.join(spec.inputs)}; attributes: " + ", ".join(
         f"{a.name}={a.default!r}" for a in spec.attrs)

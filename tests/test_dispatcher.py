@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 import threading
 import warnings
 
@@ -63,6 +64,58 @@ def test_attention_entry_and_call_agree_with_reference(gen):
 def test_inputs_by_keyword(gen):
     q, k, v = _inputs(gen)
     assert _max_err(dispatcher.attention(q=q, k=k, v=v), dispatcher.attention(q, k, v)) == 0.0
+
+
+def test_each_entry_takes_its_ops_attributes_as_keyword_parameters():
+    # the generated entries: Python binds a well-formed call (spec.bind is the slow path); the signature
+    # is the spec's, so help() and editors show the attributes and their defaults
+    import inspect
+
+    from core.spec import REQUIRED
+
+    for name, spec in dispatcher._SPECS.items():
+        params = inspect.signature(getattr(dispatcher, name)).parameters
+        attrs = [p for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        assert [p.name for p in attrs] == [a.name for a in spec.attrs], name
+        assert all(p.default is a.default or p.default == a.default for p, a in zip(attrs, spec.attrs)), name
+        assert [p.kind for p in params.values()][0] is inspect.Parameter.VAR_POSITIONAL, name
+        assert all((p.default is REQUIRED) == (a.default is REQUIRED) for p, a in zip(attrs, spec.attrs)), name
+
+
+@pytest.mark.parametrize("args, attrs, message", [
+    (1, {}, "argument 'dtype': expected a value (it is required), got nothing"),
+    (2, {"dtype": torch.float16}, "expected 1 positional inputs (x), got 2; attributes are keyword-only"),
+    (1, {"dtype": torch.float16, "round": "nearest"}, "argument 'round': expected one of the attributes"),
+    (0, {"dtype": torch.float16}, "argument 'x': expected a value, got nothing"),
+    (1, {"dtype": torch.float16, "x": "again"}, "argument 'x': expected one of the attributes"),
+    (1, {"dtype": "float16"}, "argument 'dtype': expected one of"),
+    (1, {"dtype": torch.float16, "margin": True}, "argument 'margin': expected an int"),
+])
+def test_malformed_calls_get_the_specs_errors(args, attrs, message):
+    # the generated entry and the generic one (spec.bind on every call) refuse alike
+    x = torch.randn(8)
+    texts = []
+    for entry in (dispatcher.precision_cast, dispatcher._generic_entry(dispatcher._SPECS["precision_cast"]),
+                  lambda *a, **k: dispatcher.call("precision_cast", *a, **k)):
+        with pytest.raises(InvalidInput) as info:
+            entry(*[x] * args, **attrs)
+        texts.append(str(info.value))
+    assert texts[0] == texts[1] == texts[2]
+    assert texts[0].startswith("precision_cast: ") and message in texts[0], texts[0]
+
+
+def test_entries_forms_of_one_call_agree(gen):
+    x = torch.randn(1000, generator=gen)
+    forms = [dispatcher.precision_cast(x, dtype=torch.bfloat16),
+             dispatcher.precision_cast(x=x, dtype=torch.bfloat16),
+             dispatcher.precision_cast(x, dtype=torch.bfloat16, rounding="nearest", scaling="none", saturate=False,
+                                       margin=0, seed=None),
+             dispatcher.call("precision_cast", x, dtype=torch.bfloat16),
+             dispatcher.call("precision_cast", x=x, dtype=torch.bfloat16)]
+    want = x.to(torch.bfloat16)  # round to nearest even, no scaling: torch's cast is exact here
+    for out in forms:
+        assert torch.equal(out.y.view(torch.int16), want.view(torch.int16))
+        assert float(out.scale) == 1.0 and float(out.amax) == float(x.abs().max()) and int(out.nonfinite) == 0
 
 
 def test_bad_kernels_are_never_chosen(gen, plugin):
