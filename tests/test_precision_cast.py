@@ -505,6 +505,31 @@ def test_pooled_output_is_an_ordinary_tensor(pool, gen):
     assert torch.equal(bits(torch.load(buffer)), bits(y))
 
 
+@pytest.mark.parametrize("scaling", ["none", "amax"])
+def test_fused_statistics_are_independent_scalars(scaling, gen):
+    # scale and amax come from one small allocation: each must still be its own 0-d tensor, right,
+    # writable without touching the others, and saved and loaded (with nonfinite) as itself
+    x = torch.randn(5000, generator=gen) * 7
+    x[17], x[4000], x[123] = float("inf"), float("nan"), -float("inf")
+    out = fused_kernel(x, **attrs(torch.float8_e4m3fn, scaling=scaling))
+    ref = reference(x, **attrs(torch.float8_e4m3fn, scaling=scaling))
+    finite = x[torch.isfinite(x)].abs().max()
+    for t, dtype in ((out.scale, torch.float32), (out.amax, torch.float32), (out.nonfinite, torch.int64)):
+        assert t.dim() == 0 and t.dtype == dtype and t.is_contiguous() and not t.requires_grad
+    assert float(out.amax) == float(finite) and int(out.nonfinite) == 3
+    assert torch.equal(out.scale, ref.scale) and torch.equal(out.amax, ref.amax)
+    scale, amax = float(out.scale), float(out.amax)
+    out.nonfinite.add_(5)
+    out.scale.mul_(2)
+    assert float(out.amax) == amax and float(out.scale) == 2 * scale and int(out.nonfinite) == 8
+    out.amax.fill_(-1.0)
+    assert float(out.scale) == 2 * scale and int(out.nonfinite) == 8
+    buffer = io.BytesIO()
+    torch.save([out.scale, out.amax, out.nonfinite], buffer)
+    buffer.seek(0)
+    assert [float(t) for t in torch.load(buffer)] == [2 * scale, -1.0, 8.0]
+
+
 def test_output_pool_cap(pool, gen):
     x = torch.randn(POOLED, generator=gen)
     assert pool.set_output_pool_limit(0) == 64 << 20

@@ -1037,6 +1037,25 @@ template <class V> at::Tensor scalar_out(V v) {
   return t;
 }
 
+// scale and amax as two 0-d float32 tensors over one 8-byte storage (one allocation fewer a call),
+// each over its own bytes. nonfinite keeps a storage of its own: torch.save refuses tensors of two
+// dtypes over one storage.
+std::pair<at::Tensor, at::Tensor> scale_and_amax_out(float scale, float amax) {
+  const at::Tensor both = at::detail::empty_cpu({2}, at::kFloat);
+  float* p = static_cast<float*>(both.data_ptr());
+  p[0] = scale;
+  p[1] = amax;
+  auto scalar = [&](int64_t offset) {
+    at::Tensor t = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(both.storage()),
+                                                            c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                                            caffe2::TypeMeta::Make<float>());
+    t.unsafeGetTensorImpl()->set_sizes_contiguous({});
+    t.unsafeGetTensorImpl()->set_storage_offset(offset);
+    return t;
+  };
+  return {scalar(0), scalar(1)};
+}
+
 template <class S, class T>
 Result run(const at::Tensor& x, at::Tensor y, bool stochastic, bool amax_scaling, bool saturate, int64_t margin,
            uint64_t seed) {
@@ -1056,7 +1075,8 @@ Result run(const at::Tensor& x, at::Tensor y, bool stochastic, bool amax_scaling
     st = stochastic ? pass<Phase::CastAndStats, S, T, true, false>(xp, yp, n, C(1), over, seed)
                     : pass<Phase::CastAndStats, S, T, false, false>(xp, yp, n, C(1), over, seed);
   }
-  return {y, scalar_out(scale), scalar_out(st.amax_float()), scalar_out(st.nonfinite)};
+  auto [scale_t, amax_t] = scale_and_amax_out(scale, st.amax_float());
+  return {y, scale_t, amax_t, scalar_out(st.nonfinite)};
 }
 
 template <class S>
@@ -1137,7 +1157,15 @@ TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m) {
 
 // The cast as a plain Python function as well (plugins/fused/precision_cast.py's eager call): through
 // torch.ops a call costs about 1.8 us more (its arguments parsed into IValues, the dispatcher), a third
-// of a small cast's time. The GIL is released while it runs.
+// of a small cast's time. The GIL is released while a cast of kReleaseGil elements or more runs; a
+// smaller one (a few microseconds at most) keeps it, as letting it go and taking it back cost about
+// 0.1 us a call.
+constexpr int64_t kReleaseGil = int64_t(1) << 15;
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("precision_cast_cpu", &precision_cast_cpu, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("precision_cast_cpu", [](const at::Tensor& x, int64_t flags, int64_t seed) {
+    if (x.numel() < kReleaseGil) return precision_cast_cpu(x, flags, seed);
+    pybind11::gil_scoped_release released;
+    return precision_cast_cpu(x, flags, seed);
+  });
 }
