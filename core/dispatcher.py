@@ -174,9 +174,10 @@ _compiler = torch.compiler
 
 def call(op: str, /, *args: Any, **attrs: Any) -> Any:
     """Run ``op`` on these inputs with the kernel chosen for their dispatch key."""
-    spec = _SPECS.get(op)
-    if spec is None:
-        spec = get_spec(op)
+    entry = _ENTRIES.get(op)
+    if entry is not None:
+        return entry(*args, **attrs)
+    spec = get_spec(op)  # an op this module has no entry for, or InvalidInput naming the unknown op
     if _dynamo_compiling() or _compiler._is_compiling_flag:
         return _library.compiled_call(spec.name, args, attrs)
     return _dispatch(spec, args, attrs)
@@ -243,8 +244,9 @@ def _make_entry(spec: OpSpec) -> Any:
     return entry
 
 
+_ENTRIES: dict[str, Any] = {}  # op -> dispatcher.<op>, which call() goes through
 for _name, _spec in _SPECS.items():
-    globals()[_name] = _make_entry(_spec)
+    globals()[_name] = _ENTRIES[_name] = _make_entry(_spec)
 
 from core import library as _library  # noqa: E402  (registers torch.ops.switchyard.*; it reads this module)
 
