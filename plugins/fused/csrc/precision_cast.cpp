@@ -347,6 +347,46 @@ inline void narrow_to_odd(const double* x, float* __restrict w, int64_t m, bool 
   }
 }
 
+// One vector of float64 values for narrow_nearest and f64_to_f16: scaled when asked (by holds the
+// scale), narrowed to nearest float32; with kStats, vmx takes the lanes' |f| bits. `midpoint` says
+// whether a lane, zero aside, has its bits under kLow zero (it may be a midpoint of the target).
+#if defined(__AVX512F__)
+template <bool kStats>
+inline __m512 nearest16(const double* x, bool scaled, __m512d by, __m512i low, __m512i& vmx, bool& midpoint) {
+  __m512d v0 = _mm512_loadu_pd(x), v1 = _mm512_loadu_pd(x + 8);
+  if (scaled) v0 = _mm512_mul_pd(v0, by), v1 = _mm512_mul_pd(v1, by);
+  const __m512 f = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(v0)), _mm512_cvtpd_ps(v1), 1);
+  const __m512i a = _mm512_and_si512(_mm512_castps_si512(f), _mm512_set1_epi32(0x7FFFFFFF));
+  if constexpr (kStats) vmx = _mm512_max_epu32(vmx, a);
+  const __mmask16 maybe = _mm512_testn_epi32_mask(a, low);
+  midpoint = __builtin_expect(maybe != 0, 0) && _mm512_mask_test_epi32_mask(maybe, a, a) != 0;
+  return f;
+}
+inline uint32_t largest_lane32(__m512i v) { return uint32_t(_mm512_reduce_max_epu32(v)); }
+#elif defined(__AVX2__)
+template <bool kStats>
+inline __m256 nearest8(const double* x, bool scaled, __m256d by, __m256i low, __m256i& vmx, bool& midpoint) {
+  __m256d v0 = _mm256_loadu_pd(x), v1 = _mm256_loadu_pd(x + 4);
+  if (scaled) v0 = _mm256_mul_pd(v0, by), v1 = _mm256_mul_pd(v1, by);
+  const __m256 f = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(v0)), _mm256_cvtpd_ps(v1), 1);
+  const __m256i a = _mm256_and_si256(_mm256_castps_si256(f), _mm256_set1_epi32(0x7FFFFFFF));
+  if constexpr (kStats) vmx = _mm256_max_epu32(vmx, a);
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i maybe = _mm256_cmpeq_epi32(_mm256_and_si256(a, low), zero);
+  midpoint = false;
+  if (__builtin_expect(!_mm256_testz_si256(maybe, maybe), 0)) {
+    const __m256i hazard = _mm256_andnot_si256(_mm256_cmpeq_epi32(a, zero), maybe);
+    midpoint = !_mm256_testz_si256(hazard, hazard);
+  }
+  return f;
+}
+inline uint32_t largest_lane32(__m256i v) {
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+  return *std::max_element(lanes, lanes + 8);
+}
+#endif
+
 // float64 -> float32 for a round-to-nearest target T: the float32 written rounds to T as the float64 does
 // (one rounding), as narrow_to_odd's does, at nearly the cost of the conversion alone (Zen 4, float64 ->
 // float16 from L2, one thread: 0.74x narrow_to_odd's time on AVX-512; the loop ran 1.5x the time of torch's
@@ -365,56 +405,40 @@ inline void narrow_nearest(const double* x, float* __restrict w, int64_t m, bool
   constexpr uint32_t kLow = (1u << (22 - T::man)) - 1;
   int64_t i = 0;
   uint64_t unused = 0;
+  bool midpoint = false;
 #if defined(__AVX512F__)
   const __m512d by = _mm512_set1_pd(scale);
-  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), low = _mm512_set1_epi32(int32_t(kLow));
+  const __m512i low = _mm512_set1_epi32(int32_t(kLow));
   __m512i vmx = _mm512_setzero_si512();
   for (; i + 16 <= m; i += 16) {
-    __m512d v0 = _mm512_loadu_pd(x + i), v1 = _mm512_loadu_pd(x + i + 8);
-    if (scaled) v0 = _mm512_mul_pd(v0, by), v1 = _mm512_mul_pd(v1, by);
-    const __m512 f = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(v0)), _mm512_cvtpd_ps(v1), 1);
-    const __m512i a = _mm512_and_si512(_mm512_castps_si512(f), magnitude);
-    if constexpr (kStats) vmx = _mm512_max_epu32(vmx, a);
-    if (__builtin_expect(_mm512_testn_epi32_mask(a, low) != 0, 0) &&
-        _mm512_mask_test_epi32_mask(_mm512_testn_epi32_mask(a, low), a, a) != 0) {
+    const __m512 f = nearest16<kStats>(x + i, scaled, by, low, vmx, midpoint);
+    if (midpoint) {
       narrow_to_odd<false, kSubnormals>(x + i, w + i, 16, scaled, scale, unused);
-      continue;
+    } else {
+      _mm512_storeu_ps(w + i, f);
     }
-    _mm512_storeu_ps(w + i, f);
   }
-  if constexpr (kStats) mx = std::max(mx, uint32_t(_mm512_reduce_max_epu32(vmx)));
+  if constexpr (kStats) mx = std::max(mx, largest_lane32(vmx));
 #elif defined(__AVX2__)
   const __m256d by = _mm256_set1_pd(scale);
-  const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF), low = _mm256_set1_epi32(int32_t(kLow));
-  const __m256i zero = _mm256_setzero_si256();
-  __m256i vmx = zero;
+  const __m256i low = _mm256_set1_epi32(int32_t(kLow));
+  __m256i vmx = _mm256_setzero_si256();
   for (; i + 8 <= m; i += 8) {
-    __m256d v0 = _mm256_loadu_pd(x + i), v1 = _mm256_loadu_pd(x + i + 4);
-    if (scaled) v0 = _mm256_mul_pd(v0, by), v1 = _mm256_mul_pd(v1, by);
-    const __m256 f = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(v0)), _mm256_cvtpd_ps(v1), 1);
-    const __m256i a = _mm256_and_si256(_mm256_castps_si256(f), magnitude);
-    if constexpr (kStats) vmx = _mm256_max_epu32(vmx, a);
-    const __m256i maybe = _mm256_cmpeq_epi32(_mm256_and_si256(a, low), zero);
-    if (__builtin_expect(!_mm256_testz_si256(maybe, maybe), 0)) {
-      const __m256i hazard = _mm256_andnot_si256(_mm256_cmpeq_epi32(a, zero), maybe);
-      if (!_mm256_testz_si256(hazard, hazard)) {
-        narrow_to_odd<false, kSubnormals>(x + i, w + i, 8, scaled, scale, unused);
-        continue;
-      }
+    const __m256 f = nearest8<kStats>(x + i, scaled, by, low, vmx, midpoint);
+    if (midpoint) {
+      narrow_to_odd<false, kSubnormals>(x + i, w + i, 8, scaled, scale, unused);
+    } else {
+      _mm256_storeu_ps(w + i, f);
     }
-    _mm256_storeu_ps(w + i, f);
   }
-  if constexpr (kStats) {
-    alignas(32) uint32_t lanes[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vmx);
-    for (uint32_t lane : lanes) mx = std::max(mx, lane);
-  }
+  if constexpr (kStats) mx = std::max(mx, largest_lane32(vmx));
 #endif
   for (; i < m; ++i) {
     const double v = scaled ? x[i] * scale : x[i];
     if constexpr (kStats) mx = std::max(mx, bits_of(static_cast<float>(v)) & 0x7FFFFFFFu);
     w[i] = odd_float(v);
   }
+  (void)midpoint, (void)unused;
 }
 
 // float64 -> float16, round to nearest, in one pass: narrow_nearest's rule, with F16C's conversion (round
@@ -428,19 +452,15 @@ inline int64_t f64_to_f16(const double* x, uint16_t* __restrict y, int64_t m, bo
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   int64_t i = 0;
   uint64_t unused = 0;
+  bool midpoint = false;
 #if defined(__AVX512F__)
   const __m512d by = _mm512_set1_pd(scale);
   const __m512 hi = _mm512_set1_ps(F16::max_finite()), lo = _mm512_set1_ps(-F16::max_finite());
-  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), low = _mm512_set1_epi32(int32_t(kLow));
+  const __m512i low = _mm512_set1_epi32(int32_t(kLow));
   __m512i vmx = _mm512_setzero_si512();
   for (; i + 16 <= m; i += 16) {
-    __m512d v0 = _mm512_loadu_pd(x + i), v1 = _mm512_loadu_pd(x + i + 8);
-    if (scaled) v0 = _mm512_mul_pd(v0, by), v1 = _mm512_mul_pd(v1, by);
-    __m512 f = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(v0)), _mm512_cvtpd_ps(v1), 1);
-    const __m512i a = _mm512_and_si512(_mm512_castps_si512(f), magnitude);
-    if constexpr (kStats) vmx = _mm512_max_epu32(vmx, a);
-    if (__builtin_expect(_mm512_testn_epi32_mask(a, low) != 0, 0) &&
-        _mm512_mask_test_epi32_mask(_mm512_testn_epi32_mask(a, low), a, a) != 0) {
+    __m512 f = nearest16<kStats>(x + i, scaled, by, low, vmx, midpoint);
+    if (midpoint) {
       alignas(64) float odd[16];
       narrow_to_odd<false, false>(x + i, odd, 16, scaled, scale, unused);
       f = _mm512_load_ps(odd);
@@ -448,39 +468,27 @@ inline int64_t f64_to_f16(const double* x, uint16_t* __restrict y, int64_t m, bo
     if constexpr (kSat) f = _mm512_max_ps(lo, _mm512_min_ps(hi, f));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), _mm512_cvtps_ph(f, kRound));
   }
-  if constexpr (kStats) mx = std::max(mx, uint32_t(_mm512_reduce_max_epu32(vmx)));
+  if constexpr (kStats) mx = std::max(mx, largest_lane32(vmx));
 #elif defined(__AVX2__) && defined(__F16C__)
   const __m256d by = _mm256_set1_pd(scale);
   const __m256 hi = _mm256_set1_ps(F16::max_finite()), lo = _mm256_set1_ps(-F16::max_finite());
-  const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF), low = _mm256_set1_epi32(int32_t(kLow));
-  const __m256i zero = _mm256_setzero_si256();
-  __m256i vmx = zero;
+  const __m256i low = _mm256_set1_epi32(int32_t(kLow));
+  __m256i vmx = _mm256_setzero_si256();
   for (; i + 8 <= m; i += 8) {
-    __m256d v0 = _mm256_loadu_pd(x + i), v1 = _mm256_loadu_pd(x + i + 4);
-    if (scaled) v0 = _mm256_mul_pd(v0, by), v1 = _mm256_mul_pd(v1, by);
-    __m256 f = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(v0)), _mm256_cvtpd_ps(v1), 1);
-    const __m256i a = _mm256_and_si256(_mm256_castps_si256(f), magnitude);
-    if constexpr (kStats) vmx = _mm256_max_epu32(vmx, a);
-    const __m256i maybe = _mm256_cmpeq_epi32(_mm256_and_si256(a, low), zero);
-    if (__builtin_expect(!_mm256_testz_si256(maybe, maybe), 0)) {
-      const __m256i hazard = _mm256_andnot_si256(_mm256_cmpeq_epi32(a, zero), maybe);
-      if (!_mm256_testz_si256(hazard, hazard)) {
-        alignas(32) float odd[8];
-        narrow_to_odd<false, false>(x + i, odd, 8, scaled, scale, unused);
-        f = _mm256_load_ps(odd);
-      }
+    __m256 f = nearest8<kStats>(x + i, scaled, by, low, vmx, midpoint);
+    if (midpoint) {
+      alignas(32) float odd[8];
+      narrow_to_odd<false, false>(x + i, odd, 8, scaled, scale, unused);
+      f = _mm256_load_ps(odd);
     }
     if constexpr (kSat) f = _mm256_max_ps(lo, _mm256_min_ps(hi, f));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm256_cvtps_ph(f, kRound));
   }
-  if constexpr (kStats) {
-    alignas(32) uint32_t lanes[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vmx);
-    for (uint32_t lane : lanes) mx = std::max(mx, lane);
-  }
+  if constexpr (kStats) mx = std::max(mx, largest_lane32(vmx));
 #else
-  (void)x, (void)y, (void)m, (void)scaled, (void)scale, (void)mx, (void)unused;
+  (void)x, (void)y, (void)m, (void)scaled, (void)scale, (void)mx;
 #endif
+  (void)midpoint, (void)unused;
   return i;
 }
 
