@@ -177,7 +177,12 @@ def call(op: str, /, *args: Any, **attrs: Any) -> Any:
     entry = _ENTRIES.get(op)
     if entry is not None:
         return entry(*args, **attrs)
-    spec = get_spec(op)  # an op this module has no entry for, or InvalidInput naming the unknown op
+    # an op this module has no entry for, or InvalidInput naming the unknown op
+    return _call_unbound(get_spec(op), args, attrs)
+
+
+def _call_unbound(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any:
+    """A call as the caller wrote it: the custom op while tracing, else spec.bind and the dispatch."""
     if _dynamo_compiling() or _compiler._is_compiling_flag:
         return _library.compiled_call(spec.name, args, attrs)
     return _dispatch(spec, args, attrs)
@@ -188,12 +193,8 @@ def _compiled_call(name: str, args: tuple[Any, ...], attrs: dict[str, Any]) -> A
 
 
 def _generic_entry(spec: OpSpec) -> Any:
-    name = spec.name
-
     def entry(*args: Any, **attrs: Any) -> Any:
-        if _dynamo_compiling() or _compiler._is_compiling_flag:
-            return _library.compiled_call(name, args, attrs)
-        return _dispatch(spec, args, attrs)
+        return _call_unbound(spec, args, attrs)
 
     return entry
 
@@ -223,9 +224,7 @@ def _make_entry(spec: OpSpec) -> Any:
         def slow(args: tuple[Any, ...], given: dict[str, Any], extra: dict[str, Any]) -> Any:
             attrs = {k: v for k, v in given.items() if v is not REQUIRED}
             attrs.update(extra)
-            if _dynamo_compiling() or _compiler._is_compiling_flag:
-                return _library.compiled_call(spec.name, args, attrs)
-            return _dispatch(spec, args, attrs)
+            return _call_unbound(spec, args, attrs)
 
         namespace: dict[str, Any] = {
             "_sy_slow": slow, "_sy_spec": spec, "_sy_bound": _bound, "_sy_compiling": _dynamo_compiling,

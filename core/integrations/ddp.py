@@ -93,7 +93,7 @@ def _forget_lanes() -> None:
 os.register_at_fork(after_in_child=_forget_lanes)
 
 
-def _run(state: Any, buffer: torch.Tensor, job: Callable[[Any], torch.Tensor]) -> torch.futures.Future[torch.Tensor]:
+def _on_lane(state: Any, buffer: torch.Tensor, job: Callable[[Any], torch.Tensor]) -> torch.futures.Future[torch.Tensor]:
     """``job(group)`` on the lane of ``state``'s group (its future completes later), or here, done, for
     CUDA buckets and a world of one."""
     group = distributed.resolve_group(state)
@@ -115,7 +115,7 @@ def allreduce_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[
     from core import dispatcher
 
     buffer = _buffer("allreduce_hook", bucket, REDUCIBLE)
-    return _run(state, buffer, lambda group: dispatcher.all_reduce(buffer, op="avg", group=group))
+    return _on_lane(state, buffer, lambda group: dispatcher.all_reduce(buffer, op="avg", group=group))
 
 
 def _compressed(hook: str, state: Any, bucket: dist.GradBucket, dtype: torch.dtype) -> torch.futures.Future[torch.Tensor]:
@@ -128,7 +128,7 @@ def _compressed(hook: str, state: Any, bucket: dist.GradBucket, dtype: torch.dty
         buffer.copy_(dispatcher.all_reduce(narrow, op="avg", group=group))  # widening is exact
         return buffer
 
-    return _run(state, buffer, job)
+    return _on_lane(state, buffer, job)
 
 
 def bf16_compress_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
