@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import keyword
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, replace
@@ -61,10 +62,11 @@ class _Choice:
     fn: Any
     name: str
     check: Any = None  # the spec's verify_data, unless the kernel checks the data itself
+    bound: Any = None  # attrs -> a function of the inputs alone (Variant.bound)
 
 
 def _choice(spec: OpSpec, variant: Variant) -> _Choice:
-    return _Choice(variant.fn, variant.name, None if variant.kernel.checks_data else spec.verify_data)
+    return _Choice(variant.fn, variant.name, None if variant.kernel.checks_data else spec.verify_data, variant.bound)
 
 
 class _State:
@@ -73,6 +75,10 @@ class _State:
     def __init__(self) -> None:
         self.choices: dict[tuple[str, tuple[Any, ...]], _Choice] = {}
         self.quarantined: dict[tuple[str, tuple[Any, ...], str], str] = {}
+        # op -> its warm calls: fast key -> (dispatch key, choice, the choice's kernel bound to the call's
+        # attributes, those attributes as verify left them); emptied for an op whenever one of its
+        # choices is quarantined
+        self.warm: dict[str, dict[Any, tuple[tuple[Any, ...], _Choice, Any, dict[str, Any]]]] = {}
         self.lock = threading.RLock()
         self._tuner: tuning.Tuner | None = None
 
@@ -141,12 +147,39 @@ def _dispatch(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any
     return _bound(spec, args, attrs)
 
 
+WARM_CALLS = 1024  # fast keys remembered per op; past that the op's memo starts over
+
+
 def _bound(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any:
-    """The call of bound inputs (``spec.inputs`` in order) and attributes (every one, defaults filled)."""
-    key = _key(spec, args, attrs, spec.verify(args, attrs))  # a verify may return the key it computed
-    if _slow_env() or _forced.get() is not None:
-        return _call_special(spec, key, args, attrs)
+    """The call of bound inputs (``spec.inputs`` in order) and attributes (every one, defaults filled).
+
+    A spec with a ``fast_key`` lets a repeated call skip verify, the key and the kernel's own argument
+    handling: its fast key (equal only for calls that pass verify alike, to one dispatch key) finds
+    the choice it was served last time, with the kernel already bound to those attributes."""
     state = _state
+    if _slow_env() or _forced.get() is not None:
+        return _call_special(spec, _key(spec, args, attrs, spec.verify(args, attrs)), args, attrs)
+    fast = spec.fast_key(args, attrs) if spec.fast_key is not None else None
+    if fast is not None and spec.grad_inputs:
+        fast = (fast, _needs_grad(spec, args))  # the key's grad mark, which reads the grad mode
+    if fast is not None:
+        try:
+            hit = state.warm[spec.name][fast]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable attribute: verify names it
+            fast = None
+        else:
+            key, choice, call, canonical = hit
+            if choice.check is not None:
+                choice.check(args, canonical)
+            try:  # _run, inlined
+                return call(*args)
+            except InvalidInput:
+                raise
+            except Exception as e:
+                return _failed(state, spec, key, args, canonical, choice, e)
+    key = _key(spec, args, attrs, spec.verify(args, attrs))  # a verify may return the key it computed
     choice = state.choices.get((spec.name, key))  # _checked_choice, inlined
     if choice is None:
         if spec.verify_data is not None:
@@ -154,14 +187,36 @@ def _bound(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any:
         choice = _resolve(state, spec, key, args, attrs)
     elif choice.check is not None:
         choice.check(args, attrs)
+    call = None
+    if fast is not None and choice.bound is not None:
+        try:
+            call = choice.bound(attrs)
+        except Exception as e:  # a kernel's bind is the kernel's own code
+            return _failed(state, spec, key, args, attrs, choice, e)
+        warm = state.warm.setdefault(spec.name, {})
+        if len(warm) >= WARM_CALLS:
+            warm.clear()
+        warm[fast] = (key, choice, call, dict(attrs))
+    return _run(state, spec, key, args, attrs, choice, call)
+
+
+def _run(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...], attrs: dict[str, Any],
+         choice: _Choice, call: Any) -> Any:
+    """The chosen kernel on the call (``call``, when bound already); a kernel that raises on it is
+    quarantined for the key and the next validated one serves."""
     try:
-        return choice.fn(*args, **attrs)
+        return call(*args) if call is not None else choice.fn(*args, **attrs)
     except InvalidInput:
         raise
     except Exception as e:
-        if spec.collective and tuning.lockstep_for(spec, args, attrs) is not None:
-            raise  # one rank switching kernels alone would desynchronize the group
-        return _fall_back(state, spec, key, args, attrs, choice, e)
+        return _failed(state, spec, key, args, attrs, choice, e)
+
+
+def _failed(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...], attrs: dict[str, Any],
+            choice: _Choice, error: Exception) -> Any:
+    if spec.collective and tuning.lockstep_for(spec, args, attrs) is not None:
+        raise error  # one rank switching kernels alone would desynchronize the group
+    return _fall_back(state, spec, key, args, attrs, choice, error)
 
 
 # While Dynamo traces a call it takes the custom op instead (core.library): one graph node whose real
@@ -349,6 +404,16 @@ def _no_kernel(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[An
     return Unsupported("\n".join(lines))
 
 
+def _callers_level() -> int:
+    """``warnings.warn``'s stacklevel, called here, for the first frame outside the dispatcher (its
+    module and the generated entries): the caller's own line, however deep the path that warns."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and (frame.f_code.co_filename == __file__
+                                 or frame.f_code.co_filename.startswith("<switchyard entry")):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _fall_back(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[Any, ...], attrs: Mapping[str, Any],
                failed: _Choice, error: Exception) -> Any:
     """A chosen kernel raised on the caller's data: quarantine it for this key and try the next."""
@@ -359,9 +424,10 @@ def _fall_back(state: _State, spec: OpSpec, key: tuple[Any, ...], args: tuple[An
             warnings.warn(
                 f"switchyard: kernel {failed.name!r} for {spec.name} raised {type(error).__name__}: {error}; "
                 f"quarantined for dispatch key {key} and falling back to the next validated kernel",
-                DispatchWarning, stacklevel=4)
+                DispatchWarning, stacklevel=_callers_level())
         if state.choices.get((spec.name, key)) is failed:
             del state.choices[(spec.name, key)]
+        state.warm.pop(spec.name, None)  # its warm calls may hold the failed kernel
         try:
             choice = _resolve(state, spec, key, args, attrs)
         except Unsupported:

@@ -95,6 +95,12 @@ class OpSpec:
     - ``key(args, attrs)``: the dispatch key, a hashable tuple (device, dtypes, bucketed shapes, the
       attributes that change the kernel) of JSON scalars or objects whose ``str`` is stable (a
       ``torch.device``, a ``torch.dtype``): the cache stores it as JSON through ``str``.
+    - ``fast_key(args, attrs)``: optional; a cheap hashable summary of everything ``verify`` and ``key``
+      read (types included, where ``True == 1`` would otherwise pass for an int), or ``None`` for a
+      call it does not summarize. Two calls with equal fast keys must pass ``verify`` alike, with the
+      same canonical attributes and the same dispatch key: the dispatcher then serves a repeated call
+      of a warm key from its memo of fast keys, skipping both (see ``core.dispatcher``). It never
+      raises.
     - ``key_sizes``: the indices of the key's bucketed size parts; the tuner predicts an unseen key's
       winner from decided keys equal in every other part and near in these.
     - ``device(args, attrs)`` / ``dtypes(args, attrs)``: what a kernel's declared devices and dtypes
@@ -136,6 +142,7 @@ class OpSpec:
     verify: Callable[[tuple[Any, ...], dict[str, Any]], None]
     verify_data: Callable[[tuple[Any, ...], Mapping[str, Any]], None] | None = None
     key: Callable[[tuple[Any, ...], Mapping[str, Any]], tuple[Any, ...]]
+    fast_key: Callable[[tuple[Any, ...], Mapping[str, Any]], Any] | None = None
     key_sizes: tuple[int, ...] = ()
     device: Callable[[tuple[Any, ...], Mapping[str, Any]], str]
     dtypes: Callable[[tuple[Any, ...], Mapping[str, Any]], tuple[torch.dtype, ...]]

@@ -21,6 +21,11 @@ class Kernel:
     ``checks_data``: the kernel itself raises the ``InvalidInput`` of its op's ``verify_data`` (the rules
     that read the inputs' values) on every input it is given, so the dispatcher skips that separate pass
     when it serves this kernel.
+    ``bind``: optional; called as ``bind(**attrs)`` (a config's entries included) on a warm call, it
+    returns a function of the inputs alone that computes ``fn(*inputs, **attrs)`` for every input of
+    that call's dispatch key, or ``None`` (then the dispatcher binds ``fn`` itself). The dispatcher keeps
+    it in its memo of warm calls (``OpSpec.fast_key``), so a kernel can work out there, once, what
+    depends on the attributes alone.
     """
 
     op: str
@@ -34,6 +39,7 @@ class Kernel:
     configs: tuple[Mapping[str, Any], ...] = ()
     backward: Callable[..., Sequence[Any]] | None = None
     checks_data: bool = False
+    bind: Callable[..., Callable[..., Any] | None] | None = None
     description: str = ""
     plugin: str = ""
 
@@ -87,6 +93,11 @@ class Variant:
     kernel: Kernel
     config: Mapping[str, Any] = field(default_factory=dict)
     fn: Callable[..., Any]
+
+    def bound(self, attrs: Mapping[str, Any]) -> Callable[..., Any]:
+        """A function of the inputs alone: ``fn(*inputs, **attrs)``, the kernel's own ``bind`` where it has one."""
+        call = self.kernel.bind(**self.config, **attrs) if self.kernel.bind is not None else None
+        return call if call is not None else functools.partial(self.fn, **attrs)
 
 
 def variant_name(backend: str, config: Mapping[str, Any]) -> str:

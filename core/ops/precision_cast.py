@@ -184,6 +184,23 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> tuple[Any, ...] | N
         return None
 
 
+def _fast_key(args: tuple[Any, ...], attrs: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """What ``_verify`` and ``_key`` read, in one tuple: the input's class, dtype, device, layout and size
+    bucket, and each attribute with its exact type. None for a seeded call (a key per seed would pile
+    up) and for anything that is not a tensor."""
+    if attrs["seed"] is not None:
+        return None
+    (x,) = args
+    saturate, margin = attrs["saturate"], attrs["margin"]
+    try:
+        n = x.numel()
+        return (x.__class__, x.dtype, x.device, x.is_contiguous(), n if n <= 1 else 1 << (n - 1).bit_length(),
+                attrs["dtype"], attrs["rounding"], attrs["scaling"], saturate.__class__, saturate, margin.__class__,
+                margin)
+    except (AttributeError, TypeError):  # not a tensor, or symbolic sizes
+        return None
+
+
 def _check_rules(x: Any, attrs: Mapping[str, Any]) -> None:
     """Every rule, naming the first broken one; remembers attributes that pass (without a seed)."""
     require_tensor(NAME, "x", x)
@@ -499,6 +516,7 @@ SPEC = OpSpec(
     ),
     verify=_verify,
     key=_key,
+    fast_key=_fast_key,
     key_sizes=(7,),
     device=_device,
     dtypes=_dtypes,

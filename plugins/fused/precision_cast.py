@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 import torch
 
@@ -95,6 +96,23 @@ def precision_cast_cpu(x: torch.Tensor, *, dtype: torch.dtype, rounding: str, sc
 _new = tuple.__new__  # CastResult._make without its length check: the C++ call returns four tensors
 
 
+def bind_cpu(*, dtype: torch.dtype, rounding: str, scaling: str, saturate: bool, margin: int,
+             seed: int | None) -> Any:
+    """``precision_cast_cpu`` with these attributes worked out once (the dispatcher's warm calls): a
+    function of ``x`` alone; None for stochastic rounding, whose seed is drawn per call."""
+    flags = _FLAGS[dtype, rounding, scaling, saturate] | (margin << 8)
+    if flags & 4:
+        return None
+
+    def cast(x: torch.Tensor) -> CastResult:
+        op = _cast_ops.get(_build._forced or _build._from_env) or _configure()  # the level in force
+        if x.requires_grad:
+            x = x.detach()
+        return _new(CastResult, op(x, flags, 0))
+
+    return cast
+
+
 def output_pool_stats() -> dict[str, int]:
     """The CPU kernel's output pool (see csrc/precision_cast.cpp): idle bytes and blocks it holds for
     reuse, allocations it served from them (hits) or from the OS (misses), and its cap on idle bytes."""
@@ -131,7 +149,7 @@ def precision_cast_triton(x: torch.Tensor, *, dtype: torch.dtype, rounding: str,
 
 KERNELS = [
     Kernel(op=OP, backend="fused", fn=precision_cast_cpu, devices={"cpu"}, dtypes=set(SOURCES), priority=30,
-           check=_cpu_check, description="C++/OpenMP, branch-free bit rounding the compiler vectorizes"),
+           check=_cpu_check, bind=bind_cpu, description="C++/OpenMP, branch-free bit rounding the compiler vectorizes"),
     Kernel(op=OP, backend="fused-triton", fn=precision_cast_triton, devices={"cuda"}, dtypes=set(SOURCES), priority=30,
            check=_triton_check, description="Triton: stats with atomics, then the rounding kernel"),
 ]

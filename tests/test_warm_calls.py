@@ -1,0 +1,240 @@
+"""The dispatcher's memo of warm calls (``OpSpec.fast_key``, ``Kernel.bind``): a repeated call skips verify
+and the key, and must still be exactly the slow path: the same kernel, the same result, the same errors,
+the same fallbacks, and nothing served from it while a backend is forced."""
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+from core import dispatcher
+from core.errors import InvalidInput
+from core.ops.precision_cast import SPEC, TARGETS
+from plugins.fused import _build
+from plugins.fused import precision_cast as fused_cast
+from plugins.reference.precision_cast import precision_cast as reference
+from plugins.torch_backend.precision_cast import precision_cast as torch_cast
+from registry import Kernel, hookimpl, loader
+
+MARKER = 4321.0
+
+
+@pytest.fixture(autouse=True)
+def fresh_dispatch(monkeypatch, tmp_path):
+    monkeypatch.setenv("SWITCHYARD_CACHE_DIR", str(tmp_path / "cache"))
+    dispatcher.reset()
+    yield
+    dispatcher.reset()
+
+
+@pytest.fixture
+def plugin():
+    added = []
+
+    def add(obj, name):
+        added.append(name)
+        loader.add_plugin(obj, name)
+
+    yield add
+    for name in added:
+        loader.remove_plugin(name)
+    dispatcher.reset()
+
+
+def _outcome(x, **given):
+    """What the slow path makes of a call: ("ok", its dispatch key) or ("invalid", the message)."""
+    try:
+        args, attrs = SPEC.bind((x,), given)
+        key = SPEC.verify(args, attrs)
+        return "ok", key if key is not None else SPEC.key(args, attrs)
+    except InvalidInput as e:
+        return "invalid", str(e)
+
+
+def _calls(gen):
+    """Calls of every kind the fast key must tell apart: sources, layouts, size buckets, every attribute
+    (valid values, and invalid ones equal to valid ones, such as 1 for True), and inputs that are not
+    float tensors."""
+    xs = [torch.randn(n, generator=gen).to(dt) for n in (1, 5, 7, 8, 300, 513) for dt in
+          (torch.float32, torch.float64, torch.bfloat16)]
+    xs += [torch.randn(24, 40, generator=gen).t(), torch.randn(40, 24, generator=gen), torch.zeros(0),
+           torch.arange(6), torch.randn(3, dtype=torch.complex64), torch.randn(8, device="meta")]
+    attr_sets = [{"dtype": d} for d in (*TARGETS, torch.int8, "float16")]
+    attr_sets += [{"dtype": torch.float16, **a} for a in (
+        {"saturate": True}, {"saturate": 1}, {"saturate": 0}, {"margin": 1}, {"margin": True}, {"margin": 1.0},
+        {"margin": -1}, {"margin": 200}, {"scaling": "amax"}, {"scaling": "AMAX"}, {"rounding": "stochastic"},
+        {"rounding": "up"}, {"scaling": "amax", "margin": 3, "saturate": True})]
+    calls = [(x, a) for x, a in itertools.product(xs, attr_sets)]
+    calls += [([1.0, 2.0], {"dtype": torch.float16}), (3.0, {"dtype": torch.float16})]
+    return calls
+
+
+def test_equal_fast_keys_pass_verify_alike_with_one_dispatch_key(gen):
+    """The fast key's contract, on every pair of a few thousand calls: equal fast keys, equal outcomes."""
+    groups: dict = {}
+    for x, given in _calls(gen) + _calls(gen):  # twice: fresh tensors of the same kinds must meet
+        args, attrs = SPEC.bind((x,), given)
+        fast = SPEC.fast_key(args, attrs)
+        if fast is not None:
+            groups.setdefault(fast, []).append(_outcome(x, **given))
+    shared = [outcomes for outcomes in groups.values() if len(outcomes) > 1]
+    assert len(shared) > 100  # the check has pairs to compare, valid and invalid alike
+    assert any(o[0][0] == "invalid" for o in shared) and any(o[0][0] == "ok" for o in shared)
+    for outcomes in shared:
+        assert all(o == outcomes[0] for o in outcomes), outcomes
+
+
+def test_a_seeded_call_has_no_fast_key(gen):
+    x = torch.randn(64, generator=gen)
+    assert SPEC.fast_key(*SPEC.bind((x,), {"dtype": torch.float16, "rounding": "stochastic", "seed": 5})) is None
+    assert SPEC.fast_key(*SPEC.bind((x,), {"dtype": torch.float16})) is not None
+
+
+@pytest.mark.parametrize("dtype", TARGETS, ids=str)
+def test_warm_calls_are_the_slow_paths_results(dtype, gen):
+    """Every size bucket and attribute set called twice (the second from the memo), on fresh data each
+    time, bit for bit the reference's; the memo is what served them."""
+    for n, scaling, saturate, margin in [(1, "none", False, 0), (100, "amax", True, 2), (4099, "none", True, 0),
+                                         (70000, "amax", False, 1)]:
+        kw = dict(dtype=dtype, scaling=scaling, saturate=saturate, margin=margin)
+        for _ in range(2):
+            x = torch.randn(n, generator=gen) * 50
+            x[:: max(1, n // 7)] = float("inf")
+            got = dispatcher.precision_cast(x, **kw)
+            want = reference(x, rounding="nearest", seed=None, **kw)
+            assert torch.equal(got.y.view(torch.uint8), want.y.view(torch.uint8))
+            for field in ("scale", "amax", "nonfinite"):
+                assert float(getattr(got, field)) == float(getattr(want, field)), field
+    assert len(dispatcher._state.warm["precision_cast"]) == 4
+
+
+def test_warm_stochastic_calls_draw_a_new_seed_each_time(gen):
+    x = torch.randn(4096, generator=gen)
+    a = dispatcher.precision_cast(x, dtype=torch.float8_e5m2, rounding="stochastic")
+    b = dispatcher.precision_cast(x, dtype=torch.float8_e5m2, rounding="stochastic")
+    assert len(dispatcher._state.warm["precision_cast"]) == 1
+    assert not torch.equal(a.y.view(torch.uint8), b.y.view(torch.uint8))  # 4096 draws alike: chance 2^-1000s
+    torch.manual_seed(7)
+    c = dispatcher.precision_cast(x, dtype=torch.float8_e5m2, rounding="stochastic")
+    torch.manual_seed(7)
+    d = dispatcher.precision_cast(x, dtype=torch.float8_e5m2, rounding="stochastic")
+    assert torch.equal(c.y.view(torch.uint8), d.y.view(torch.uint8))  # torch.manual_seed still governs it
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"saturate": 1}, "argument 'saturate'"), ({"margin": True}, "argument 'margin'"),
+    ({"margin": -1}, "argument 'margin'"), ({"rounding": ["nearest"]}, "argument 'rounding'"),
+    ({"scaling": "AMAX"}, "argument 'scaling'"), ({"dtype": torch.int8}, "argument 'dtype'")])
+def test_a_warm_key_still_rejects_what_verify_rejects(gen, given, message):
+    x = torch.randn(100, generator=gen)
+    for _ in range(2):
+        dispatcher.precision_cast(x, dtype=torch.float16, saturate=True, margin=1)
+    with pytest.raises(InvalidInput, match=message):
+        dispatcher.precision_cast(x, **{"dtype": torch.float16, "saturate": True, "margin": 1, **given})
+    with pytest.raises(InvalidInput, match="argument 'x'"):
+        dispatcher.precision_cast(x.long(), dtype=torch.float16, saturate=True, margin=1)
+
+
+class _Counting:
+    """A precision_cast kernel that serves every call (the torch kernel inside) and counts them, with an
+    optional bind, and one that raises when the data holds MARKER."""
+
+    def __init__(self, bind=False, fail_on_marker=False, bind_raises=False):
+        self.calls = self.binds = 0
+        self.bind, self.fail_on_marker, self.bind_raises = bind, fail_on_marker, bind_raises
+
+    def fn(self, x, **attrs):
+        self.calls += 1
+        if self.fail_on_marker and bool((x == MARKER).any()):
+            raise RuntimeError("marker seen")
+        return torch_cast(x, **attrs)
+
+    def bound(self, **attrs):
+        self.binds += 1
+        if self.bind_raises:
+            raise RuntimeError("bind broke")
+        return lambda x: self.fn(x, **attrs)
+
+    @hookimpl
+    def switchyard_kernels(self):
+        return [Kernel(op="precision_cast", backend="counting", fn=self.fn, devices={"cpu"}, priority=1000,
+                       bind=self.bound if (self.bind or self.bind_raises) else None)]
+
+
+@pytest.mark.parametrize("bind", [False, True], ids=["partial", "bind"])
+def test_warm_calls_go_to_the_chosen_kernel_and_forced_backends_bypass_them(gen, plugin, monkeypatch, bind):
+    monkeypatch.setenv("SWITCHYARD_AUTOTUNE", "off")  # the highest priority that passes: the counting kernel
+    counting = _Counting(bind=bind)
+    plugin(counting, "counting")
+    x = torch.randn(500, generator=gen)
+    dispatcher.precision_cast(x, dtype=torch.bfloat16)  # validated (called on samples too) and served
+    assert dispatcher.explain("precision_cast", x, dtype=torch.bfloat16).chosen == "counting"
+    first = counting.calls
+    for _ in range(2):
+        dispatcher.precision_cast(x, dtype=torch.bfloat16)
+    assert counting.calls == first + 2 and counting.binds == (1 if bind else 0)
+    with dispatcher.use_backend("torch"):
+        dispatcher.precision_cast(x, dtype=torch.bfloat16)
+    monkeypatch.setenv("SWITCHYARD_BACKEND", "reference")
+    dispatcher.precision_cast(x, dtype=torch.bfloat16)
+    assert counting.calls == first + 2
+    monkeypatch.delenv("SWITCHYARD_BACKEND")
+    dispatcher.precision_cast(x, dtype=torch.bfloat16)
+    assert counting.calls == first + 3
+
+
+@pytest.mark.parametrize("bind", [False, True], ids=["partial", "bind"])
+def test_a_kernel_raising_on_a_warm_call_is_quarantined(gen, plugin, monkeypatch, bind):
+    monkeypatch.setenv("SWITCHYARD_AUTOTUNE", "off")
+    counting = _Counting(bind=bind, fail_on_marker=True)
+    plugin(counting, "counting")
+    x = torch.randn(500, generator=gen)
+    dispatcher.precision_cast(x, dtype=torch.float16)
+    dispatcher.precision_cast(x, dtype=torch.float16)  # from the memo
+    x[7] = MARKER
+    with pytest.warns(dispatcher.DispatchWarning, match="counting") as record:
+        out = dispatcher.precision_cast(x, dtype=torch.float16)
+    assert record[0].filename == __file__  # the warning names the caller's line, not the dispatcher's
+    assert torch.equal(out.y, x.to(torch.float16))
+    before = counting.calls
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):  # the memo holds the fallback now, not the quarantined kernel
+            dispatcher.precision_cast(x, dtype=torch.float16)
+    assert counting.calls == before
+    assert dispatcher.explain("precision_cast", x, dtype=torch.float16).chosen != "counting"
+
+
+def test_a_bind_that_raises_quarantines_its_kernel(gen, plugin, monkeypatch):
+    monkeypatch.setenv("SWITCHYARD_AUTOTUNE", "off")
+    plugin(_Counting(bind_raises=True), "counting")
+    x = torch.randn(300, generator=gen)
+    with pytest.warns(dispatcher.DispatchWarning, match="bind broke"):
+        out = dispatcher.precision_cast(x, dtype=torch.float16)
+    assert torch.equal(out.y, x.to(torch.float16))
+    assert dispatcher.explain("precision_cast", x, dtype=torch.float16).chosen != "counting"
+
+
+OTHER_LEVEL = "avx2" if _build.machine_isa() == "avx512" else "scalar"
+
+
+@pytest.mark.skipif(_build.unavailable_reason("precision_cast") is not None
+                    or OTHER_LEVEL not in _build.supported_isas(), reason="no second level of the fused cast here")
+def test_a_warm_fused_call_runs_the_level_in_force(gen, monkeypatch):
+    """A key warmed at the machine's level, then called inside forced_isa: the bound call looks its
+    level up per call, so the forced level serves it."""
+    monkeypatch.setenv("SWITCHYARD_AUTOTUNE", "off")  # the highest priority that passes: fused
+    x = torch.randn(1000, generator=gen)
+    for _ in range(2):
+        dispatcher.precision_cast(x, dtype=torch.float16)
+    assert dispatcher.explain("precision_cast", x, dtype=torch.float16).chosen == "fused"
+    with _build.forced_isa(OTHER_LEVEL):
+        fused_cast._library()
+        real, seen = fused_cast._cast_ops[OTHER_LEVEL], []
+        monkeypatch.setitem(fused_cast._cast_ops, OTHER_LEVEL, lambda *a: seen.append(1) or real(*a))
+        out = dispatcher.precision_cast(x, dtype=torch.float16)
+    assert len(seen) == 1 and torch.equal(out.y, x.to(torch.float16))
+    dispatcher.precision_cast(x, dtype=torch.float16)
+    assert len(seen) == 1
