@@ -89,6 +89,23 @@ def collective_device(group: Any) -> Any:
     return torch.device("cpu")
 
 
+_vouched: set[Any] = set()  # groups whose owners vouch that every rank makes the same calls (see vouch)
+
+
+def vouch(group: Any) -> None:
+    """Mark ``group`` as one whose collective calls are the same on every rank, in the same order, by the
+    construction of the code that owns it, so collective ops skip their ranks' call check on it (one
+    small collective a call). For a private group only its owner issues calls on: the DDP hooks' copy
+    of a group, which carries only DDP's buckets (DDP builds the same buckets on every rank, checks the
+    parameters' shapes across ranks when it wraps the model, and runs the hooks in bucket order)."""
+    _vouched.add(group)
+
+
+def vouched(group: Any) -> bool:
+    """Whether ``group``'s owner vouched for its calls (``vouch``)."""
+    return group in _vouched
+
+
 def disagreement(description: str, group: Any) -> list[str] | None:
     """Every rank's ``description`` when they are not all equal, else None. A collective on ``group``.
 

@@ -83,6 +83,14 @@ def _train(rank: int, name: str, unused: bool = False) -> dict[str, Any]:
         return reduce(*args, **attrs)
 
     dispatcher.all_reduce = where
+    checks: list[Any] = []  # the groups all_reduce's call check ran on while training
+    check = distributed.disagreement
+
+    def counted_check(description: str, group: Any) -> Any:
+        checks.append(group)
+        return check(description, group)
+
+    distributed.disagreement = counted_check
     try:
         for _ in range(STEPS):
             x = torch.randn(8, 16, generator=data)
@@ -93,8 +101,10 @@ def _train(rank: int, name: str, unused: bool = False) -> dict[str, Any]:
             opt.step()
     finally:
         dispatcher.all_reduce = reduce
+        distributed.disagreement = check
     params = torch.cat([p.detach().reshape(-1) for p in model.module.parameters()])
-    return {"params": params, "buckets": calls["buckets"], "gmax": gmax, "threads": sorted(threads)}
+    return {"params": params, "buckets": calls["buckets"], "gmax": gmax, "threads": sorted(threads),
+            "checks": len(checks)}
 
 
 def _failing(rank: int) -> dict[str, str]:
@@ -249,6 +259,17 @@ def test_hooks_reduce_on_their_own_thread_while_the_backward_goes_on(ranks):
     for r in ranks:
         for name in ("allreduce_hook", "bf16_compress_hook", "fp16_compress_hook"):
             assert r[name]["threads"] == ["switchyard-ddp-hook"], (name, r[name]["threads"])
+
+
+def test_the_hooks_private_group_skips_the_call_check(ranks):
+    """DDP's buckets are the same on every rank: the hooks' private group is vouched for, and no bucket
+    pays all_reduce's call check (a collective each); calls on any other group still do (the all_reduce
+    group tests)."""
+    for r in ranks:
+        for name in ("allreduce_hook", "bf16_compress_hook", "fp16_compress_hook"):
+            assert r[name]["buckets"] > 0 and r[name]["checks"] == 0, (name, r[name]["checks"])
+        for name in UNUSED[1:]:
+            assert r["unused"][name]["checks"] == 0, name
 
 
 def test_unused_parameters_map_does_not_cross_the_hooks_reductions(ranks):

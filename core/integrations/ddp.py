@@ -19,10 +19,13 @@ the same buckets on every rank, so every rank raises and none is left waiting in
 CPU buckets are reduced while the backward pass goes on, as DDP's default reduction is: the hook
 hands the bucket to a thread of its own and returns a future that thread completes. The thread
 reduces over a private copy of the group (same ranks, same backend, made on the hook's first call),
-so its collectives, the dispatcher's own (the ranks' call check, lockstep tuning) included, never
-interleave with those DDP or the program issue on the group meanwhile (``find_unused_parameters``
+so its collectives, the dispatcher's own (lockstep tuning) included, never interleave with those DDP
+or the program issue on the group meanwhile (``find_unused_parameters``
 all-reduces its map of used parameters right after the last bucket's hook returns). One thread per
 group runs the buckets in the order the hooks were called, which DDP keeps the same on every rank.
+Since DDP builds the same buckets on every rank (it checks the parameters' shapes across ranks when it
+wraps the model), the private group is vouched for (``core.distributed.vouch``): all_reduce skips its
+ranks' call check there, one small collective per bucket.
 CUDA buckets are still reduced on the calling thread, before the hook returns: a second thread would
 need the stream the gradients were written on, and no GPU was at hand to measure that path.
 """
@@ -60,6 +63,9 @@ class _Lane:
     def __init__(self, group: Any) -> None:
         self.group = dist.new_group(ranks=dist.get_process_group_ranks(group), backend=dist.get_backend(group),
                                     use_local_synchronization=True)  # only the group's own ranks take part
+        # It carries DDP's buckets alone, the same on every rank in the same order: all_reduce's call
+        # check (a collective per bucket) has nothing to find on it.
+        distributed.vouch(self.group)
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         threading.Thread(target=self._run, name="switchyard-ddp-hook", daemon=True).start()
 

@@ -6,7 +6,9 @@ tensors (the inputs are left unchanged). ``op`` is sum, avg, max, min or prod; a
 rejected. ``group`` is a ``torch.distributed`` process group; None means the default group when
 torch.distributed is initialized and otherwise a world of one, whose result equals the input. Every
 rank must pass the same structure (count, shapes, dtypes, op): verify checks that with one small
-collective and raises ``InvalidInput`` on every rank, naming the first difference, instead of hanging.
+collective and raises ``InvalidInput`` on every rank, naming the first difference, instead of hanging
+(except on a group whose owner vouched that its calls are the same on every rank,
+``core.distributed.vouch``: the DDP hooks' private groups).
 Every rank gets bitwise identical results. Not differentiable: the outputs do not require grad.
 
 Compare rule (n ranks; u = eps/2, the dtype's unit roundoff; tau, its smallest subnormal; u64 = 2^-53):
@@ -151,9 +153,10 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> None:
     group = _verify_group(attrs["group"])
     attrs["group"] = group
     problem = _local_problem(tensors, attrs["op"], group)
-    if distributed.world_size(group) > 1:
+    if distributed.world_size(group) > 1 and not distributed.vouched(group):
         # A rank whose call is wrong (or differs) must not leave the others waiting in a collective:
-        # every rank takes part in this one check, and every rank raises the same error.
+        # every rank takes part in this one check, and every rank raises the same error. (A group its
+        # owner vouched for carries only calls that are the same on every rank: see distributed.vouch.)
         everyone = distributed.disagreement(describe_call(tensors, attrs["op"], problem), group)
         if everyone is not None:
             raise InvalidInput(f"{NAME}: argument 'tensors': expected the same call on every rank of the group "
