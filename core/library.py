@@ -39,18 +39,30 @@ def _storages(inputs: Sequence[Any]) -> set[int]:
 
 def _fresh(out: torch.Tensor, taken: set[int]) -> torch.Tensor:
     """``out`` as the op's schema promises it: contiguous, detached, sharing no memory with an input or an
-    earlier output (``taken``, which it extends)."""
-    t = out.detach().contiguous()
+    earlier output (``taken``, which it extends). Each step only where needed: a compiled graph pays
+    this at every run."""
+    t = out.detach() if out.requires_grad else out
+    if not t.is_contiguous():
+        t = t.contiguous()
     if t.numel():
-        if t.untyped_storage().data_ptr() in taken:
+        where = t.untyped_storage().data_ptr()
+        if where in taken:
             t = t.clone()
-        taken.add(t.untyped_storage().data_ptr())  # nor with another output (a kernel may return views of one buffer)
+            where = t.untyped_storage().data_ptr()
+        taken.add(where)  # nor with another output (a kernel may return views of one buffer)
     return t
 
 
+_set_grad = torch._C._set_grad_enabled  # torch.no_grad() as a context costs about 1 us a call
+
+
 def _real(name: str, args: tuple[Any, ...], attrs: dict[str, Any], inputs: Sequence[Any]) -> list[torch.Tensor]:
-    with torch.no_grad():
+    was = torch.is_grad_enabled()
+    _set_grad(False)
+    try:
         out = dispatcher._dispatch(_SPECS[name], args, attrs)
+    finally:
+        _set_grad(was)
     taken = _storages(inputs)
     return [_fresh(t, taken) for t in _leaves(out)]
 
@@ -87,10 +99,17 @@ def _flat_tensors(args: Sequence[Any]) -> list[torch.Tensor]:
     return flat
 
 
+_LIB = torch.library.Library(NS, "DEF")  # the ops live as long as this object: the module keeps it
+
+
 def _define(name: str, schema: str, real: Callable[..., Any], fake: Callable[..., Any]) -> Any:
-    op = torch.library.custom_op(f"{NS}::{name}", real, mutates_args=(), schema=schema)
-    op.register_fake(fake)
-    return op
+    """One op through torch.library's low-level registration: the schema, ``real`` for every device
+    (CompositeExplicitAutograd: below autograd) and ``fake``. torch.library.custom_op registers the same
+    behind Python layers of its own that cost about 8 us a call, paid at every run of a compiled graph."""
+    _LIB.define(name + schema)
+    _LIB.impl(name, real, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NS}::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.switchyard, name).default
 
 
 # -- attention: forward and backward ops, autograd between them -------------------------------------
@@ -104,13 +123,17 @@ def _attention_real(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
     attrs = {"causal": causal, "scale": scale, "attn_mask": attn_mask, "return_lse": return_lse}
     # needs_grad: the eager call would have required grad, so the key is the same "grad" key and the
     # kernel the same differentiable one (the forward values equal eager's, not just a valid kernel's).
-    if needs_grad:
-        with torch.enable_grad():
+    if needs_grad:  # below the autograd keys here: recording back on, as the tuner validates gradients
+        with torch.enable_grad(), _autograd_on():
             leaves = tuple(t.detach().requires_grad_(True) for t in (q, k, v))
             out = dispatcher._dispatch(_SPECS["attention"], leaves, attrs)
     else:
-        with torch.no_grad():
+        was = torch.is_grad_enabled()
+        _set_grad(False)
+        try:
             out = dispatcher._dispatch(_SPECS["attention"], (q, k, v), attrs)
+        finally:
+            _set_grad(was)
     o, lse = out if return_lse else (out, torch.empty(0, dtype=torch.float32, device=q.device))
     taken = _storages((q, k, v, attn_mask))
     return _fresh(o, taken), _fresh(lse, taken)
@@ -178,7 +201,7 @@ def _attention_backward(ctx: Any, grad_o: torch.Tensor, grad_lse: torch.Tensor) 
     return dq, dk, dv, None, None, None, None, None
 
 
-attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+torch.library.register_autograd(f"{NS}::attention", _attention_backward, setup_context=_attention_setup, lib=_LIB)
 
 
 # -- the other ops ---------------------------------------------------------------------------------
@@ -379,18 +402,24 @@ def _call_attention(args: tuple[Any, ...], a: dict[str, Any]) -> Any:
     return (o, lse) if a["return_lse"] else o
 
 
+# The ops other than attention have no gradient, as in eager calls (whose kernels detach): their inputs
+# go in detached, so the op's outputs never require grad and autograd never meets it.
+def _detached(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in args)
+
+
 def _call_precision_cast(args: tuple[Any, ...], a: dict[str, Any]) -> Any:
     from core.ops.precision_cast import CastResult
 
-    out = torch.ops.switchyard.precision_cast(args[0], a["dtype"], a["rounding"], a["scaling"], a["saturate"],
-                                              a["margin"], a["seed"])
+    out = torch.ops.switchyard.precision_cast(args[0].detach(), a["dtype"], a["rounding"], a["scaling"],
+                                              a["saturate"], a["margin"], a["seed"])
     return CastResult(*out)
 
 
 def _call_split_finding(args: tuple[Any, ...], a: dict[str, Any]) -> Any:
     from core.ops.split_finding import SplitResult
 
-    out = torch.ops.switchyard.split_finding(*args, a["num_nodes"], a["num_bins"], float(a["reg_lambda"]),
+    out = torch.ops.switchyard.split_finding(*_detached(args), a["num_nodes"], a["num_bins"], float(a["reg_lambda"]),
                                              float(a["reg_alpha"]), float(a["gamma"]), float(a["min_child_weight"]))
     return SplitResult(*out)
 
@@ -398,13 +427,14 @@ def _call_split_finding(args: tuple[Any, ...], a: dict[str, Any]) -> Any:
 def _call_nearest_neighbor(args: tuple[Any, ...], a: dict[str, Any]) -> Any:
     from core.ops.nearest_neighbor import KnnResult
 
-    return KnnResult(*torch.ops.switchyard.nearest_neighbor(*args, a["k"], a["metric"]))
+    return KnnResult(*torch.ops.switchyard.nearest_neighbor(*_detached(args), a["k"], a["metric"]))
 
 
 def _call_decode_step(args: tuple[Any, ...], a: dict[str, Any]) -> Any:
     from core.ops.decode_step import DecodeResult
 
-    out = torch.ops.switchyard.decode_step(*args, a["draft_probs"], a["rule"], float(a["temperature"]),
+    probs = a["draft_probs"]
+    out = torch.ops.switchyard.decode_step(*_detached(args), None if probs is None else probs.detach(), a["rule"], float(a["temperature"]),
                                            float(a["posterior_threshold"]), float(a["posterior_alpha"]))
     return DecodeResult(*out)
 

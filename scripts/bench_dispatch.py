@@ -8,7 +8,7 @@ the custom-op route (torch.ops.switchyard.attention, what a compiled graph calls
 a small model of core.nn.Attention layers, eager against torch.compile.
 
 Then precision_cast's hot path with a no-op kernel, served from the memo of fast keys (warm calls)
-and with the memo off.
+and with the memo off; and one op per torch.compile'd call against the peer compiled the same way.
 
     python scripts/bench_dispatch.py [--no-model]
 """
@@ -98,6 +98,7 @@ def main() -> None:
     print(f"today's entry (generated, with the compile branch) against a plain _dispatch: "
           f"{noop_attr - before_entry:+.2f} us; the custom-op route: {custom_op - noop_direct:+.2f} us per call")
     warm_calls()
+    compiled_calls()
     if "--no-model" not in sys.argv:
         small_model()
 
@@ -132,6 +133,35 @@ def warm_calls() -> None:
         dispatcher._state.warm.clear()
     print(f"\nprecision_cast hot path (no-op kernel, 16 elements): {warm - direct:.2f} us per warm call "
           f"(the memo of fast keys), {cold - direct:.2f} us with the memo off (verify, key and choice each call)")
+
+
+def compiled_calls() -> None:
+    """One op in a torch.compile'd function (inductor), per call, against the peer compiled the same way:
+    the compiled function's own overhead is in both, the custom-op boundary in ours."""
+    import torch.nn.functional as F
+
+    q, k, v = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8)
+    x = torch.randn(16)
+    pairs = {
+        "attention [1,1,1,8] x [1,1,4,8]": (
+            torch.compile(lambda q, k, v: dispatcher.attention(q, k, v), fullgraph=True),
+            torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), fullgraph=True), (q, k, v)),
+        "precision_cast 16 -> float16": (
+            torch.compile(lambda x: dispatcher.precision_cast(x, dtype=torch.float16).y, fullgraph=True),
+            torch.compile(lambda x: x.to(torch.float16), fullgraph=True), (x,)),
+    }
+    rows = []
+    with torch.no_grad():
+        for name, (ours, peer, args) in pairs.items():
+            ours(*args), peer(*args)
+            times: dict[str, list[float]] = {"o": [], "p": []}
+            for _ in range(5):  # alternated
+                times["o"].append(per_call_us(lambda: ours(*args), n=3000, repeats=1))
+                times["p"].append(per_call_us(lambda: peer(*args), n=3000, repeats=1))
+            o, p = statistics.median(times["o"]), statistics.median(times["p"])
+            rows.append([name, f"{o:.1f}", f"{p:.1f}", f"{o - p:+.1f}"])
+    print("\ncompiled (inductor, fullgraph, no_grad, 1 thread): one op per compiled call")
+    print(tabulate(rows, headers=["call", "switchyard us", "peer us", "extra us"]))
 
 
 def small_model() -> None:

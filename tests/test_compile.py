@@ -3,6 +3,8 @@ backends, no graph break, compiled == eager; dynamic shapes over several dispatc
 compile; bad input raises InvalidInput from the compiled graph; all_reduce is eager-only."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch._dynamo
@@ -83,6 +85,47 @@ def test_attention_gradients_compiled_equal_eager(backend, gen):
     got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend=backend)(*leaves), leaves)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_a_compiled_training_step_tunes_a_new_grad_key(gen, monkeypatch, tmp_path):
+    """A compiled graph is the first to meet the key (a fresh process state, an empty cache): the op's
+    implementation runs below autograd, and the tuner still validates gradients there."""
+    monkeypatch.setenv("SWITCHYARD_CACHE_DIR", str(tmp_path))
+    dispatcher.reset()
+    q, k, v = make_inputs(gen, "cpu", torch.float32, 1, 2, 1, 5, 7, 8)
+    go = torch.randn(1, 2, 5, 8, generator=gen)
+
+    def loss(q, k, v):
+        return (dispatcher.attention(q, k, v, causal=True) * go).sum()
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(*leaves), leaves)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))  # float64 math, bottom-right causal, GQA
+    s = q64 @ k64.expand(1, 2, 7, 8).transpose(-1, -2) * 8 ** -0.5
+    s = s.masked_fill(torch.ones(5, 7, dtype=torch.bool).tril(7 - 5).logical_not(), float("-inf"))
+    ref = s.softmax(-1) @ v64.expand(1, 2, 7, 8)
+    want = torch.autograd.grad((ref * go.double()).sum(), (q64, k64, v64))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+    dispatcher.reset()
+
+
+def test_ops_without_a_gradient_compile_on_inputs_that_require_one(gen):
+    """As in eager calls: the cast, k-NN and split finding have no gradient, so a compiled function that
+    calls them on tensors requiring grad compiles and returns outputs that do not require grad."""
+    x = torch.randn(300, generator=gen, requires_grad=True)
+    db, qs = torch.randn(50, 4, generator=gen, requires_grad=True), torch.randn(3, 4, generator=gen)
+
+    def fn(x, db, qs):
+        return dispatcher.precision_cast(x * 2, dtype=torch.bfloat16), dispatcher.nearest_neighbor(qs, db, k=2)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no autograd fallback warns on the way
+        got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, db, qs)
+    want = fn(x, db, qs)
+    for g, w in zip([*got[0], *got[1]], [*want[0], *want[1]]):
+        assert not g.requires_grad
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 def test_dynamic_lengths_compile_once_and_tune_per_bucket(gen):
