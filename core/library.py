@@ -6,7 +6,7 @@ stays the one definition of the outputs; its real implementation is the dispatch
 the real tensors, so selection, validation, timing, forced backends and the data-reading checks all
 happen at run time, per call, exactly as in eager mode.
 
-Eager calls of ``dispatcher.<op>`` never come here (the custom-op boundary costs about 10 us a call);
+Eager calls of ``dispatcher.<op>`` never come here (the custom-op boundary costs about 15 us a call);
 ``compiled_call`` is what they take while Dynamo traces them. Bad input never raises while tracing
 (Dynamo would turn any exception into its own error, and a ``fullgraph=True`` compile would fail with
 it): the graph is built and the op raises the spec's ``InvalidInput`` when it runs, on every call, from
