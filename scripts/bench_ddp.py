@@ -70,8 +70,11 @@ def _rank(rank: int, world: int, width: int, layers: int, bucket_mb: float, roun
         step(name)
         step(name)
     times: dict[str, list[float]] = {name: [] for name in HOOKS}
-    for _ in range(rounds):
-        for name in HOOKS:
+    for r in range(rounds):
+        # Each round in another order (rotated, every other one reversed; the same on every rank), so
+        # no hook is always timed right after the same one and carries what that one leaves behind.
+        order = HOOKS[r % len(HOOKS):] + HOOKS[:r % len(HOOKS)]
+        for name in (order if r % 2 == 0 else order[::-1]):
             times[name].append(step(name))
     return times
 
