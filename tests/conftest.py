@@ -49,3 +49,34 @@ def gen() -> torch.Generator:
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"generator seed {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def fresh_dispatch(monkeypatch, tmp_path):
+    """An empty tuning cache and a fresh dispatcher state for one test (modules that want it for every
+    test wrap it in an autouse fixture of their own)."""
+    from core import dispatcher
+
+    monkeypatch.setenv("SWITCHYARD_CACHE_DIR", str(tmp_path / "cache"))
+    dispatcher.reset()
+    yield
+    dispatcher.reset()
+
+
+@pytest.fixture
+def plugin():
+    """Register an in-process plugin for one test: ``plugin(obj, name)``; unregistered (and dispatch
+    state reset) after."""
+    from core import dispatcher
+    from registry import loader
+
+    added = []
+
+    def add(obj, name):
+        added.append(name)
+        loader.add_plugin(obj, name)
+
+    yield add
+    for name in added:
+        loader.remove_plugin(name)
+    dispatcher.reset()

@@ -19,27 +19,9 @@ from registry import loader
 BAD = ("bad-values", "bad-raises", "bad-shape", "bad-nan", "bad-scale")
 
 
-@pytest.fixture
-def plugin():
-    """Register an in-process plugin for one test; unregistered (and dispatch state reset) after."""
-    added = []
-
-    def add(obj, name):
-        added.append(name)
-        loader.add_plugin(obj, name)
-
-    yield add
-    for name in added:
-        loader.remove_plugin(name)
-    dispatcher.reset()
-
-
 @pytest.fixture(autouse=True)
-def fresh_dispatch(monkeypatch, tmp_path):
-    monkeypatch.setenv("SWITCHYARD_CACHE_DIR", str(tmp_path / "cache"))
-    dispatcher.reset()
+def _fresh(fresh_dispatch):
     yield
-    dispatcher.reset()
 
 
 def _max_err(a, b):

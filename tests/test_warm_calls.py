@@ -22,25 +22,8 @@ MARKER = 4321.0
 
 
 @pytest.fixture(autouse=True)
-def fresh_dispatch(monkeypatch, tmp_path):
-    monkeypatch.setenv("SWITCHYARD_CACHE_DIR", str(tmp_path / "cache"))
-    dispatcher.reset()
+def _fresh(fresh_dispatch):
     yield
-    dispatcher.reset()
-
-
-@pytest.fixture
-def plugin():
-    added = []
-
-    def add(obj, name):
-        added.append(name)
-        loader.add_plugin(obj, name)
-
-    yield add
-    for name in added:
-        loader.remove_plugin(name)
-    dispatcher.reset()
 
 
 def _outcome(x, **given):
