@@ -419,8 +419,9 @@ def _call_precision_cast(args: tuple[Any, ...], a: dict[str, Any]) -> Any:
 def _call_split_finding(args: tuple[Any, ...], a: dict[str, Any]) -> Any:
     from core.ops.split_finding import SplitResult
 
-    out = torch.ops.switchyard.split_finding(*_detached(args), a["num_nodes"], a["num_bins"], float(a["reg_lambda"]),
-                                             float(a["reg_alpha"]), float(a["gamma"]), float(a["min_child_weight"]))
+    out = torch.ops.switchyard.split_finding(*_detached(args), a["num_nodes"], a["num_bins"],
+                                             float(a["reg_lambda"]), float(a["reg_alpha"]), float(a["gamma"]),
+                                             float(a["min_child_weight"]))
     return SplitResult(*out)
 
 
@@ -434,8 +435,9 @@ def _call_decode_step(args: tuple[Any, ...], a: dict[str, Any]) -> Any:
     from core.ops.decode_step import DecodeResult
 
     probs = a["draft_probs"]
-    out = torch.ops.switchyard.decode_step(*_detached(args), None if probs is None else probs.detach(), a["rule"], float(a["temperature"]),
-                                           float(a["posterior_threshold"]), float(a["posterior_alpha"]))
+    out = torch.ops.switchyard.decode_step(*_detached(args), None if probs is None else probs.detach(), a["rule"],
+                                           float(a["temperature"]), float(a["posterior_threshold"]),
+                                           float(a["posterior_alpha"]))
     return DecodeResult(*out)
 
 
