@@ -133,6 +133,55 @@ def warm_calls() -> None:
         dispatcher._state.warm.clear()
     print(f"\nprecision_cast hot path (no-op kernel, 16 elements): {warm - direct:.2f} us per warm call "
           f"(the memo of fast keys), {cold - direct:.2f} us with the memo off (verify, key and choice each call)")
+    cast_sizes(spec)
+
+
+def cast_sizes(spec) -> None:
+    """The dispatched cast against the fused C++ call it ends in (same tensor, flags worked out), at sizes
+    where the caches go cold between calls, warm calls and the memo off, alternated."""
+    from plugins.fused import _build
+    from plugins.fused import precision_cast as fused_cast
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    fused_cast._library()
+    raw_op = fused_cast._cast_ops[_build.default_isa()]
+    flags = fused_cast.cpu_flags(torch.float16, "nearest", "none", False, 0)
+    rows = []
+    mode = os.environ.get("SWITCHYARD_AUTOTUNE")
+    os.environ["SWITCHYARD_AUTOTUNE"] = "off"  # the highest priority that passes validation: the fused kernel
+    dispatcher.reset()
+    try:
+        for n in (16, 1 << 16, 1 << 20):
+            rows.append(_cast_row(spec, raw_op, flags, n))
+    finally:
+        if mode is None:
+            del os.environ["SWITCHYARD_AUTOTUNE"]
+        else:
+            os.environ["SWITCHYARD_AUTOTUNE"] = mode
+        dispatcher.reset()
+    print(f"\nprecision_cast float32 -> float16 as called, over the C++ call it ends in ({_build.default_isa()} "
+          f"build, {torch.get_num_threads()} threads; the kernel chosen for the key named)")
+    print(tabulate(rows, headers=["elements", "chosen", "C++ call us", "warm call extra us", "memo off extra us"]))
+
+
+def _cast_row(spec, raw_op, flags: int, n: int) -> list:
+    """One size: the C++ call alone, a warm call and a call with the memo off, alternated; medians."""
+    x = torch.randn(n)
+    dispatcher.precision_cast(x, dtype=torch.float16)  # validate the key (autotuning off: no timing)
+    calls = max(20, 2000 >> max(0, n.bit_length() - 12))
+    ts: dict[str, list[float]] = {"raw": [], "warm": [], "off": []}
+    fast_key = spec.fast_key
+    for _ in range(7):
+        ts["raw"].append(per_call_us(lambda: raw_op(x, flags, 0), n=calls, repeats=1))
+        ts["warm"].append(per_call_us(lambda: dispatcher.precision_cast(x, dtype=torch.float16), n=calls, repeats=1))
+        object.__setattr__(spec, "fast_key", None)
+        try:
+            ts["off"].append(per_call_us(lambda: dispatcher.precision_cast(x, dtype=torch.float16), n=calls, repeats=1))
+        finally:
+            object.__setattr__(spec, "fast_key", fast_key)
+    raw, warm, off = (statistics.median(ts[k]) for k in ("raw", "warm", "off"))
+    chosen = dispatcher.explain("precision_cast", x, dtype=torch.float16).chosen
+    return [n, chosen, f"{raw:.2f}", f"{warm - raw:+.2f}", f"{off - raw:+.2f}"]
 
 
 def compiled_calls() -> None:
