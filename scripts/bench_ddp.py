@@ -4,7 +4,8 @@ group, steps alternated.
 
 Every hook gets its own DDP replica of the same model; each round times one step of each (forward,
 backward with the bucketed all-reduces, SGD step), after a barrier so no rank starts early. Medians
-over the rounds, the slowest rank's; ratios against the default hook.
+over the rounds, the slowest rank's; ratios against the default hook; and the minor page faults a
+step (fresh pages from the OS, such as new large output tensors), the most on any rank.
 
     python scripts/bench_ddp.py [--world 2] [--rounds 20] [--width 1024] [--layers 4] [--bucket-mb 25]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -57,26 +59,33 @@ def _rank(rank: int, world: int, width: int, layers: int, bucket_mb: float, roun
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(batch, width, generator=gen)
 
+    faults: dict[str, list[int]] = {name: [] for name in HOOKS}
+
     def step(name: str) -> float:
         m, opt = replicas[name]
         dist.barrier()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         opt.zero_grad()
         m(x).square().mean().backward()
         opt.step()
-        return time.perf_counter() - start
+        took = time.perf_counter() - start
+        faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return took
 
     for name in HOOKS:  # warm-up: DDP rebuilds its buckets after step 1; the dispatcher tunes each key
         step(name)
         step(name)
     times: dict[str, list[float]] = {name: [] for name in HOOKS}
+    for name in HOOKS:
+        faults[name].clear()
     for r in range(rounds):
         # Each round in another order (rotated, every other one reversed; the same on every rank), so
         # no hook is always timed right after the same one and carries what that one leaves behind.
         order = HOOKS[r % len(HOOKS):] + HOOKS[:r % len(HOOKS)]
         for name in (order if r % 2 == 0 else order[::-1]):
             times[name].append(step(name))
-    return times
+    return {"times": times, "faults": faults}
 
 
 def main() -> None:
@@ -97,11 +106,12 @@ def main() -> None:
     print(f"world {args.world} (gloo, loopback, 1 thread a rank), {params / 1e6:.1f} M float32 parameters "
           f"({params * 4 / 2**20:.0f} MiB of gradients), buckets of {args.bucket_mb:g} MB, batch {args.batch}, "
           f"{args.rounds} rounds; load {os.getloadavg()[0]:.2f}")
-    medians = {name: max(statistics.median(r[name]) for r in results) for name in HOOKS}
+    medians = {name: max(statistics.median(r["times"][name]) for r in results) for name in HOOKS}
+    faults = {name: max(statistics.median(r["faults"][name]) for r in results) for name in HOOKS}
     base = medians["default"]
-    print(f"{'hook':28s} {'ms/step':>9s} {'vs default':>11s}")
+    print(f"{'hook':28s} {'ms/step':>9s} {'vs default':>11s} {'page faults/step':>17s}")
     for name in HOOKS:
-        print(f"{name:28s} {medians[name] * 1e3:9.2f} {base / medians[name]:10.2f}x")
+        print(f"{name:28s} {medians[name] * 1e3:9.2f} {base / medians[name]:10.2f}x {faults[name]:17.0f}")
 
 
 if __name__ == "__main__":
