@@ -255,8 +255,11 @@ def describe_call(spec: OpSpec, args: Sequence[Any], attrs: Mapping[str, Any]) -
 
 
 def require_tensor(op: str, arg: str, value: Any) -> torch.Tensor:
+    """``value`` when it is a dense (strided) tensor, else the InvalidInput naming op and argument."""
     if not isinstance(value, torch.Tensor):
         raise InvalidInput(f"{op}: argument {arg!r}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.layout is not torch.strided:  # sparse, mkldnn, ...: no kernel reads them
+        raise InvalidInput(f"{op}: argument {arg!r}: expected a dense (strided) tensor, got layout {value.layout}")
     return value
 
 

@@ -346,3 +346,49 @@ def test_decisions_after_set_num_threads_are_stored_under_the_new_count(gen):
         torch.set_num_threads(before)
     data = json.loads((cache_dir() / FILE_NAME).read_text())
     assert any(env["fingerprint"]["threads"] == 1 and env["entries"] for env in data["environments"].values())
+
+
+def _sparse_cases(gen):
+    """(op, argument, the dense call, the same call with that argument sparse) per op."""
+    from core.ops.decode_step import make_inputs as decode_inputs
+    from core.ops.decode_step import medusa_tree
+    from core.ops.split_finding import make_inputs as split_inputs
+
+    q, k, v = _inputs(gen, Lq=4, Lk=6, D=8, Hq=2, Hkv=1, B=1)
+    mask = torch.rand(4, 6, generator=gen) > 0.3
+    x = torch.randn(40, 30, generator=gen).t()  # non-contiguous: the key a sparse x would share
+    db, qs = torch.randn(30, 4, generator=gen), torch.randn(3, 4, generator=gen)
+    b, g, h, n = split_inputs(gen, "cpu", n=60, f=3, num_nodes=2, num_bins=8)
+    ds = decode_inputs(gen, "cpu", B=1, parents=medusa_tree(4), V=20, rule="greedy")
+    d, p, logits = ds.args
+    return [
+        ("attention", "q", lambda a: dispatcher.attention(a, k, v), q),
+        ("attention", "attn_mask", lambda m: dispatcher.attention(q, k, v, attn_mask=m), mask),
+        ("precision_cast", "x", lambda a: dispatcher.precision_cast(a, dtype=torch.float16), x),
+        ("precision_cast", "x", lambda a: dispatcher.precision_cast(a, dtype=torch.bfloat16), x.contiguous()),
+        ("nearest_neighbor", "database", lambda a: dispatcher.nearest_neighbor(qs, a, k=2), db),
+        ("split_finding", "grad", lambda a: dispatcher.split_finding(b, a, h, n, num_nodes=2, num_bins=8), g),
+        ("decode_step", "target_logits", lambda a: dispatcher.decode_step(d, p, a, rule="greedy"), logits),
+        ("all_reduce", "tensors", lambda a: dispatcher.all_reduce(a), x.contiguous()),
+    ]
+
+
+def test_sparse_inputs_get_invalid_input_and_leave_the_key_alone(gen, monkeypatch):
+    """A sparse (or CSR) tensor is named in an InvalidInput, before any kernel runs: on a warm key too
+    (precision_cast's memo of fast keys), and no kernel is quarantined for the dense calls of that key."""
+    monkeypatch.setenv("SWITCHYARD_AUTOTUNE", "off")  # validated, not timed: the layouts are the point
+    for op, arg, call, dense in _sparse_cases(gen):
+        want = call(dense)
+        call(dense)  # warm
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Sparse CSR tensor support is in beta state"
+            layouts = [dense.to_sparse()] + ([dense.to_sparse_csr()] if dense.dim() == 2 else [])
+        for sparse in layouts:
+            with pytest.raises(InvalidInput, match=f"{op}: argument '{arg}': expected a dense \\(strided\\) tensor"):
+                call(sparse)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", dispatcher.DispatchWarning)
+            got = call(dense)
+        for a, w in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
+            if isinstance(a, torch.Tensor):
+                assert torch.equal(a, w), op

@@ -32,6 +32,7 @@ REFERENCE_WORK = 1 << 22  # B * Hq * Lq * Lk * (D + Dv) up to which candidates a
 _DTYPE_SET = frozenset(DTYPES)
 _CPU = torch.device("cpu")
 _BOOL = torch.bool
+_STRIDED = torch.strided
 # (mask shape, B, Hq, Lq, Lk) -> the mask's kind, for shapes _verify_mask has accepted
 _MASK_KINDS: dict[tuple[Any, ...], str] = {}
 
@@ -55,6 +56,7 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> tuple[Any, ...] | N
             if k.device != dev or v.device != dev:
                 raise ValueError
         fine = (dt in _DTYPE_SET and k.dtype is dt and v.dtype is dt
+                and q.layout is _STRIDED and k.layout is _STRIDED and v.layout is _STRIDED
                 and B == Bk == Bv and Dk == D > 0 and Hv == Hkv > 0 and Lv == Lk and Hq % Hkv == 0
                 and causal.__class__ is bool and return_lse.__class__ is bool
                 and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor))
@@ -74,7 +76,8 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> tuple[Any, ...] | N
         kind = "none"
     else:
         try:  # a bool mask on q's device, of a shape seen before for these sizes: two reads and a lookup
-            kind = (mask.dtype is _BOOL and (mask.is_cpu if dev is _CPU else mask.device == dev)
+            kind = (mask.dtype is _BOOL and mask.layout is _STRIDED
+                    and (mask.is_cpu if dev is _CPU else mask.device == dev)
                     and isinstance(mask, torch.Tensor) and _MASK_KINDS.get((mask.shape, B, Hq, Lq, Lk)))
         except (AttributeError, TypeError):
             kind = None

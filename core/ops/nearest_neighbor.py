@@ -46,6 +46,7 @@ class KnnResult(NamedTuple):
 
 
 _DTYPE_SET = frozenset(DTYPES)
+_STRIDED = torch.strided
 _DTYPE_STR = {d: dtype_name(d) for d in DTYPES}  # str(torch.dtype) costs a fraction of a microsecond
 
 
@@ -56,7 +57,8 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> tuple[Any, ...] | N
     other call, and any broken rule, goes through ``_check_rules``, which names the first broken one."""
     queries, database = args
     k = attrs["k"]
-    if queries.__class__ is torch.Tensor and database.__class__ is torch.Tensor and k.__class__ is int:
+    if (queries.__class__ is torch.Tensor and database.__class__ is torch.Tensor and k.__class__ is int
+            and queries.layout is _STRIDED and database.layout is _STRIDED):
         qs, xs, dt = queries.shape, database.shape, queries.dtype
         if (len(qs) == 2 and len(xs) == 2 and dt in _DTYPE_SET and database.dtype is dt and qs[1] == xs[1] >= 1
                 and 1 <= k <= xs[0] and attrs["metric"] in METRICS):

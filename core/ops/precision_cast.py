@@ -160,6 +160,7 @@ def _names(dtypes: tuple[torch.dtype, ...]) -> str:
 
 _ACCEPTED: set[tuple[Any, ...]] = set()  # (dtype, rounding, scaling, margin) the rules have accepted
 _SOURCE_SET = frozenset(SOURCES)
+_STRIDED = torch.strided
 
 
 def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -169,7 +170,8 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> tuple[Any, ...] | N
     (x,) = args
     dtype, saturate, margin = attrs["dtype"], attrs["saturate"], attrs["margin"]
     try:
-        seen = (isinstance(x, torch.Tensor) and x.dtype in _SOURCE_SET and saturate.__class__ is bool
+        seen = (isinstance(x, torch.Tensor) and x.layout is _STRIDED and x.dtype in _SOURCE_SET
+                and saturate.__class__ is bool
                 and margin.__class__ is int and attrs["seed"] is None
                 and (dtype, attrs["rounding"], attrs["scaling"], margin) in _ACCEPTED)
     except TypeError:  # an unhashable attribute: the rules below name it
@@ -193,6 +195,8 @@ def _fast_key(args: tuple[Any, ...], attrs: Mapping[str, Any]) -> tuple[Any, ...
     (x,) = args
     saturate, margin = attrs["saturate"], attrs["margin"]
     try:
+        if x.layout is not _STRIDED:  # verify's rules name it
+            return None
         n = x.numel()
         return (x.__class__, x.dtype, x.device, x.is_contiguous(), n if n <= 1 else 1 << (n - 1).bit_length(),
                 attrs["dtype"], attrs["rounding"], attrs["scaling"], saturate.__class__, saturate, margin.__class__,
