@@ -56,13 +56,18 @@ def _fresh(out: torch.Tensor, taken: set[int]) -> torch.Tensor:
 _set_grad = torch._C._set_grad_enabled  # torch.no_grad() as a context costs about 1 us a call
 
 
-def _real(name: str, args: tuple[Any, ...], attrs: dict[str, Any], inputs: Sequence[Any]) -> list[torch.Tensor]:
+def _dispatch_no_grad(name: str, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any:
+    """``dispatcher._dispatch`` with autograd recording off, as ``torch.no_grad()`` without its context."""
     was = torch.is_grad_enabled()
     _set_grad(False)
     try:
-        out = dispatcher._dispatch(_SPECS[name], args, attrs)
+        return dispatcher._dispatch(_SPECS[name], args, attrs)
     finally:
         _set_grad(was)
+
+
+def _real(name: str, args: tuple[Any, ...], attrs: dict[str, Any], inputs: Sequence[Any]) -> list[torch.Tensor]:
+    out = _dispatch_no_grad(name, args, attrs)
     taken = _storages(inputs)
     return [_fresh(t, taken) for t in _leaves(out)]
 
@@ -128,12 +133,7 @@ def _attention_real(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask
             leaves = tuple(t.detach().requires_grad_(True) for t in (q, k, v))
             out = dispatcher._dispatch(_SPECS["attention"], leaves, attrs)
     else:
-        was = torch.is_grad_enabled()
-        _set_grad(False)
-        try:
-            out = dispatcher._dispatch(_SPECS["attention"], (q, k, v), attrs)
-        finally:
-            _set_grad(was)
+        out = _dispatch_no_grad("attention", (q, k, v), attrs)
     o, lse = out if return_lse else (out, torch.empty(0, dtype=torch.float32, device=q.device))
     taken = _storages((q, k, v, attn_mask))
     return _fresh(o, taken), _fresh(lse, taken)
@@ -411,7 +411,7 @@ def _detached(args: tuple[Any, ...]) -> tuple[Any, ...]:
 def _call_precision_cast(args: tuple[Any, ...], a: dict[str, Any]) -> Any:
     from core.ops.precision_cast import CastResult
 
-    out = torch.ops.switchyard.precision_cast(args[0].detach(), a["dtype"], a["rounding"], a["scaling"],
+    out = torch.ops.switchyard.precision_cast(*_detached(args), a["dtype"], a["rounding"], a["scaling"],
                                               a["saturate"], a["margin"], a["seed"])
     return CastResult(*out)
 

@@ -14,6 +14,7 @@ and with the memo off; and one op per torch.compile'd call against the peer comp
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import sys
@@ -103,6 +104,17 @@ def main() -> None:
         small_model()
 
 
+@contextlib.contextmanager
+def _memo_off(spec):
+    """The spec's fast_key set aside for the block: every call takes verify, the key and the choice."""
+    fast_key = spec.fast_key
+    object.__setattr__(spec, "fast_key", None)
+    try:
+        yield
+    finally:
+        object.__setattr__(spec, "fast_key", fast_key)
+
+
 def warm_calls() -> None:
     """precision_cast's hot path with a no-op kernel: a warm call (served from the memo of fast keys)
     against the same call with the memo off (the spec's fast_key set aside: verify, key, choice, the
@@ -123,12 +135,10 @@ def warm_calls() -> None:
     dispatcher._state.choices[("precision_cast", key)] = type(choice)(noop, "noop")
     direct = per_call_us(lambda: noop(x))
     warm = per_call_us(lambda: dispatcher.precision_cast(x, dtype=dtype))
-    fast_key = spec.fast_key
-    object.__setattr__(spec, "fast_key", None)  # the memo off: every call takes verify and the key
     try:
-        cold = per_call_us(lambda: dispatcher.precision_cast(x, dtype=dtype))
+        with _memo_off(spec):
+            cold = per_call_us(lambda: dispatcher.precision_cast(x, dtype=dtype))
     finally:
-        object.__setattr__(spec, "fast_key", fast_key)
         dispatcher._state.choices[("precision_cast", key)] = choice
         dispatcher._state.warm.clear()
     print(f"\nprecision_cast hot path (no-op kernel, 16 elements): {warm - direct:.2f} us per warm call "
@@ -170,15 +180,11 @@ def _cast_row(spec, raw_op, flags: int, n: int) -> list:
     dispatcher.precision_cast(x, dtype=torch.float16)  # validate the key (autotuning off: no timing)
     calls = max(20, 2000 >> max(0, n.bit_length() - 12))
     ts: dict[str, list[float]] = {"raw": [], "warm": [], "off": []}
-    fast_key = spec.fast_key
     for _ in range(7):
         ts["raw"].append(per_call_us(lambda: raw_op(x, flags, 0), n=calls, repeats=1))
         ts["warm"].append(per_call_us(lambda: dispatcher.precision_cast(x, dtype=torch.float16), n=calls, repeats=1))
-        object.__setattr__(spec, "fast_key", None)
-        try:
+        with _memo_off(spec):
             ts["off"].append(per_call_us(lambda: dispatcher.precision_cast(x, dtype=torch.float16), n=calls, repeats=1))
-        finally:
-            object.__setattr__(spec, "fast_key", fast_key)
     raw, warm, off = (statistics.median(ts[k]) for k in ("raw", "warm", "off"))
     chosen = dispatcher.explain("precision_cast", x, dtype=torch.float16).chosen
     return [n, chosen, f"{raw:.2f}", f"{warm - raw:+.2f}", f"{off - raw:+.2f}"]

@@ -348,8 +348,9 @@ inline void narrow_to_odd(const double* x, float* __restrict w, int64_t m, bool 
 }
 
 // One vector of float64 values for narrow_nearest and f64_to_f16: scaled when asked (by holds the
-// scale), narrowed to nearest float32; with kStats, vmx takes the lanes' |f| bits. `midpoint` says
-// whether a lane, zero aside, has its bits under kLow zero (it may be a midpoint of the target).
+// scale), narrowed to nearest float32; with kStats, vmx takes the lanes' |f| bits. On AVX-512,
+// `midpoint` says whether a lane, zero aside, has its bits under kLow zero (it may be a midpoint of the
+// target); the AVX2 loops ask that once per 4 vectors (narrow8 and midpoint8 below).
 #if defined(__AVX512F__)
 template <bool kStats>
 inline __m512 nearest16(const double* x, bool scaled, __m512d by, __m512i low, __m512i& vmx, bool& midpoint) {
