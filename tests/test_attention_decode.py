@@ -34,8 +34,11 @@ DECODE = {
     "bf16-gqa8-lq2-tiles": (torch.bfloat16, 1, 8, 1, 2, 530, 64, {"causal": True}),
     "lq-gt-lk-causal": (torch.float32, 1, 4, 2, 8, 5, 16, {"causal": True}),
     "d48-dv16-gqa2": (torch.float32, 2, 4, 2, 4, 130, 48, {"Dv": 16}),
-    # rows in pairs with an odd one left over; a pair where one row attends nothing (Lq > Lk, bottom-right)
+    # rows four at a time (AVX-512) or in pairs, with a pair and an odd one left over; a group where some
+    # rows attend nothing (Lq > Lk, bottom-right)
     "bf16-mha-lq5-mask-split": (torch.bfloat16, 1, 2, 2, 5, 600, 64, {"mask": "random"}),
+    "bf16-mha-lq7-mask-split": (torch.bfloat16, 1, 2, 2, 7, 600, 64, {"mask": "random"}),
+    "mha-lq7-d32-causal": (torch.float32, 2, 2, 2, 7, 90, 32, {"causal": True}),
     "gqa2-lq7-gt-lk-causal": (torch.float32, 1, 4, 2, 7, 4, 16, {"causal": True}),
     # float16, widened by F16C in the register (the dot/axpy loops) or a block at a time (the tile products)
     "f16-gqa4-lq2-causal-split": (torch.float16, 1, 8, 2, 2, 530, 128, {"causal": True}),
