@@ -247,3 +247,56 @@ def test_cpp_bfloat16_tiles_read_keys_and_values_in_place(gen, strided):
     o = fused.attention(q, k, v, **{**sample.attrs, "return_lse": False})
     want = fused.attention(q.float(), k.float(), v.float(), **{**sample.attrs, "return_lse": False})
     assert torch.equal(o, want.to(torch.bfloat16))  # widening is exact: the same float32 tiles
+
+
+# -- fused-sdpa: SDPA behind the C++ finite check ----------------------------------------------------------
+
+SDPA_CASES = [c for c in conformance_cases("fused-sdpa", ops=["attention"])]
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", SDPA_CASES, ids=str)
+def test_fused_sdpa_conforms(case):
+    result = run_case(case)
+    if result.status == "unsupported":  # return_lse or an empty sequence: SDPA's own limits, as torch-sdpa's
+        assert "log-sum-exp" in result.reason or "empty sequence" in result.reason, result
+        return
+    assert result.status == "ok", result.reason
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpp_finite_check_agrees_with_isfinite(gen, dtype):
+    """The one-pass check over q, k and v against torch.isfinite: NaN, +inf or -inf at a random place of a
+    random one of the three (or nowhere), contiguous, transposed-memory and row-sliced tensors, sizes on
+    both sides of its 4096-value blocks."""
+    raw = _build.module("attention").attention_all_finite
+    seen = {0: 0, 1: 0}
+    for trial in range(120):
+        shape = [int(torch.randint(1, 4, (1,), generator=gen)), int(torch.randint(1, 5, (1,), generator=gen)),
+                 int(torch.randint(1, 700, (1,), generator=gen)), int(torch.randint(1, 70, (1,), generator=gen))]
+        ts = [torch.randn(shape, generator=gen).to(dtype) for _ in range(3)]
+        if trial % 3 == 1:
+            ts[1] = ts[1].transpose(1, 2).contiguous().transpose(1, 2)  # [B, L, H, D] memory
+        if trial % 4 == 2:
+            wide = torch.randn(shape[:3] + [shape[3] + 3], generator=gen).to(dtype)
+            ts[2] = wide[..., 1 : shape[3] + 1]  # rows of a wider buffer
+        if trial % 2:
+            which = int(torch.randint(0, 3, (1,), generator=gen))
+            at = tuple(int(torch.randint(0, n, (1,), generator=gen)) for n in shape)
+            ts[which][at] = (float("nan"), float("inf"), -float("inf"))[trial % 3]
+        want = all(bool(torch.isfinite(t).all()) for t in ts)
+        assert raw(*ts) == int(want), (trial, shape)
+        assert fused.finite(*ts) is want
+        seen[int(want)] += 1
+    assert seen[0] > 20 and seen[1] > 20
+
+
+@needs_cpp
+def test_finite_check_hands_other_layouts_to_the_sums():
+    raw = _build.module("attention").attention_all_finite
+    q = torch.randn(1, 2, 5, 6)
+    k_t = torch.randn(1, 2, 6, 5).transpose(2, 3)  # last dimension strided
+    k_t[0, 1, 3, 2] = float("nan")
+    assert raw(q, k_t, q) == -1 and fused.finite(q, k_t, q) is False
+    assert raw(q.double(), q.double(), q.double()) == -1 and fused.finite(q.double(), q.double(), q.double()) is True

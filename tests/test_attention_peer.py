@@ -76,7 +76,7 @@ UNMASKED = [(1, 1, 1, 4, 4, False), (2, 4, 2, 1, 40, True), (1, 4, 1, 6, 6, True
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("backend", ["torch", "torch-sdpa"])
+@pytest.mark.parametrize("backend", ["torch", "torch-sdpa", "fused-sdpa"])
 def test_unmasked_nonfinite_inputs_follow_the_reference(gen, backend, dtype):
     atol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     for B, Hq, Hkv, Lq, Lk, causal in UNMASKED:

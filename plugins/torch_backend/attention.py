@@ -34,7 +34,7 @@ CUDA graphs, so there (``_sync_free``) no answer is read back where the device c
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -133,28 +133,37 @@ def _sdpa_check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bo
     return reasons
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
-         attn_mask: torch.Tensor | None, return_lse: bool) -> Any:
-    """torch.nn.functional.scaled_dot_product_attention, given the mask that yields our semantics.
+def sdpa_behind(finite: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], bool]) -> Callable[..., Any]:
+    """``sdpa`` with ``finite(q, k, v)`` as its check that q, k and v hold only finite values (the fused
+    backend's ``fused-sdpa`` passes a one-pass C++ check)."""
 
-    With no mask and nothing or only the top-left causal triangle masked (not causal, ``Lq == 1``, or
-    ``Lq == Lk``), finite inputs go to SDPA as they are. Otherwise SDPA's ``is_causal`` (top-left
-    aligned) disagrees with ours, so the bottom-right causal mask AND the caller's mask is passed
-    explicitly; rows that may attend nothing are opened to every key for SDPA (so it never divides by
-    zero) and zeroed after.
-    """
-    if not _finite(q, k, v):  # SDPA's CPU kernels differ on these (module docstring)
-        return attention(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, return_lse=False)
-    Lq, Lk = q.shape[2], k.shape[2]
-    gqa = k.shape[1] != q.shape[1]
-    if attn_mask is None and (not causal or Lq == Lk or Lq == 1):
-        return _sdpa(q, k, v, is_causal=causal and Lq > 1, scale=scale, enable_gqa=gqa)
-    allowed = allowed_positions(Lq, Lk, causal, attn_mask, q.device)
-    dead = ~allowed.any(-1, keepdim=True)
-    if _sync_free(q) or bool(dead.any()):
-        o = _sdpa(q, k, v, attn_mask=allowed | dead, scale=scale, enable_gqa=gqa)
-        return o.masked_fill(dead, 0.0)
-    return _sdpa(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+             attn_mask: torch.Tensor | None, return_lse: bool) -> Any:
+        """torch.nn.functional.scaled_dot_product_attention, given the mask that yields our semantics.
+
+        With no mask and nothing or only the top-left causal triangle masked (not causal, ``Lq == 1``, or
+        ``Lq == Lk``), finite inputs go to SDPA as they are. Otherwise SDPA's ``is_causal`` (top-left
+        aligned) disagrees with ours, so the bottom-right causal mask AND the caller's mask is passed
+        explicitly; rows that may attend nothing are opened to every key for SDPA (so it never divides by
+        zero) and zeroed after.
+        """
+        if not finite(q, k, v):  # SDPA's CPU kernels differ on these (module docstring)
+            return attention(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, return_lse=False)
+        Lq, Lk = q.shape[2], k.shape[2]
+        gqa = k.shape[1] != q.shape[1]
+        if attn_mask is None and (not causal or Lq == Lk or Lq == 1):
+            return _sdpa(q, k, v, is_causal=causal and Lq > 1, scale=scale, enable_gqa=gqa)
+        allowed = allowed_positions(Lq, Lk, causal, attn_mask, q.device)
+        dead = ~allowed.any(-1, keepdim=True)
+        if _sync_free(q) or bool(dead.any()):
+            o = _sdpa(q, k, v, attn_mask=allowed | dead, scale=scale, enable_gqa=gqa)
+            return o.masked_fill(dead, 0.0)
+        return _sdpa(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+
+    return sdpa
+
+
+sdpa = sdpa_behind(_finite)
 
 
 _DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}

@@ -1297,6 +1297,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   return {dq, dk, dv};
 }
 
+// -- the finite check in front of a library call ------------------------------------------------------
+
+// Whether the n values at p are all finite, read as their bits: inf and NaN have every bit of the exponent
+// field `expo` set, so the minimum of (bits & expo) ^ expo is 0 exactly where one of them is. One pass that
+// vectorises as an integer min (no float arithmetic, so no subnormal ever costs an assist), in blocks so
+// that a non-finite value ends the scan early.
+template <typename U>
+bool bits_finite(const U* p, int64_t n, U expo) {
+  constexpr int64_t kBlock = int64_t(1) << 12;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    U low = expo;
+#pragma omp simd reduction(min : low)
+    for (int64_t i = b; i < e; ++i) {
+      const U f = static_cast<U>((p[i] & expo) ^ expo);
+      low = f < low ? f : low;
+    }
+    if (low == 0) return false;
+  }
+  return true;
+}
+
+// t (4-D, its last dimension contiguous) holds only finite values; contiguous tensors in one run.
+template <typename U>
+bool tensor_finite(const at::Tensor& t, U expo) {
+  const U* base = static_cast<const U*>(t.data_ptr());
+  if (t.is_contiguous()) return bits_finite(base, t.numel(), expo);
+  const int64_t D = t.size(3);
+  for (int64_t b = 0; b < t.size(0); ++b)
+    for (int64_t h = 0; h < t.size(1); ++h)
+      for (int64_t l = 0; l < t.size(2); ++l)
+        if (!bits_finite(base + b * t.stride(0) + h * t.stride(1) + l * t.stride(2), D, expo)) return false;
+  return true;
+}
+
+// Whether q, k and v hold only finite values: 1 yes, 0 no, -1 when a tensor is not one this reads (not
+// 4-D, its last dimension strided, or a dtype other than float32, bfloat16 and float16), which
+// the caller then checks itself. One thread: the library path it guards is taken for small calls.
+int64_t attention_all_finite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    if (t->dim() != 4 || !t->device().is_cpu() || (t->numel() > 0 && t->size(3) > 1 && t->stride(3) != 1)) return -1;
+    const auto dt = t->scalar_type();
+    if (dt != at::kFloat && dt != at::kBFloat16 && dt != at::kHalf) return -1;
+  }
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    if (t->numel() == 0) continue;
+    bool ok = true;
+    switch (t->scalar_type()) {
+      case at::kFloat: ok = tensor_finite<uint32_t>(*t, 0x7F800000u); break;
+      case at::kBFloat16: ok = tensor_finite<uint16_t>(*t, uint16_t(0x7F80)); break;
+      default: ok = tensor_finite<uint16_t>(*t, uint16_t(0x7C00)); break;
+    }
+    if (!ok) return 0;
+  }
+  return 1;
+}
+
 // Asks for the tile products on BLAS (on = true) or on the fallback loop; returns whether BLAS is in use.
 bool attention_use_blas(bool on) {
   use_blas.store(on);
@@ -1324,4 +1381,5 @@ TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m) {
 // into IValues, the dispatcher), a fifth of a tiny call's time. The GIL is released while it runs.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_fwd_eager", &attention_fwd_eager, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("attention_all_finite", &attention_all_finite, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
