@@ -351,3 +351,41 @@ def test_triton_forward_never_reads_a_device_value_on_the_host(gen, monkeypatch,
         with torch.no_grad():
             out = fused.attend(fused.TRITON, *sample.args, **sample.attrs)
     assert SPEC.compare(out, exp.ref, sample).ok
+
+
+_THREADS_PROGRAM = """
+import torch
+from core.ops.attention import make_inputs
+from plugins.fused import attention as fused
+gen = torch.Generator().manual_seed(0)
+seen = [torch.get_num_threads()]
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for B, Hq, Hkv, Lq, Lk, D in ((1, 16, 16, 8, 128, 64), (1, 8, 2, 20, 300, 64), (2, 4, 4, 64, 64, 32)):
+        q, k, v = make_inputs(gen, "cpu", dtype, B, Hq, Hkv, Lq, Lk, D)
+        with torch.no_grad():
+            fused.attention(q, k, v, causal=True, scale=0.125, attn_mask=None, return_lse=False)
+        seen.append(torch.get_num_threads())
+        q, k, v = (t.float().requires_grad_(True) for t in (q, k, v))
+        fused.attention(q, k, v, causal=True, scale=0.125, attn_mask=None, return_lse=False).sum().backward()
+        seen.append(torch.get_num_threads())
+print(seen)
+"""
+
+
+@needs_cpp
+def test_cpp_calls_leave_the_callers_thread_count_alone():
+    """A bfloat16 decode call (its query widened by an at::parallel_for while MKL was held to one thread)
+    left the calling thread's OpenMP count at 1 in a program that never set it: torch.get_num_threads()
+    said 1 and every later op ran on one core. A fresh process, as a user's program starts: forward and
+    backward, each path (decode rows, decode tiles, prefill), each 16/32-bit dtype."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _THREADS_PROGRAM], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    seen = [int(n) for n in out.stdout.strip().splitlines()[-1].strip("[]").split(",")]
+    assert len(seen) == 19 and len(set(seen)) == 1, seen

@@ -47,14 +47,19 @@ extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace {
 // For one kernel call, MKL runs on its calling thread (inside this file's parallel regions it does so of
-// itself: a BLAS call from an OpenMP worker is sequential).
+// itself: a BLAS call from an OpenMP worker is sequential). The calling thread's OpenMP thread count is
+// put back as well: an at::parallel_for inside the scope (a bfloat16 query widened for the decode kernel)
+// left it at MKL's 1 after the restore, so that every later torch op and kernel of the caller's thread ran
+// on one core (torch.get_num_threads() said 1).
 struct SerialBlas {
   int previous = -1;
+  int omp_threads = omp_get_max_threads();
   SerialBlas() {
     if (MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
   }
   ~SerialBlas() {
     if (previous >= 0) MKL_Set_Num_Threads_Local(previous);
+    if (omp_get_max_threads() != omp_threads) omp_set_num_threads(omp_threads);
   }
 };
 }  // namespace

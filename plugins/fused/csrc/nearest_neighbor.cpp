@@ -99,13 +99,15 @@ void gemm_nt(int m, int n, int kk, const T* A, const T* B, T* C, int ldc) {
   if (m == 0 || n == 0) return;
   // A product this small costs less than waking MKL's threads, and on a busy machine one of them can
   // hold the call for a scheduler slice (M=10 N=1000 D=64 measured milliseconds at load 4).
-  struct SerialBlas {
+  struct SerialBlas {  // as attention.cpp's: the caller's OpenMP thread count is put back too
     int previous = -1;
+    int omp_threads = omp_get_max_threads();
     explicit SerialBlas(bool small) {
       if (small && MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
     }
     ~SerialBlas() {
       if (previous >= 0) MKL_Set_Num_Threads_Local(previous);
+      if (omp_get_max_threads() != omp_threads) omp_set_num_threads(omp_threads);
     }
   } serial(static_cast<int64_t>(m) * n * kk < kSerialGemm);
   const T one = 1, zero = 0;
