@@ -650,8 +650,8 @@ inline bool softmax_update(float* s, int64_t n, float& m, float& l, float* acc, 
 // every query row of the kv head's group at once (G * Lq rows), so each key and value row is read once
 // for the whole group; the splits' partial softmaxes are merged by their log-sum-exp. D and Dv are
 // multiples of W. Returns whether some row took the exact path.
-template <typename T>
-bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const Rows<T>& V, float* O, float* LSE) {
+template <typename T, typename TO>
+bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows<T>& V, TO* O, float* LSE) {
   const int64_t R = p.group * p.Lq, base = p.B * p.Hkv, nt = threads_for(p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv));
   const int64_t kend = p.key_end(0, p.Lq);
   const bool tiles = R >= kDecodeGemmRows;  // the group's rows are one contiguous [R, D] block of q
@@ -665,22 +665,38 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
   const float c = p.scale * kLog2e;
   std::atomic<bool> rare{false};
 
-  auto finish = [&](int64_t b, int64_t hk, int64_t r, float m, float l, const float* acc) {
+  // A row's result, written in the output dtype (a 16-bit row computed in `buf`, Dv floats, and rounded
+  // where it is stored); `qrow` holds its query as float32 (D floats: the row itself, or widened into it).
+  auto finish = [&](int64_t b, int64_t hk, int64_t r, float m, float l, const float* acc, const float* qrow,
+                    std::vector<float>& buf) {
     const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq, row = (b * p.Hq + h) * p.Lq + i;
-    float* out = O + row * p.Dv;
+    float* out = result_row(O + row * p.Dv, buf);
     const bool alive = l > 0.0f;
     const float inv = alive ? 1.0f / l : 0.0f;
     for (int64_t d = 0; d < p.Dv; ++d) out[d] = acc[d] * inv;
     LSE[row] = alive ? (m + std::log2(l)) * kLn2 : (l == 0.0f ? kNegInf : l);
-    if (suspect(!all_finite(Q.at(b, h, i), p.D), out, p.Dv, LSE[row])) {
-      exact_row(p, Q.at(b, h, i), K, V, b, h, i, out, LSE + row);
+    if (suspect(!all_finite(qrow, p.D), out, p.Dv, LSE[row])) {
+      exact_row(p, qrow, K, V, b, h, i, out, LSE + row);
       rare.store(true, std::memory_order_relaxed);
+    }
+    if constexpr (!std::is_same<TO, float>::value) store_row(out, O + row * p.Dv, p.Dv);
+  };
+  // The R query rows of kv head hk of batch b as one contiguous float32 [R, D] block (widened for 16-bit
+  // q, copied for float32: q may be strided), so that no pass over q precedes the kernel.
+  auto pack_queries = [&](int64_t b, int64_t hk, float* dst) {
+    for (int64_t r = 0; r < R; ++r) {
+      const T* src = Q.at(b, hk * p.group + r / p.Lq, r % p.Lq);
+      if constexpr (std::is_same<T, float>::value) {
+        std::copy(src, src + p.D, dst + r * p.D);
+      } else {
+        widen_row(src, dst + r * p.D, p.D);
+      }
     }
   };
 
 #pragma omp parallel num_threads(std::min(nt, base * splits)) if (nt > 1 && base * splits > 1)
   {
-    std::vector<float> S(R * KB), acc(R * p.Dv), m(R), l(R);
+    std::vector<float> S(R * KB), acc(R * p.Dv), m(R), l(R), qs_all(R * p.D), rowbuf(p.Dv);
     // the tiles' key and value blocks as float32 (16-bit ones widened into these, once for all the rows)
     std::vector<float> kbuf(tiles && !std::is_same<T, float>::value ? KB * p.D : 0);
     std::vector<float> vbuf(tiles && !std::is_same<T, float>::value ? KB * p.Dv : 0);
@@ -691,6 +707,7 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
+      pack_queries(b, hk, qs_all.data());
       // the rows against n keys at kb and values at vb (float32, bfloat16 or float16), kDecodeRows at a time
       // (then two, then one); a row that has attended nothing yet adds no values
       auto each_row = [&](int64_t k0, int64_t n, const T* kb, int64_t skn, const T* vb, int64_t svn) {
@@ -701,8 +718,7 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
           float* as[kDecodeRows];
           bool all_live = true;
           for (int u = 0; u < nr; ++u) {
-            const int64_t h = hk * p.group + (r + u) / p.Lq, i = (r + u) % p.Lq;
-            qs[u] = Q.at(b, h, i);
+            qs[u] = qs_all.data() + (r + u) * p.D;
             ss[u] = S.data() + (r + u) * KB;
             as[u] = acc.data() + (r + u) * p.Dv;
           }
@@ -742,7 +758,7 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
         int64_t ldk = 0, ldv = 0;
         const float* kf = block_as_float(kb, K.sl, n, p.D, kbuf.data(), ldk);
         const float* vf = block_as_float(vb, V.sl, n, p.Dv, vbuf.data(), ldv);
-        gemm(false, true, R, n, p.D, c, Q.at(b, hk * p.group, 0), p.D, kf, ldk, 0.0f, S.data(), KB);
+        gemm(false, true, R, n, p.D, c, qs_all.data(), p.D, kf, ldk, 0.0f, S.data(), KB);
         for (int64_t r = 0; r < R; ++r) {
           const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
           float* s = S.data() + r * KB;
@@ -753,7 +769,7 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
       }
       for (int64_t r = 0; r < R; ++r) {
         if (splits == 1) {
-          finish(b, hk, r, m[r], l[r], acc.data() + r * p.Dv);
+          finish(b, hk, r, m[r], l[r], acc.data() + r * p.Dv, qs_all.data() + r * p.D, rowbuf);
         } else {
           float* dst = part.data() + ((bk * splits + sp) * R + r) * stride;
           std::copy(acc.data() + r * p.Dv, acc.data() + (r + 1) * p.Dv, dst);
@@ -766,7 +782,7 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
   if (splits > 1) {
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-      std::vector<float> acc(p.Dv);
+      std::vector<float> acc(p.Dv), qrow(p.D), rowbuf(p.Dv);
 #pragma omp for
       for (int64_t t = 0; t < base * R; ++t) {
         const int64_t bk = t / R, r = t % R;
@@ -783,7 +799,14 @@ bool decode_fwd(const Problem& p, const Rows<float>& Q, const Rows<T>& K, const 
 #pragma omp simd
           for (int64_t d = 0; d < p.Dv; ++d) acc[d] += w * src[d];
         }
-        finish(bk / p.Hkv, bk % p.Hkv, r, M, L, acc.data());
+        const int64_t b = bk / p.Hkv, hk = bk % p.Hkv;
+        const T* src = Q.at(b, hk * p.group + r / p.Lq, r % p.Lq);
+        if constexpr (std::is_same<T, float>::value) {
+          std::copy(src, src + p.D, qrow.data());
+        } else {
+          widen_row(src, qrow.data(), p.D);
+        }
+        finish(b, hk, r, M, L, acc.data(), qrow.data(), rowbuf);
       }
     }
   }
@@ -1125,45 +1148,6 @@ bool prefill_fwd(const Problem& p, const Rows<T>& Qr, const Rows<T>& Kr, const R
 
 }  // namespace
 
-// ``t`` as contiguous float32: itself where it is already; a contiguous bfloat16 or float16 tensor widened
-// by a plain loop, since a dispatched t.to(float) costs 3-5 us at a small call's sizes, as long as its
-// arithmetic; anything else through the dispatcher.
-template <typename T>
-at::Tensor widened(const at::Tensor& t) {
-  at::Tensor f = at::detail::empty_cpu(t.sizes(), at::kFloat);
-  const T* src = t.data_ptr<T>();
-  float* dst = f.data_ptr<float>();
-  at::parallel_for(0, t.numel(), int64_t(1) << 12,
-                   [&](int64_t begin, int64_t end) { widen_row(src + begin, dst + begin, end - begin); });
-  return f;
-}
-at::Tensor as_float(const at::Tensor& t) {
-  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t;
-  if (!t.is_contiguous()) return t.to(at::kFloat).contiguous();
-  if (t.scalar_type() == at::kBFloat16) return widened<c10::BFloat16>(t);
-  if (t.scalar_type() == at::kHalf) return widened<c10::Half>(t);
-  return t.to(at::kFloat);
-}
-
-// ``o`` (float32) in ``dtype``: itself for float32; rounded to bfloat16 or float16 by a plain loop (to
-// nearest even, NaN kept, as torch's own cast), which costs a fraction of a dispatched o.to() at small sizes.
-template <typename T>
-at::Tensor rounded(const at::Tensor& o, at::ScalarType dtype) {
-  at::Tensor r = at::detail::empty_cpu(o.sizes(), dtype);
-  const float* src = o.data_ptr<float>();
-  T* dst = r.data_ptr<T>();
-  at::parallel_for(0, o.numel(), int64_t(1) << 12, [&](int64_t begin, int64_t end) {
-    store_row(src + begin, dst + begin, end - begin);
-  });
-  return r;
-}
-at::Tensor in_dtype(const at::Tensor& o, at::ScalarType dtype) {
-  if (dtype == at::kFloat) return o;
-  if (dtype == at::kBFloat16) return rounded<c10::BFloat16>(o, dtype);
-  if (dtype == at::kHalf) return rounded<c10::Half>(o, dtype);
-  return o.to(dtype);
-}
-
 namespace {
 
 // ``t`` itself where the kernels can read it in place: contiguous rows (the last stride 1) that do not
@@ -1189,7 +1173,7 @@ std::tuple<at::Tensor, at::Tensor, bool> forward(const at::Tensor& q, const at::
   // The tiles' products: own_products' choice; MKL on the calling thread where any product may go to it
   // (the small path makes none).
   const bool own = !small && !decode && own_products(std::min(block_q, p.Lq), std::min(block_k, p.Lk), p.D, p.Dv);
-  at::Tensor o = at::empty({p.B, p.Hq, p.Lq, p.Dv}, q.options().dtype(decode ? at::kFloat : out));
+  at::Tensor o = at::empty({p.B, p.Hq, p.Lq, p.Dv}, q.options().dtype(out));
   std::optional<SerialBlas> serial;
   if (!small && !own) serial.emplace();
   auto run = [&](auto element, auto output) -> bool {
@@ -1198,21 +1182,16 @@ std::tuple<at::Tensor, at::Tensor, bool> forward(const at::Tensor& q, const at::
     const Rows<T> Q = rows_of<T>(qq), K = rows_of<T>(kk), V = rows_of<T>(vv);
     if (small) return small_fwd(p, Q, K, V, o.data_ptr<TO>(), lse.data_ptr<float>());
     if (!decode) return prefill_fwd(p, Q, K, V, o.data_ptr<TO>(), lse.data_ptr<float>(), block_q, block_k, own);
-    if constexpr (std::is_same<TO, float>::value) {
-      const at::Tensor qf = as_float(q);
-      return decode_fwd(p, rows_of<float>(qf), K, V, o.data_ptr<float>(), lse.data_ptr<float>());
-    }
-    return false;  // not reached: decode writes float32
+    return decode_fwd(p, Q, K, V, o.data_ptr<TO>(), lse.data_ptr<float>());
   };
-  // o is float32 (decode, or asked for) or q's dtype
-  const bool wide = decode || out == at::kFloat;
+  // o is float32 (asked for) or q's dtype
+  const bool wide = out == at::kFloat;
   bool rare;
   switch (q.scalar_type()) {
     case at::kBFloat16: rare = wide ? run(c10::BFloat16(), 0.0f) : run(c10::BFloat16(), c10::BFloat16()); break;
     case at::kHalf: rare = wide ? run(c10::Half(), 0.0f) : run(c10::Half(), c10::Half()); break;
     default: rare = run(0.0f, 0.0f);
   }
-  if (decode) o = in_dtype(o, out);
   return {o, lse, rare};
 }
 
