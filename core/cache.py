@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 SCHEMA = 1
 FILE_NAME = "tuning-cache.json"
+LIBRARY_ISA_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 ENV_CACHE_DIR = "SWITCHYARD_CACHE_DIR"
 
 
@@ -63,6 +64,10 @@ def fingerprint(plugin_versions: Mapping[str, str]) -> dict[str, Any]:
         "plugins": dict(sorted(plugin_versions.items())),
         "device": device,
         "cpu": cpu_model(),
+        # the instruction sets torch's own kernels (the peers' and the torch backend's) and its libraries
+        # run at: a decision tuned with AVX-512 and AMX in oneDNN's bfloat16 matmul does not carry over to
+        # a process that holds them to AVX2
+        "torch_isa": [torch.backends.cpu.get_cpu_capability()] + [os.environ.get(v, "") for v in LIBRARY_ISA_VARS],
         "threads": torch.get_num_threads(),
         "platform": sys.platform,
     }

@@ -5,8 +5,9 @@ import json
 import multiprocessing as mp
 
 import pytest
+import torch
 
-from core.cache import FILE_NAME, CacheWarning, TuningCache, fingerprint
+from core.cache import FILE_NAME, CacheWarning, TuningCache, fingerprint, fingerprint_id
 
 FP = {"python": "3.11", "torch": "2.13.0", "plugins": {"torch": "0.1.0"}, "device": "cpu", "cpu": "test", "threads": 2}
 
@@ -66,9 +67,22 @@ def test_corrupt_or_foreign_file_is_moved_aside(tmp_path, content):
 
 def test_fingerprint_fields():
     fp = fingerprint({"torch": "0.1.0"})
-    for field in ("python", "torch", "plugins", "device", "cpu", "threads"):
+    for field in ("python", "torch", "plugins", "device", "cpu", "threads", "torch_isa"):
         assert field in fp
     assert fp["plugins"] == {"torch": "0.1.0"}
+    assert fp["torch_isa"][0] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_library_isa_limits_change_the_fingerprint(monkeypatch):
+    """A process that holds oneDNN (or MKL, or torch's own kernels) to AVX2 times torch's kernels
+    differently: decisions tuned without the limit must not carry over to it."""
+    plain = fingerprint_id(fingerprint({"torch": "0.1.0"}))
+    for var, value in (("ONEDNN_MAX_CPU_ISA", "AVX2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
+                       ("ATEN_CPU_CAPABILITY", "avx2")):
+        with monkeypatch.context() as m:
+            m.setenv(var, value)
+            assert fingerprint_id(fingerprint({"torch": "0.1.0"})) != plain, var
+    assert fingerprint_id(fingerprint({"torch": "0.1.0"})) == plain
 
 
 def test_entries_keep_confidence_finality_and_key(tmp_path):
