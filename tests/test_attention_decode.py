@@ -64,7 +64,7 @@ def test_cpp_decode_forward_and_gradients(gen, isa, name):
     dtype, B, Hq, Hkv, Lq, Lk, D, extra = DECODE[name]
     with _level(isa):
         if Lq <= 8 or Hq > Hkv:  # MHA heads of 9-15 rows take it on AVX-512 only
-            assert _build.library("attention").attention_takes_decode(Lq, D, extra.get("Dv", D), Hq // Hkv)
+            assert _build.library("attention").attention_takes_decode(Lq, Lk, D, extra.get("Dv", D), Hq // Hkv)
         _check(fused.CPP, _sample(gen, dtype, B, Hq, Hkv, Lq, Lk, D, **extra), gen)
 
 
@@ -389,3 +389,14 @@ def test_cpp_calls_leave_the_callers_thread_count_alone():
     assert out.returncode == 0, out.stderr
     seen = [int(n) for n in out.stdout.strip().splitlines()[-1].strip("[]").split(",")]
     assert len(seen) == 19 and len(set(seen)) == 1, seen
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
+def test_wide_decode_takes_only_calls_with_many_more_keys_than_rows(isa):
+    """Up to 32 query rows under GQA take the decode kernel only where the keys outnumber them four times:
+    a short square prefill (L = 16) is one small block per task there, and the tiles beat it."""
+    with _level(isa):
+        takes = _build.library("attention").attention_takes_decode
+        assert takes(16, 600, 64, 64, 4) and takes(32, 128, 64, 64, 8) and takes(8, 8, 64, 64, 4)
+        assert not takes(16, 16, 64, 64, 4) and not takes(32, 127, 64, 64, 8) and not takes(33, 4096, 64, 64, 8)

@@ -456,10 +456,14 @@ constexpr int64_t kDecodeRows = W >= 16 ? 4 : 2;
 // its tasks read each key and value block once for the whole group (Lq 10-32: 0.67-0.93x the tiles' time
 // on AVX-512, 0.78-0.95x on AVX2). MHA heads of 9-15 rows take its SIMD row loops: 0.68-0.92x on AVX-512,
 // but 0.84-1.13x on AVX2, so only on AVX-512; MHA heads of 16 rows and more ran 1.04-1.09x (the tiles' own
-// products beat its BLAS ones), so they keep the tiles.
-inline bool takes_decode(int64_t Lq, int64_t D, int64_t Dv, int64_t group) {
+// products beat its BLAS ones), so they keep the tiles. Those rows take it where the keys outnumber them
+// kDecodeWideKeys times at least: a short square prefill (GQA L = 16, Lk = Lq) is one small block per task,
+// and there the tiles took 0.78-0.80x its time (Xeon with AVX512_FP16 and AMX, float32, B = 1-2, causal).
+constexpr int64_t kDecodeWideKeys = 4;
+inline bool takes_decode(int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, int64_t group) {
   if (D % W != 0 || Dv % W != 0) return false;
-  return Lq <= kDecodeMaxLq || (Lq <= kDecodeWideLq && (group > 1 || (W >= 16 && Lq < kDecodeGemmRows)));
+  return Lq <= kDecodeMaxLq || (Lq <= kDecodeWideLq && Lk >= kDecodeWideKeys * Lq &&
+                                (group > 1 || (W >= 16 && Lq < kDecodeGemmRows)));
 }
 
 // dst[0..n) = src[0..n) widened to float32: a bfloat16 is the top half of a float32 (the loop vectorises).
@@ -1168,7 +1172,7 @@ std::tuple<at::Tensor, at::Tensor, bool> forward(const at::Tensor& q, const at::
   // Every path reads q, k and v in place through their strides, float32, bfloat16 or float16.
   const at::Tensor qq = in_place(q), kk = in_place(k), vv = in_place(v);
   const bool small = takes_small(p);
-  const bool decode = !small && takes_decode(p.Lq, p.D, p.Dv, p.group);
+  const bool decode = !small && takes_decode(p.Lq, p.Lk, p.D, p.Dv, p.group);
   if (!small && !decode) block_q = query_tile(p, block_q);
   // The tiles' products: own_products' choice; MKL on the calling thread where any product may go to it
   // (the small path makes none).
@@ -1220,9 +1224,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_eager(const at::Tensor& q, cons
   return {o, lse};
 }
 
-// Whether shapes with Lq query rows, head dims D, Dv and `group` query heads per kv head take the decode kernel.
-bool attention_takes_decode(int64_t Lq, int64_t D, int64_t Dv, int64_t group) {
-  return takes_decode(Lq, D, Dv, group);
+// Whether shapes with Lq query rows, Lk keys, head dims D, Dv and `group` query heads per kv head take the
+// decode kernel.
+bool attention_takes_decode(int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, int64_t group) {
+  return takes_decode(Lq, Lk, D, Dv, group);
 }
 
 // Backward: (dq, dk, dv), float32. ``delta`` is rowsum(o * do) minus the cotangent of lse (when there
