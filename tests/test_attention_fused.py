@@ -290,6 +290,12 @@ def test_cpp_finite_check_agrees_with_isfinite(gen, dtype):
         assert fused.finite(*ts) is want
         seen[int(want)] += 1
     assert seen[0] > 20 and seen[1] > 20
+    big = [torch.randn(2, 8, 512, 64, generator=gen).to(dtype) for _ in range(3)]  # 2^19 values: split over threads
+    assert raw(*big) == 1
+    for which, at in ((0, 0), (1, big[1].numel() // 2 + 3), (2, big[2].numel() - 1)):
+        poisoned = [t.clone() for t in big]
+        poisoned[which].view(-1)[at] = float("nan") if which != 1 else float("-inf")
+        assert raw(*poisoned) == 0, (which, at)
 
 
 @needs_cpp
