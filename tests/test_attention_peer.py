@@ -62,12 +62,12 @@ def _poison(kind, q, k, v):
 KINDS = ["q-nan", "q-inf", "k-nan", "k-neg-inf", "k-all-nan", "v-inf", "v-nan"]
 
 
-def _same_nonfinite_and_close(got, want, atol):
+def _same_nonfinite_and_close(got, want, atol, rtol=1e-5):
     assert torch.equal(torch.isnan(got), torch.isnan(want)), (torch.isnan(got) != torch.isnan(want)).nonzero()[:5]
     assert torch.equal(torch.isposinf(got), torch.isposinf(want)) and torch.equal(torch.isneginf(got),
                                                                                     torch.isneginf(want))
     finite = torch.isfinite(want)
-    assert torch.allclose(got[finite].double(), want[finite].double(), atol=atol)
+    assert torch.allclose(got[finite].double(), want[finite].double(), atol=atol, rtol=rtol)
 
 
 # Shapes where nothing, or only SDPA's own top-left triangle, is masked: not causal, decode (Lq = 1)
@@ -78,7 +78,10 @@ UNMASKED = [(1, 1, 1, 4, 4, False), (2, 4, 2, 1, 40, True), (1, 4, 1, 6, 6, True
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("backend", ["torch", "torch-sdpa", "fused-sdpa"])
 def test_unmasked_nonfinite_inputs_follow_the_reference(gen, backend, dtype):
-    atol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    # bfloat16: two units in the last place of the value besides the absolute floor (SDPA's bfloat16 kernels
+    # round the probabilities to bfloat16: an output of 2.557 came out 2.531, against 2.5625 rounded, with
+    # seed 1466450132 on a Xeon with AMX; an absolute 0.02 alone is less than one unit from 4 up)
+    atol, rtol = (2e-2, 2 ** -6) if dtype == torch.bfloat16 else (1e-5, 1e-5)
     for B, Hq, Hkv, Lq, Lk, causal in UNMASKED:
         for kind in KINDS:
             q, k, v = make_inputs(gen, "cpu", dtype, B, Hq, Hkv, Lq, Lk, 16)
@@ -86,7 +89,7 @@ def test_unmasked_nonfinite_inputs_follow_the_reference(gen, backend, dtype):
             want = _ref(q, k, v, causal)
             with dispatcher.use_backend(backend):
                 got = dispatcher.attention(q, k, v, causal=causal)
-            _same_nonfinite_and_close(got, want.to(dtype), atol)
+            _same_nonfinite_and_close(got, want.to(dtype), atol, rtol)
             assert not torch.isfinite(want).all() or kind in ("q-inf", "k-neg-inf"), (kind, "the case poisons nothing")
 
 
