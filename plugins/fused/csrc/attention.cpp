@@ -48,9 +48,9 @@ extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 namespace {
 // For one kernel call, MKL runs on its calling thread (inside this file's parallel regions it does so of
 // itself: a BLAS call from an OpenMP worker is sequential). The calling thread's OpenMP thread count is
-// put back as well: an at::parallel_for inside the scope (a bfloat16 query widened for the decode kernel)
-// left it at MKL's 1 after the restore, so that every later torch op and kernel of the caller's thread ran
-// on one core (torch.get_num_threads() said 1).
+// put back as well: an at::parallel_for inside the scope (the decode kernel used to widen a bfloat16 query
+// in one) left it at MKL's 1 after the restore, so that every later torch op and kernel of the caller's
+// thread ran on one core (torch.get_num_threads() said 1).
 struct SerialBlas {
   int previous = -1;
   int omp_threads = omp_get_max_threads();
