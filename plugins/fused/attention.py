@@ -188,12 +188,18 @@ def attend(path: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, caus
 _eager_ops: dict[str, Any] = {}
 
 
+def _pybind(table: dict[str, Any], name: str) -> Any:
+    """The pybind11 function ``name`` of the level in force, built or loaded, and kept in ``table`` under
+    the level (the callers look it up there first)."""
+    _build.library(OP)  # builds or loads the level in force
+    fn = table[_build.default_isa()] = getattr(_build.module(OP), name)
+    return fn
+
+
 def _eager_forward() -> Any:
     """The C++ eager forward of the level in force: (o in q's dtype, lse), through pybind11 (about 1.8 us
     less a call than torch.ops)."""
-    _build.library(OP)  # builds or loads the level in force
-    fn = _eager_ops[_build.default_isa()] = _build.module(OP).attention_fwd_eager
-    return fn
+    return _pybind(_eager_ops, "attention_fwd_eager")
 
 
 _grad_enabled = torch.is_grad_enabled
@@ -238,20 +244,15 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, s
 
 # -- SDPA behind a C++ finite check ----------------------------------------------------------------------
 
-_finite_ops: dict[str, Any] = {}
-
-
-def _finite_op() -> Any:
-    _build.library(OP)
-    fn = _finite_ops[_build.default_isa()] = _build.module(OP).attention_all_finite
-    return fn
+_finite_ops: dict[str, Any] = {}  # a level -> its attention_all_finite, as _eager_ops
 
 
 def finite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether q, k and v hold only finite values: one C++ pass over their bits, on one thread (three
     [1, 8, 64, 64] bfloat16 tensors: about 2 us, where torch's three sums take 17 us on two threads), or the
     sums where it does not read the tensors (not 4-D, last dimension strided, float64)."""
-    got = (_finite_ops.get(_build._forced or _build._from_env) or _finite_op())(q, k, v)
+    check = _finite_ops.get(_build._forced or _build._from_env) or _pybind(_finite_ops, "attention_all_finite")
+    got = check(q, k, v)
     return torch_finite(q, k, v) if got < 0 else got == 1
 
 
@@ -269,7 +270,8 @@ KERNELS = [
                        "CPU, Triton on CUDA; backward recomputes the scores from the saved lse"),
     # Where SDPA itself is the fastest kernel (on a CPU with AMX, bfloat16 prefill: about half our tiles'
     # time), what it costs beside SDPA is the finite check that the contract needs in front of it.
-    Kernel(op=OP, backend="fused-sdpa", fn=sdpa_behind(finite), devices={"cpu"}, dtypes={torch.float32, torch.bfloat16,
-           torch.float16, torch.float64}, priority=25, check=_sdpa_cpu_check, differentiable=True,
+    # float64 is left to torch-sdpa: the C++ check does not read it, so this kernel would be that one again.
+    Kernel(op=OP, backend="fused-sdpa", fn=sdpa_behind(finite), devices={"cpu"}, dtypes=set(CPU_DTYPES),
+           priority=25, check=_sdpa_cpu_check, differentiable=True,
            description="torch-sdpa with its finite check of q, k and v in one C++ pass over their bits"),
 ]
