@@ -491,6 +491,7 @@ inline bool takes_decode(int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, int64_t 
 }
 
 // dst[0..n) = src[0..n) widened to float32: a bfloat16 is the top half of a float32 (the loop vectorises).
+inline void widen_row(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
 inline void widen_row(const c10::BFloat16* src, float* dst, int64_t n) {
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
   uint32_t* d = reinterpret_cast<uint32_t*>(dst);
@@ -712,14 +713,7 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
   // The R query rows of kv head hk of batch b as one contiguous float32 [R, D] block (widened for 16-bit
   // q, copied for float32: q may be strided), so that no pass over q precedes the kernel.
   auto pack_queries = [&](int64_t b, int64_t hk, float* dst) {
-    for (int64_t r = 0; r < R; ++r) {
-      const T* src = Q.at(b, hk * p.group + r / p.Lq, r % p.Lq);
-      if constexpr (std::is_same<T, float>::value) {
-        std::copy(src, src + p.D, dst + r * p.D);
-      } else {
-        widen_row(src, dst + r * p.D, p.D);
-      }
-    }
+    for (int64_t r = 0; r < R; ++r) widen_row(Q.at(b, hk * p.group + r / p.Lq, r % p.Lq), dst + r * p.D, p.D);
   };
 
 #pragma omp parallel num_threads(std::min(nt, base * splits)) if (nt > 1 && base * splits > 1)
@@ -828,13 +822,9 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
           for (int64_t d = 0; d < p.Dv; ++d) acc[d] += w * src[d];
         }
         const int64_t b = bk / p.Hkv, hk = bk % p.Hkv;
-        const T* src = Q.at(b, hk * p.group + r / p.Lq, r % p.Lq);
-        if constexpr (std::is_same<T, float>::value) {
-          std::copy(src, src + p.D, qrow.data());
-        } else {
-          widen_row(src, qrow.data(), p.D);
-        }
-        finish(b, hk, r, M, L, acc.data(), qrow.data(), rowbuf);
+        int64_t unused = 0;
+        const float* q = block_as_float(Q.at(b, hk * p.group + r / p.Lq, r % p.Lq), Q.sl, 1, p.D, qrow.data(), unused);
+        finish(b, hk, r, M, L, acc.data(), q, rowbuf);
       }
     }
   }

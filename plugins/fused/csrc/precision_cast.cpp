@@ -412,8 +412,8 @@ inline void narrow_nearest(const double* x, float* __restrict w, int64_t m, bool
   constexpr uint32_t kLow = (1u << (22 - T::man)) - 1;
   int64_t i = 0;
   uint64_t unused = 0;
-  bool midpoint = false;
 #if defined(__AVX512F__)
+  bool midpoint = false;
   const __m512d by = _mm512_set1_pd(scale);
   const __m512i low = _mm512_set1_epi32(int32_t(kLow));
   __m512i vmx = _mm512_setzero_si512();
@@ -447,7 +447,7 @@ inline void narrow_nearest(const double* x, float* __restrict w, int64_t m, bool
     if constexpr (kStats) mx = std::max(mx, bits_of(static_cast<float>(v)) & 0x7FFFFFFFu);
     w[i] = odd_float(v);
   }
-  (void)midpoint, (void)unused;
+  (void)unused;
 }
 
 // float64 -> float16, round to nearest, in one pass: narrow_nearest's rule, with F16C's conversion (round
@@ -461,8 +461,8 @@ inline int64_t f64_to_f16(const double* x, uint16_t* __restrict y, int64_t m, bo
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   int64_t i = 0;
   uint64_t unused = 0;
-  bool midpoint = false;
 #if defined(__AVX512F__)
+  bool midpoint = false;
   const __m512d by = _mm512_set1_pd(scale);
   const __m512 hi = _mm512_set1_ps(F16::max_finite()), lo = _mm512_set1_ps(-F16::max_finite());
   const __m512i low = _mm512_set1_epi32(int32_t(kLow));
@@ -483,22 +483,20 @@ inline int64_t f64_to_f16(const double* x, uint16_t* __restrict y, int64_t m, bo
   const __m256 hi = _mm256_set1_ps(F16::max_finite()), lo = _mm256_set1_ps(-F16::max_finite());
   const __m256i low = _mm256_set1_epi32(int32_t(kLow));
   __m256i vmx = _mm256_setzero_si256();
+  auto store = [&](__m256 f, int64_t at) {  // eight float32 values as float16 at y + at, saturated if asked
+    if constexpr (kSat) f = _mm256_max_ps(lo, _mm256_min_ps(hi, f));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + at), _mm256_cvtps_ph(f, kRound));
+  };
   for (; i + 8 <= m;) {
     const int64_t block = i;
     __m256i maybe = _mm256_setzero_si256();
-    for (int k = 0; k < 4 && i + 8 <= m; ++k, i += 8) {
-      __m256 f = narrow8<kStats>(x + i, scaled, by, low, vmx, maybe);
-      if constexpr (kSat) f = _mm256_max_ps(lo, _mm256_min_ps(hi, f));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm256_cvtps_ph(f, kRound));
-    }
+    for (int k = 0; k < 4 && i + 8 <= m; ++k, i += 8) store(narrow8<kStats>(x + i, scaled, by, low, vmx, maybe), i);
     if (__builtin_expect(!_mm256_testz_si256(maybe, maybe), 0)) {
       for (int64_t j = block; j < i; j += 8) {
         if (!midpoint8(x + j, scaled, by, low)) continue;
         alignas(32) float odd[8];
         narrow_to_odd<false, false>(x + j, odd, 8, scaled, scale, unused);
-        __m256 f = _mm256_load_ps(odd);
-        if constexpr (kSat) f = _mm256_max_ps(lo, _mm256_min_ps(hi, f));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(y + j), _mm256_cvtps_ph(f, kRound));
+        store(_mm256_load_ps(odd), j);
       }
     }
   }
@@ -506,7 +504,7 @@ inline int64_t f64_to_f16(const double* x, uint16_t* __restrict y, int64_t m, bo
 #else
   (void)x, (void)y, (void)m, (void)scaled, (void)scale, (void)mx;
 #endif
-  (void)midpoint, (void)unused;
+  (void)unused;
   return i;
 }
 
