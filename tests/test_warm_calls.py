@@ -11,6 +11,7 @@ import torch
 
 from core import dispatcher
 from core.errors import InvalidInput
+from core.ops.attention import SPEC as ATTENTION
 from core.ops.precision_cast import SPEC, TARGETS
 from plugins.fused import _build
 from plugins.fused import precision_cast as fused_cast
@@ -255,3 +256,92 @@ def test_the_conformance_kit_runs_what_a_bind_returns(plugin):
     plugin(_Counting(bind=True), "counting")
     case = next(c for c in conformance_cases("counting", ops=["precision_cast"]) if c.case == "f32-to-bf16")
     assert run_case(case, seed=3).status == "ok"
+
+
+# -- attention ---------------------------------------------------------------------------------------------
+
+def _attention_outcome(args, given):
+    """The slow path's outcome of an attention call: ("ok", canonical attributes, dispatch key) or
+    ("invalid", the message)."""
+    try:
+        bound, attrs = ATTENTION.bind(args, given)
+        key = ATTENTION.verify(bound, attrs)
+        return "ok", dict(attrs), key if key is not None else ATTENTION.key(bound, attrs)
+    except InvalidInput as e:
+        return "invalid", str(e)
+
+
+def _attention_calls(gen):
+    """Unmasked attention calls of every kind the fast key must tell apart: dtypes, GQA and mismatched
+    heads, lengths in one size bucket, head dims, layouts and strides, inputs that are not tensors, and
+    attributes whose invalid values equal valid ones (1 for True, an int scale, a NaN scale)."""
+    shapes = [((1, 4, 1, 16), (1, 4, 9, 16)), ((1, 4, 1, 16), (1, 2, 9, 16)), ((1, 4, 1, 16), (1, 3, 9, 16)),
+              ((1, 4, 1, 16), (1, 4, 10, 16)), ((1, 4, 3, 16), (1, 4, 9, 16)), ((2, 4, 1, 16), (1, 4, 9, 16)),
+              ((1, 4, 1, 8), (1, 4, 9, 8)), ((1, 4, 1, 16), (1, 4, 9, 8)), ((1, 4, 0, 16), (1, 4, 9, 16))]
+    calls = []
+    for (qs, ks), dt in itertools.product(shapes, (torch.float32, torch.bfloat16, torch.int32)):
+        q = torch.randn(qs, generator=gen).to(dt)
+        k, v = (torch.randn(ks, generator=gen).to(dt) for _ in range(2))
+        for args in [(q, k, v), (q.transpose(1, 2).contiguous().transpose(1, 2), k, v), (q, k, v.double()),
+                     (q, k, v[..., :-1]), (q[0], k, v), (q, k.tolist(), v)]:
+            for given in [{}, {"causal": True}, {"causal": 1}, {"scale": 0.5}, {"scale": 1}, {"scale": True},
+                          {"scale": float("nan")}, {"causal": True, "return_lse": True}, {"return_lse": 0}]:
+                calls.append((args, given))
+    return calls
+
+
+def test_attention_equal_fast_keys_pass_verify_alike_with_one_dispatch_key(gen):
+    groups: dict = {}
+    for args, given in _attention_calls(gen) + _attention_calls(gen):  # fresh tensors of the same kinds meet
+        bound, attrs = ATTENTION.bind(args, given)
+        fast = ATTENTION.fast_key(bound, attrs)
+        if fast is not None:
+            try:
+                groups.setdefault(fast, []).append(_attention_outcome(args, given))
+            except TypeError:  # unhashable (a list of lists): the dispatcher's lookup takes the slow path
+                pass
+    shared = [outcomes for outcomes in groups.values() if len(outcomes) > 1]
+    assert len(shared) > 300
+    assert any(o[0][0] == "invalid" for o in shared) and any(o[0][0] == "ok" for o in shared)
+    for outcomes in shared:
+        assert all(o == outcomes[0] for o in outcomes), outcomes
+
+
+def test_a_masked_attention_call_has_no_fast_key(gen):
+    q, k, v = (torch.randn(1, 2, 3, 8, generator=gen) for _ in range(3))
+    assert ATTENTION.fast_key(*ATTENTION.bind((q, k, v), {"attn_mask": torch.ones(3, 3, dtype=torch.bool)})) is None
+    assert ATTENTION.fast_key(*ATTENTION.bind((q, k, v), {})) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_warm_attention_calls_are_the_slow_paths_results(dtype, gen):
+    """Decode and prefill keys, with and without the log-sum-exp, called twice each (the second from the
+    memo, on fresh data) against the float64 math; then a call with gradients on the same shapes, which
+    the memo keys apart and which must get gradients."""
+    shapes = [(1, 4, 2, 1, 300, 32), (2, 2, 2, 20, 20, 16)]
+    for (B, Hq, Hkv, Lq, Lk, D), causal, lse in itertools.product(shapes, (False, True), (False, True)):
+        for _ in range(2):
+            q = torch.randn(B, Hq, Lq, D, generator=gen).to(dtype)
+            k, v = (torch.randn(B, Hkv, Lk, D, generator=gen).to(dtype) for _ in range(2))
+            got = dispatcher.attention(q, k, v, causal=causal, return_lse=lse)
+            o, want_lse = _attention64(q, k, v, causal)
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close((got[0] if lse else got).double(), o, atol=tol, rtol=tol)
+            if lse:
+                torch.testing.assert_close(got[1].double(), want_lse, atol=tol, rtol=tol)
+    assert len(dispatcher._state.warm["attention"]) == 8
+    q = torch.randn(1, 4, 1, 32, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, 2, 300, 32, generator=gen, requires_grad=True) for _ in range(2))
+    dispatcher.attention(q, k, v).sum().backward()
+    assert q.grad is not None and k.grad is not None and v.grad is not None
+    assert len(dispatcher._state.warm["attention"]) == 9
+
+
+def _attention64(q, k, v, causal):
+    q, k, v = (t.double() for t in (q, k, v))
+    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    Lq, Lk = q.shape[2], k.shape[2]
+    if causal:
+        s = s.masked_fill(~torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq), float("-inf"))
+    return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)

@@ -219,6 +219,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                   return_lse=return_lse)
 
 
+def bind(*, causal: bool, scale: float, attn_mask: torch.Tensor | None, return_lse: bool) -> Any:
+    """``attention`` with these attributes bound, for the dispatcher's warm calls: the common CPU call
+    goes straight to the C++ eager forward (right after a large call, each Python step skipped is worth
+    several times its warm cost), anything else to ``attention``."""
+
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
+        if q.is_cpu and not (_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            eager = _eager_ops.get(_build._forced or _build._from_env) or _eager_forward()
+            o, lse = eager(q, k, v, attn_mask, causal, scale, *CPU_FWD_BLOCKS)
+            return (o, lse) if return_lse else o
+        return attention(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, return_lse=return_lse)
+
+    return call
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
            attn_mask: torch.Tensor | None, return_lse: bool) -> list[str]:
     reasons = []
@@ -265,7 +280,7 @@ def _sdpa_cpu_check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
 KERNELS = [
     Kernel(op=OP, backend="fused", fn=attention, devices={"cpu", "cuda"}, dtypes={*CPU_DTYPES, *CUDA_DTYPES},
-           priority=30, check=_check, differentiable=True,
+           priority=30, check=_check, differentiable=True, bind=bind,
            description="FlashAttention-2 tiles with an online softmax: C++ (OpenMP, BLAS tile products) on the "
                        "CPU, Triton on CUDA; backward recomputes the scores from the saved lse"),
     # Where SDPA itself is the fastest kernel (on a CPU with AMX, bfloat16 prefill: about half our tiles'
