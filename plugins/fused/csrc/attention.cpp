@@ -266,14 +266,38 @@ inline vec vload(const c10::Half* p) {
 }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vec a) { _mm512_storeu_ps(p, a); }
-// The four sums of a0..a3, in one reduction tree (a horizontal sum each would cost twice the shuffles).
-inline void vsum4(vec a0, vec a1, vec a2, vec a3, float* out) {
+// c times the four sums of a0..a3, in one reduction tree (a horizontal sum each would cost twice the
+// shuffles). Each sum's tree: b[l] = a[l] + a[l + 8], then ((b0 + b1) + (b2 + b3)) + ((b4 + b5) + (b6 + b7)).
+inline void vsum4(vec a0, vec a1, vec a2, vec a3, float c, float* out) {
   const __m256 b0 = _mm256_add_ps(_mm512_castps512_ps256(a0), _mm512_extractf32x8_ps(a0, 1));
   const __m256 b1 = _mm256_add_ps(_mm512_castps512_ps256(a1), _mm512_extractf32x8_ps(a1, 1));
   const __m256 b2 = _mm256_add_ps(_mm512_castps512_ps256(a2), _mm512_extractf32x8_ps(a2, 1));
   const __m256 b3 = _mm256_add_ps(_mm512_castps512_ps256(a3), _mm512_extractf32x8_ps(a3, 1));
   const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
-  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  _mm_storeu_ps(out, _mm_mul_ps(sum, _mm_set1_ps(c)));
+}
+// vsum4 for four rows at once: c * the sums of a[r][0..4) in lanes 4r..4r+3, each by vsum4's own tree (the
+// same bits), the sixteen reduced together in full vectors: 45 shuffles and adds where four vsum4 take about
+// 80 and the 256-bit halves. Pairs of accumulators fold their halves (lane l + lane l + 8), then adjacent
+// lanes are added twice within 128-bit lanes, then the 128-bit lanes holding b0..3 and b4..7 of a sum.
+inline vec fold_halves(vec x, vec y) {  // [x.lo + x.hi, y.lo + y.hi]
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+}
+inline vec add_pairs(vec x, vec y) {  // per 128-bit lane: [x0 + x1, x2 + x3, y0 + y1, y2 + y3]
+  return _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x88), _mm512_shuffle_ps(x, y, 0xDD));
+}
+inline vec vsum16(const vec (&a)[4][4], float c) {
+  vec v[8];
+  for (int t = 0; t < 4; ++t) {
+    v[t] = fold_halves(a[0][t], a[1][t]);
+    v[4 + t] = fold_halves(a[2][t], a[3][t]);
+  }
+  const vec z0 = add_pairs(add_pairs(v[0], v[1]), add_pairs(v[2], v[3]));
+  const vec z1 = add_pairs(add_pairs(v[4], v[5]), add_pairs(v[6], v[7]));
+  // 128-bit lanes of z0: [row 0's b0..3 sums, row 0's b4..7, row 1's b0..3, row 1's b4..7]; z1 rows 2, 3
+  const vec sums = _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xDD));
+  return _mm512_mul_ps(sums, _mm512_set1_ps(c));
 }
 inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
 inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
@@ -318,9 +342,10 @@ inline vec vload(const c10::BFloat16* p) {
 inline vec vload(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vec a) { _mm256_storeu_ps(p, a); }
-inline void vsum4(vec a0, vec a1, vec a2, vec a3, float* out) {
+inline void vsum4(vec a0, vec a1, vec a2, vec a3, float c, float* out) {
   const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+  const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  _mm_storeu_ps(out, _mm_mul_ps(sum, _mm_set1_ps(c)));
 }
 inline float vsum(vec a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -367,7 +392,9 @@ inline vec vload(const c10::BFloat16* p) { return static_cast<float>(*p); }
 inline vec vload(const c10::Half* p) { return static_cast<float>(*p); }
 inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
 inline void vstore(float* p, vec a) { *p = a; }
-inline void vsum4(vec a0, vec a1, vec a2, vec a3, float* out) { out[0] = a0; out[1] = a1; out[2] = a2; out[3] = a3; }
+inline void vsum4(vec a0, vec a1, vec a2, vec a3, float c, float* out) {
+  out[0] = c * a0; out[1] = c * a1; out[2] = c * a2; out[3] = c * a3;
+}
 inline float vsum(vec a) { return a; }
 inline vec vmax(vec a, vec b) { return a > b ? a : b; }
 inline vec vmul(vec a, vec b) { return a * b; }
@@ -563,27 +590,61 @@ const float* block_as_float(const T* src, int64_t ld, int64_t n, int64_t D, floa
 
 // s[r][0..n) = c * (q[r] . k_j) for the NR rows and the n keys at k, k + skn, ...; four keys share each
 // load of a row of q.
+// a[r][t] = q[r] . k_t over [0, D) for the NR rows and the four keys at kr (lane-wise partial sums; four
+// keys share each load of a row of q).
+template <int NR, typename T>
+inline void dot4(const float* const* q, const T* const* kr, int64_t D, vec (&a)[NR][4]) {
+  for (int r = 0; r < NR; ++r)
+    for (int t = 0; t < 4; ++t) a[r][t] = vzero();
+  for (int64_t d = 0; d < D; d += W) {
+    vec kv[4];
+    for (int t = 0; t < 4; ++t) kv[t] = vload(kr[t] + d);
+    for (int r = 0; r < NR; ++r) {
+      const vec qv = vload(q[r] + d);
+      for (int t = 0; t < 4; ++t) a[r][t] = vfma(qv, kv[t], a[r][t]);
+    }
+  }
+}
+
 template <int NR, typename T>
 inline void score_rows(const float* const* q, const T* k, int64_t skn, int64_t n, int64_t D, float c,
                        float* const* s) {
   int64_t j = 0;
+#if defined(__AVX512F__)
+  if constexpr (NR == 4) {
+    // sixteen keys at a time: four vsum16 results, transposed by their 128-bit lanes into one vector of
+    // sixteen scores per row, stored whole (the softmax's full-width loads of s then forward from these
+    // stores; after four 128-bit ones each, a load waited for them to reach the cache)
+    for (; j + 16 <= n; j += 16) {
+      vec g[4];
+      for (int u = 0; u < 4; ++u) {
+        const T* kr[4] = {k + (j + 4 * u) * skn, k + (j + 4 * u + 1) * skn, k + (j + 4 * u + 2) * skn,
+                          k + (j + 4 * u + 3) * skn};
+        vec a[4][4];
+        dot4<4>(q, kr, D, a);
+        g[u] = vsum16(a, c);
+      }
+      const vec t0 = _mm512_shuffle_f32x4(g[0], g[1], 0x44), t1 = _mm512_shuffle_f32x4(g[0], g[1], 0xEE);
+      const vec t2 = _mm512_shuffle_f32x4(g[2], g[3], 0x44), t3 = _mm512_shuffle_f32x4(g[2], g[3], 0xEE);
+      vstore(s[0] + j, _mm512_shuffle_f32x4(t0, t2, 0x88));
+      vstore(s[1] + j, _mm512_shuffle_f32x4(t0, t2, 0xDD));
+      vstore(s[2] + j, _mm512_shuffle_f32x4(t1, t3, 0x88));
+      vstore(s[3] + j, _mm512_shuffle_f32x4(t1, t3, 0xDD));
+    }
+  }
+#endif
   for (; j + 4 <= n; j += 4) {
     const T* kr[4] = {k + j * skn, k + (j + 1) * skn, k + (j + 2) * skn, k + (j + 3) * skn};
     vec a[NR][4];
-    for (int r = 0; r < NR; ++r)
-      for (int t = 0; t < 4; ++t) a[r][t] = vzero();
-    for (int64_t d = 0; d < D; d += W) {
-      vec kv[4];
-      for (int t = 0; t < 4; ++t) kv[t] = vload(kr[t] + d);
-      for (int r = 0; r < NR; ++r) {
-        const vec qv = vload(q[r] + d);
-        for (int t = 0; t < 4; ++t) a[r][t] = vfma(qv, kv[t], a[r][t]);
-      }
+    dot4<NR>(q, kr, D, a);
+#if defined(__AVX512F__)
+    if constexpr (NR == 4) {
+      const vec g = vsum16(a, c);
+      for (int r = 0; r < 4; ++r) _mm_storeu_ps(s[r] + j, _mm512_extractf32x4_ps(g, r));
+      continue;
     }
-    for (int r = 0; r < NR; ++r) {
-      vsum4(a[r][0], a[r][1], a[r][2], a[r][3], s[r] + j);
-      for (int t = 0; t < 4; ++t) s[r][j + t] *= c;
-    }
+#endif
+    for (int r = 0; r < NR; ++r) vsum4(a[r][0], a[r][1], a[r][2], a[r][3], c, s[r] + j);
   }
   for (; j < n; ++j) {
     const T* kj = k + j * skn;
