@@ -703,7 +703,13 @@ inline bool softmax_update(float* s, int64_t n, float& m, float& l, float* acc, 
   float mx = vhmax(vmax(vmax(x0, x1), vmax(x2, x3)));
   for (; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
   const float m_new = std::max(m, mx);
-  if (m_new == kNegInf) return false;
+  if (m_new == kNegInf) {
+    // Nothing attended so far, or only NaN scores (the max drops NaN): a NaN makes l NaN, which the row's
+    // result check sends to the exact path (a head whose keys all hold a NaN came out 0)
+    for (j = 0; j < n; ++j)
+      if (s[j] != s[j]) l = s[j];
+    return false;
+  }
   const vec mv = vbcast(m_new);
   vec a0 = vzero(), a1 = vzero();
   j = 0;
@@ -876,7 +882,10 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
         float L = 0.0f;
         for (int64_t sp = 0; sp < splits; ++sp) {
           const float* src = first + sp * R * stride;
-          if (src[p.Dv] == kNegInf) continue;  // this split attended nothing for the row
+          if (src[p.Dv] == kNegInf) {  // this split attended nothing for the row, or only NaN scores
+            if (src[p.Dv + 1] != src[p.Dv + 1]) L = src[p.Dv + 1];
+            continue;
+          }
           const float w = std::exp2(src[p.Dv] - M);
           L += w * src[p.Dv + 1];
 #pragma omp simd
@@ -940,13 +949,16 @@ bool small_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows<
         const float* q = block_as_float(Q.at(b, h, i), Q.sl, 1, p.D, qrow.data(), ld);
         float* out = result_row(O + row * p.Dv, orow);
         float m = kNegInf;
+        bool nan = false;
         for (int64_t j = 0; j < n; ++j) {
           s[j] = p.mask == nullptr || p.allowed(b, h, i, j) ? c * dot_row(q, K.at(b, hk, j), p.D) : kNegInf;
           m = s[j] > m ? s[j] : m;  // a NaN score is passed over here and shows in its weight
+          nan = nan || s[j] != s[j];
         }
         std::fill(out, out + p.Dv, 0.0f);
-        float l = 0.0f;
-        if (m != kNegInf) {  // else the row attends nothing (or only -inf scores): 0 and lse -inf
+        // NaN scores alone (the max passed them all over): l NaN, so that the check below takes the exact path
+        float l = m == kNegInf && nan ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
+        if (m != kNegInf) {  // else the row attends nothing (or only -inf or NaN scores): 0 and lse -inf
           for (int64_t j = 0; j < n; ++j) {
             if (p.mask != nullptr && !p.allowed(b, h, i, j)) continue;  // its value row is never read
             const float w = fast_exp2(s[j] - m);
