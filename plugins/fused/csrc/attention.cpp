@@ -422,12 +422,28 @@ Rows<T> rows_of(const at::Tensor& t) {
   return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// Whether a[0..n) is all finite: x * 0 is 0 for a finite x and NaN for inf or NaN (no branch, vectorises).
+// Whether a[0..n) is all finite: no value's exponent bits all set. The vector loops OR compare masks, with
+// no horizontal sum (the x * 0 sum this replaces ended in sixteen dependent scalar adds, called twice a
+// result row: 8% of a bfloat16 [1, 8, 64, 64] prefill on a Xeon).
 inline bool all_finite(const float* a, int64_t n) {
-  float z = 0.0f;
-#pragma omp simd reduction(+ : z)
-  for (int64_t i = 0; i < n; ++i) z += a[i] * 0.0f;
-  return z == 0.0f;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512i e = _mm512_set1_epi32(0x7F800000);
+  __mmask16 bad = 0;
+  for (; i + 16 <= n; i += 16) bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_loadu_si512(a + i), e), e);
+  if (bad != 0) return false;
+#elif defined(__AVX2__)
+  const __m256i e = _mm256_set1_epi32(0x7F800000);
+  __m256i bad = _mm256_setzero_si256();
+  for (; i + 8 <= n; i += 8) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i));
+    bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(x, e), e));
+  }
+  if (!_mm256_testz_si256(bad, bad)) return false;
+#endif
+  bool fine = true;
+  for (; i < n; ++i) fine = fine && std::isfinite(a[i]);
+  return fine;
 }
 
 // A result row the fast path may have got wrong: its query holds inf or NaN, its output is not finite, or
