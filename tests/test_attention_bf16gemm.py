@@ -1,0 +1,111 @@
+"""fused-bf16gemm: the fused C++ attention with bfloat16 products through MKL's gemm_bf16bf16f32, on CPUs
+whose MKL multiplies bfloat16 natively (AMX or AVX512_BF16). Each path it changes (the decode kernel for
+any number of query rows, the prefill tiles) against the float64 reference through the spec's compare
+rule, and its non-finite rules against the reference, on fresh random inputs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from core import dispatcher
+from core.ops.attention import SPEC, make_inputs
+from core.tuning import check, expected
+from plugins.fused import _build
+from plugins.fused import attention as fused
+from test_attention_fused import NO_CPP, _reference, _sample
+from test_attention_peer import KINDS, _poison, _ref, _same_nonfinite_and_close
+
+
+def _why_not() -> str | None:
+    if NO_CPP is not None:
+        return f"the fused C++ kernels cannot be built here: {NO_CPP}"
+    if not any(f in _build.cpu_flags() for f in fused.BF16_GEMM_FLAGS):
+        return f"this CPU has none of {list(fused.BF16_GEMM_FLAGS)}"
+    if not _build.module("attention").attention_has_gemm16():
+        return "torch's MKL exports no gemm_bf16bf16f32"
+    return None
+
+
+WHY_NOT = _why_not()
+needs_gemm16 = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
+
+# (B, Hq, Hkv, Lq, Lk, D, extra): decode groups of 1-8 rows (which fused serves with its SIMD row loops),
+# of 32 rows, split over the threads, and the prefill tiles, causal, masked, with rows that attend nothing,
+# head dims that are not a multiple of 32, a Dv unlike D, and GQA.
+CASES = {
+    "decode-mha-lq1-split": (1, 4, 4, 1, 700, 64, {}),
+    "decode-mha-lq5-mask": (2, 2, 2, 5, 300, 64, {"mask": "random"}),
+    "decode-gqa4-lq8-causal": (1, 8, 2, 8, 200, 128, {"causal": True}),
+    "decode-gqa8-lq4-causal-split": (1, 8, 1, 4, 600, 48, {"causal": True}),
+    "decode-lq-gt-lk-causal": (1, 4, 2, 7, 5, 16, {"causal": True}),
+    "prefill-causal": (1, 4, 2, 70, 70, 64, {"causal": True}),
+    "prefill-mask-dv": (2, 2, 1, 40, 90, 40, {"mask": "random", "Dv": 24}),
+    "prefill-lq-gt-lk": (1, 2, 2, 50, 20, 32, {"causal": True}),
+}
+
+
+@needs_gemm16
+@pytest.mark.parametrize("name", list(CASES))
+def test_bf16_gemm_meets_the_compare_rule(gen, name):
+    B, Hq, Hkv, Lq, Lk, D, extra = CASES[name]
+    mod = _build.module("attention")
+    assert mod.attention_path(B, Hq, Hkv, Lq, Lk, D, extra.get("Dv", D)) != 0  # not the small rows: a product path
+    for return_lse in (False, True):
+        sample = _sample(gen, torch.bfloat16, B, Hq, Hkv, Lq, Lk, D, return_lse=return_lse, **extra)
+        verdict = check(SPEC, fused.bf16_gemm, expected(SPEC, _reference(), sample, False, gen))
+        assert verdict.ok, verdict.reason
+        bound = fused.bind_bf16_gemm(**sample.attrs)
+        verdict = check(SPEC, lambda q, k, v, **_: bound(q, k, v), expected(SPEC, _reference(), sample, False, gen))
+        assert verdict.ok, verdict.reason
+
+
+@needs_gemm16
+def test_bf16_gemm_differs_from_fused_only_by_its_products(gen):
+    """Not the same bits as fused (the weights are rounded to bfloat16 for their product with v), but
+    within a few bfloat16 units of it: a wrong product (a transposed operand, a stale block) would be far."""
+    q, k, v = make_inputs(gen, "cpu", torch.bfloat16, 2, 8, 2, 8, 300, 64)
+    kw = {"causal": True, "scale": 0.125, "attn_mask": None, "return_lse": False}
+    got, want = fused.bf16_gemm(q, k, v, **kw).float(), fused.attention(q, k, v, **kw).float()
+    assert not torch.equal(got, want)
+    assert torch.allclose(got, want, atol=2e-2, rtol=2 ** -6)
+
+
+@needs_gemm16
+@pytest.mark.parametrize("shape", [(1, 4, 2, 8, 200, 64, True), (1, 2, 2, 1, 300, 32, False),
+                                   (1, 2, 1, 40, 40, 32, True)], ids=["decode-gqa", "decode-lq1", "prefill"])
+def test_bf16_gemm_follows_the_reference_on_nonfinite_inputs(gen, shape):
+    B, Hq, Hkv, Lq, Lk, D, causal = shape
+    for kind in KINDS:
+        q, k, v = make_inputs(gen, "cpu", torch.bfloat16, B, Hq, Hkv, Lq, Lk, D)
+        _poison(kind, q, k, v)
+        got = fused.bf16_gemm(q, k, v, causal=causal, scale=1 / math.sqrt(D), attn_mask=None, return_lse=False)
+        _same_nonfinite_and_close(got, _ref(q, k, v, causal).to(torch.bfloat16), 2e-2, 2 ** -6)
+
+
+@needs_gemm16
+def test_dispatch_can_serve_bf16_gemm(gen):
+    q, k, v = make_inputs(gen, "cpu", torch.bfloat16, 1, 8, 2, 8, 300, 64)
+    with dispatcher.use_backend("fused-bf16gemm"):
+        got = dispatcher.attention(q, k, v, causal=True)
+    want = _ref(q, k, v, True)
+    assert torch.allclose(got.double(), want, atol=2e-2, rtol=2 ** -6)
+
+
+def test_bf16_gemm_declines_what_it_would_not_change(gen, monkeypatch):
+    """bfloat16 only (its dtypes); calls small enough for the row path, CPUs without native bfloat16
+    products, and MKL held below AVX-512 get a reason rather than a second timing of fused."""
+    kernel = next(k for k in fused.KERNELS if k.backend == "fused-bf16gemm")
+    assert set(kernel.dtypes) == {torch.bfloat16} and not kernel.differentiable
+    if NO_CPP is not None:
+        pytest.skip(f"the fused C++ kernels cannot be built here: {NO_CPP}")
+    kw = {"causal": False, "scale": 0.3, "attn_mask": None, "return_lse": False}
+    tiny = make_inputs(gen, "cpu", torch.bfloat16, 1, 1, 1, 4, 8, 8)
+    assert any("small" in r for r in fused._bf16_gemm_check(*tiny, **kw)) or WHY_NOT is not None
+    big = make_inputs(gen, "cpu", torch.bfloat16, 1, 8, 2, 8, 300, 64)
+    monkeypatch.setattr(_build, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert any("amx_bf16" in r for r in fused._bf16_gemm_check(*big, **kw))
+    monkeypatch.setattr(_build, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    assert any("MKL_ENABLE_INSTRUCTIONS" in r for r in fused._bf16_gemm_check(*big, **kw))
