@@ -301,6 +301,27 @@ def test_cpp_finite_check_agrees_with_isfinite(gen, dtype):
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_finite_check_shares_q_k_and_v_over_the_threads(gen, dtype):
+    """2^17 values and more in all (each tensor below 2^18): q, k and v are one run split over the threads,
+    whose parts cross the tensors' ends. A NaN or inf at each tensor's first and last value, and around
+    the run's midpoint, is found wherever it falls."""
+    raw = _build.module("attention").attention_all_finite
+    shapes = [(1, 8, 40, 64), (2, 8, 128, 64), (2, 8, 128, 64)]  # 20480 + 131072 + 131072 values: q short, as at decode
+    ts = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    assert raw(*ts) == 1
+    total = sum(t.numel() for t in ts)
+    spots = [(w, 0) for w in range(3)] + [(w, ts[w].numel() - 1) for w in range(3)]
+    half = total // 2 - ts[0].numel()  # the run's midpoint, inside k
+    spots += [(1, half - 1), (1, half), (1, half + 1)]
+    for i, (which, at) in enumerate(spots):
+        poisoned = [t.clone() for t in ts]
+        poisoned[which].view(-1)[at] = (float("nan"), float("inf"), -float("inf"))[i % 3]
+        assert raw(*poisoned) == 0, (which, at)
+        assert fused.finite(*poisoned) is False
+
+
+@needs_cpp
 def test_finite_check_hands_other_layouts_to_the_sums():
     raw = _build.module("attention").attention_all_finite
     q = torch.randn(1, 2, 5, 6)

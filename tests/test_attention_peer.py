@@ -94,6 +94,22 @@ def test_unmasked_nonfinite_inputs_follow_the_reference(gen, backend, dtype):
             assert not torch.isfinite(want).all() or kind in ("q-inf", "k-neg-inf"), (kind, "the case poisons nothing")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bound_fused_sdpa_follows_the_reference_on_nonfinite_inputs(gen, dtype):
+    """What fused-sdpa's bind returns (the dispatcher's warm calls: the C++ check, then SDPA with nothing
+    around it) keeps the kernel's rules."""
+    from plugins.fused import attention as fused
+
+    atol, rtol = (2e-2, 2 ** -6) if dtype == torch.bfloat16 else (1e-5, 1e-5)
+    for B, Hq, Hkv, Lq, Lk, causal in UNMASKED + [(1, 2, 2, 3, 9, True)]:  # and one SDPA's mask cannot express
+        bound = fused.bind_sdpa(causal=causal, scale=0.25, attn_mask=None, return_lse=False)
+        for kind in [None, *KINDS]:
+            q, k, v = make_inputs(gen, "cpu", dtype, B, Hq, Hkv, Lq, Lk, 16)
+            if kind is not None:
+                _poison(kind, q, k, v)
+            _same_nonfinite_and_close(bound(q, k, v), _ref(q, k, v, causal, scale=0.25).to(dtype), atol, rtol)
+
+
 def test_tuned_choice_follows_the_reference_on_nonfinite_inputs(gen):
     """Whatever kernel the tuner picked for these keys (warm, on finite inputs) answers poisoned ones right."""
     for B, Hq, Hkv, Lq, Lk, causal in UNMASKED:

@@ -34,7 +34,7 @@ import torch
 from core.spec import dtype_name
 from plugins.fused import _build
 from plugins.torch_backend.attention import _finite as torch_finite
-from plugins.torch_backend.attention import _sdpa_check, sdpa_behind
+from plugins.torch_backend.attention import _sdpa, _sdpa_check, sdpa_behind
 from plugins.torch_backend.attention import attention as torch_attention
 from registry import Kernel
 
@@ -272,6 +272,27 @@ def finite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return torch_finite(q, k, v) if got < 0 else got == 1
 
 
+_sdpa_behind_finite = sdpa_behind(finite)
+
+
+def bind_sdpa(*, causal: bool, scale: float, attn_mask: torch.Tensor | None, return_lse: bool) -> Any:
+    """``fused-sdpa`` with these attributes bound (the dispatcher's warm calls): an unmasked call whose
+    only masked positions are SDPA's own (none, or the top-left causal triangle) goes from the C++ check
+    straight to SDPA; anything else takes the kernel's general path."""
+    if attn_mask is not None or return_lse:
+        return None
+
+    def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
+        Lq, Lk = q.shape[2], k.shape[2]
+        if not causal or Lq == Lk or Lq == 1:
+            check = _finite_ops.get(_build._forced or _build._from_env) or _pybind(_finite_ops, "attention_all_finite")
+            if check(q, k, v) == 1:
+                return _sdpa(q, k, v, is_causal=causal and Lq > 1, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        return _sdpa_behind_finite(q, k, v, causal=causal, scale=scale, attn_mask=None, return_lse=False)
+
+    return call
+
+
 def _sdpa_cpu_check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
                     attn_mask: torch.Tensor | None, return_lse: bool) -> list[str]:
     reasons = _sdpa_check(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, return_lse=return_lse)
@@ -338,8 +359,8 @@ KERNELS = [
     # Where SDPA itself is the fastest kernel (on a CPU with AMX, bfloat16 prefill: about half our tiles'
     # time), what it costs beside SDPA is the finite check that the contract needs in front of it.
     # float64 is left to torch-sdpa: the C++ check does not read it, so this kernel would be that one again.
-    Kernel(op=OP, backend="fused-sdpa", fn=sdpa_behind(finite), devices={"cpu"}, dtypes=set(CPU_DTYPES),
-           priority=25, check=_sdpa_cpu_check, differentiable=True,
+    Kernel(op=OP, backend="fused-sdpa", fn=_sdpa_behind_finite, devices={"cpu"}, dtypes=set(CPU_DTYPES),
+           priority=25, check=_sdpa_cpu_check, differentiable=True, bind=bind_sdpa,
            description="torch-sdpa with its finite check of q, k and v in one C++ pass over their bits"),
     # bfloat16 on a CPU whose MKL multiplies bfloat16 natively: GQA decode (B=1, Hq=32, Hkv=8, Lq=8,
     # Lk=128, D=128) in 0.67x SDPA's time where fused takes 1.13x, long-cache decode and long prefill at
