@@ -82,7 +82,8 @@ def machine_isa() -> str:
     """The best instruction-set level this CPU runs (``scalar`` off x86 or when it cannot tell)."""
     global _machine
     if _machine is None:
-        _machine = next(isa for isa in ISA_LEVELS if _ISA_NEEDS[isa] <= cpu_flags())
+        flags = _cpu_flags() if platform.machine() in ("x86_64", "AMD64") else set()
+        _machine = next(isa for isa in ISA_LEVELS if _ISA_NEEDS[isa] <= flags)
     return _machine
 
 
