@@ -364,7 +364,7 @@ KERNELS = [
            description="torch-sdpa with its finite check of q, k and v in one C++ pass over their bits"),
     # bfloat16 on a CPU whose MKL multiplies bfloat16 natively: GQA decode (B=1, Hq=32, Hkv=8, Lq=8,
     # Lk=128, D=128) in 0.67x SDPA's time where fused takes 1.13x, long-cache decode and long prefill at
-    # 0.94-0.99x (Xeon with AMX). Its products are not the float32 call's bit for bit, as fused's are.
+    # 0.94-1.05x (Xeon with AMX). Its products are not the float32 call's bit for bit, as fused's are.
     Kernel(op=OP, backend="fused-bf16gemm", fn=bf16_gemm, devices={"cpu"}, dtypes={torch.bfloat16}, priority=22,
            check=_bf16_gemm_check, bind=bind_bf16_gemm,
            description="the fused C++ kernels with bfloat16 products through MKL's gemm_bf16bf16f32 (AMX or "
