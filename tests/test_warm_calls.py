@@ -4,6 +4,7 @@ the same fallbacks, and nothing served from it while a backend is forced."""
 from __future__ import annotations
 
 import itertools
+import re
 import warnings
 
 import pytest
@@ -262,19 +263,22 @@ def test_the_conformance_kit_runs_what_a_bind_returns(plugin):
 
 def _attention_outcome(args, given):
     """The slow path's outcome of an attention call: ("ok", canonical attributes, dispatch key) or
-    ("invalid", the message)."""
+    ("invalid", the argument its message names; the message itself quotes exact sizes, which the fast key
+    buckets)."""
     try:
         bound, attrs = ATTENTION.bind(args, given)
         key = ATTENTION.verify(bound, attrs)
         return "ok", dict(attrs), key if key is not None else ATTENTION.key(bound, attrs)
     except InvalidInput as e:
-        return "invalid", str(e)
+        named = re.search(r"argument '(\w+)'", str(e))
+        return "invalid", named.group(1) if named else str(e)
 
 
 def _attention_calls(gen):
     """Unmasked attention calls of every kind the fast key must tell apart: dtypes, GQA and mismatched
-    heads, lengths in one size bucket, head dims, layouts and strides, inputs that are not tensors, and
-    attributes whose invalid values equal valid ones (1 for True, an int scale, a NaN scale)."""
+    heads, lengths in one size bucket (which share a fast key, as a growing cache's steps do), v shorter
+    than k, head dims, layouts and strides, inputs that are not tensors, and attributes whose invalid
+    values equal valid ones (1 for True, an int scale, a NaN scale)."""
     shapes = [((1, 4, 1, 16), (1, 4, 9, 16)), ((1, 4, 1, 16), (1, 2, 9, 16)), ((1, 4, 1, 16), (1, 3, 9, 16)),
               ((1, 4, 1, 16), (1, 4, 10, 16)), ((1, 4, 3, 16), (1, 4, 9, 16)), ((2, 4, 1, 16), (1, 4, 9, 16)),
               ((1, 4, 1, 8), (1, 4, 9, 8)), ((1, 4, 1, 16), (1, 4, 9, 8)), ((1, 4, 0, 16), (1, 4, 9, 16))]
@@ -283,7 +287,7 @@ def _attention_calls(gen):
         q = torch.randn(qs, generator=gen).to(dt)
         k, v = (torch.randn(ks, generator=gen).to(dt) for _ in range(2))
         for args in [(q, k, v), (q.transpose(1, 2).contiguous().transpose(1, 2), k, v), (q, k, v.double()),
-                     (q, k, v[..., :-1]), (q[0], k, v), (q, k.tolist(), v)]:
+                     (q, k, v[..., :-1]), (q, k, v[:, :, :-1]), (q[0], k, v), (q, k.tolist(), v)]:
             for given in [{}, {"causal": True}, {"causal": 1}, {"scale": 0.5}, {"scale": 1}, {"scale": True},
                           {"scale": float("nan")}, {"causal": True, "return_lse": True}, {"return_lse": 0}]:
                 calls.append((args, given))
@@ -335,6 +339,18 @@ def test_warm_attention_calls_are_the_slow_paths_results(dtype, gen):
     dispatcher.attention(q, k, v).sum().backward()
     assert q.grad is not None and k.grad is not None and v.grad is not None
     assert len(dispatcher._state.warm["attention"]) == 9
+
+
+def test_a_growing_cache_stays_on_one_warm_entry(gen):
+    """Decode steps whose cache grows by a key a step, within one size bucket, share the memo's entry, and
+    each gets its own answer."""
+    q = torch.randn(1, 4, 1, 32, generator=gen)
+    k, v = (torch.randn(1, 2, 140, 32, generator=gen) for _ in range(2))
+    for Lk in range(129, 141):
+        got = dispatcher.attention(q, k[:, :, :Lk], v[:, :, :Lk], causal=True)
+        torch.testing.assert_close(got.double(), _attention64(q, k[:, :, :Lk], v[:, :, :Lk], True)[0],
+                                   atol=1e-5, rtol=1e-5)
+    assert len(dispatcher._state.warm["attention"]) == 1
 
 
 def _attention64(q, k, v, causal):

@@ -99,24 +99,30 @@ def _verify(args: tuple[Any, ...], attrs: dict[str, Any]) -> tuple[Any, ...] | N
 
 
 def _fast_key(args: tuple[Any, ...], attrs: Mapping[str, Any]) -> tuple[Any, ...] | None:
-    """What ``_verify`` and ``_key`` read of an unmasked call, in one tuple: each input's class, dtype,
-    layout and shape, their device, and each attribute with its exact type. None for a masked call (the
+    """What ``_verify`` and ``_key`` read of an unmasked call, in one tuple: each input's class, dtype and
+    layout, their device, their sizes with Lq and Lk in the key's buckets (whether v's length equals k's
+    is what verify asks of it), and each attribute with its exact type. None for a masked call (the
     mask's kind is worked out from its shape and strides: those calls keep verify) and for inputs that
-    are not three tensors.
+    are not three 4-D tensors.
 
-    A warm decode step then skips verify and the key: right after a kernel that streamed megabytes of
-    keys and values through the caches, those Python steps ran 3-4x their warm time (float32
-    [1, 16, 1, 64] against 1024 keys: 11 us of verify, where it takes 1.5 us on its own)."""
+    A warm decode step then skips verify and the key, also while its cache grows by one key a step:
+    right after a kernel that streamed megabytes of keys and values through the caches, those Python
+    steps ran 3-4x their warm time (float32 [1, 16, 1, 64] against 1024 keys: 11 us of verify, where it
+    takes 1.5 us on its own)."""
     if attrs["attn_mask"] is not None:
         return None
     q, k, v = args
     causal, scale, return_lse = attrs["causal"], attrs["scale"], attrs["return_lse"]
     try:
         dev = _CPU if q.is_cpu and k.is_cpu and v.is_cpu else (q.device, k.device, v.device)
+        B, Hq, Lq, D = q.shape
+        Bk, Hkv, Lk, Dk = k.shape
+        Bv, Hv, Lv, Dv = v.shape
         return (q.__class__, k.__class__, v.__class__, q.dtype, k.dtype, v.dtype, dev, q.layout, k.layout,
-                v.layout, q.shape, k.shape, v.shape, causal.__class__, causal, scale.__class__, scale,
-                return_lse.__class__, return_lse)
-    except (AttributeError, TypeError):  # not tensors
+                v.layout, B, Hq, Lq if Lq <= 1 else 1 << (Lq - 1).bit_length(), D, Bk, Hkv,
+                Lk if Lk <= 1 else 1 << (Lk - 1).bit_length(), Dk, Bv, Hv, Lv == Lk, Dv, causal.__class__, causal,
+                scale.__class__, scale, return_lse.__class__, return_lse)
+    except (AttributeError, TypeError, ValueError):  # not 4-D tensors, or symbolic sizes
         return None
 
 
