@@ -56,7 +56,6 @@ _failed: dict[tuple[str, str], str] = {}
 _forced: str | None = None
 _machine: str | None = None
 _from_env: str | None = None
-_flags_seen: frozenset[str] | None = None
 
 
 def _cpu_flags() -> set[str]:
@@ -71,19 +70,15 @@ def _cpu_flags() -> set[str]:
 
 
 def cpu_flags() -> frozenset[str]:
-    """This CPU's /proc/cpuinfo flags (empty off x86 or where it cannot tell), read once."""
-    global _flags_seen
-    if _flags_seen is None:
-        _flags_seen = frozenset(_cpu_flags() if platform.machine() in ("x86_64", "AMD64") else ())
-    return _flags_seen
+    """This CPU's /proc/cpuinfo flags (empty off x86 or where it cannot tell)."""
+    return frozenset(_cpu_flags() if platform.machine() in ("x86_64", "AMD64") else ())
 
 
 def machine_isa() -> str:
     """The best instruction-set level this CPU runs (``scalar`` off x86 or when it cannot tell)."""
     global _machine
     if _machine is None:
-        flags = _cpu_flags() if platform.machine() in ("x86_64", "AMD64") else set()
-        _machine = next(isa for isa in ISA_LEVELS if _ISA_NEEDS[isa] <= flags)
+        _machine = next(isa for isa in ISA_LEVELS if _ISA_NEEDS[isa] <= cpu_flags())
     return _machine
 
 

@@ -634,8 +634,6 @@ const float* block_as_float(const T* src, int64_t ld, int64_t n, int64_t D, floa
 // many multiply-adds as loads otherwise, and a 512-bit load takes a cycle of Zen 4's load ports as an FMA
 // takes its FMA pipes.
 
-// s[r][0..n) = c * (q[r] . k_j) for the NR rows and the n keys at k, k + skn, ...; four keys share each
-// load of a row of q.
 // a[r][t] = q[r] . k_t over [0, D) for the NR rows and the four keys at kr (lane-wise partial sums; four
 // keys share each load of a row of q).
 template <int NR, typename T>
@@ -652,6 +650,7 @@ inline void dot4(const float* const* q, const T* const* kr, int64_t D, vec (&a)[
   }
 }
 
+// s[r][0..n) = c * (q[r] . k_j) for the NR rows and the n keys at k, k + skn, ...
 template <int NR, typename T>
 inline void score_rows(const float* const* q, const T* k, int64_t skn, int64_t n, int64_t D, float c,
                        float* const* s) {
@@ -827,8 +826,9 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
   };
   // The R query rows of kv head hk of batch b as one contiguous float32 [R, D] block (widened for 16-bit
   // q, copied for float32: q may be strided), so that no pass over q precedes the kernel.
+  auto query_row = [&](int64_t b, int64_t hk, int64_t r) { return Q.at(b, hk * p.group + r / p.Lq, r % p.Lq); };
   auto pack_queries = [&](int64_t b, int64_t hk, float* dst) {
-    for (int64_t r = 0; r < R; ++r) widen_row(Q.at(b, hk * p.group + r / p.Lq, r % p.Lq), dst + r * p.D, p.D);
+    for (int64_t r = 0; r < R; ++r) widen_row(query_row(b, hk, r), dst + r * p.D, p.D);
   };
 
 #pragma omp parallel num_threads(std::min(nt, base * splits)) if (nt > 1 && base * splits > 1)
@@ -848,10 +848,7 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
       std::fill(acc.begin(), acc.end(), 0.0f);
       pack_queries(b, hk, qs_all.data());
       if (g16)
-        for (int64_t r = 0; r < R; ++r) {
-          const T* src = Q.at(b, hk * p.group + r / p.Lq, r % p.Lq);
-          std::copy(src, src + p.D, q16.data() + r * p.D);
-        }
+        for (int64_t r = 0; r < R; ++r) std::copy(query_row(b, hk, r), query_row(b, hk, r) + p.D, q16.data() + r * p.D);
       // the rows against n keys at kb and values at vb (float32, bfloat16 or float16), kDecodeRows at a time
       // (then two, then one); a row that has attended nothing yet adds no values
       auto each_row = [&](int64_t k0, int64_t n, const T* kb, int64_t skn, const T* vb, int64_t svn) {
@@ -962,7 +959,7 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
         }
         const int64_t b = bk / p.Hkv, hk = bk % p.Hkv;
         int64_t unused = 0;
-        const float* q = block_as_float(Q.at(b, hk * p.group + r / p.Lq, r % p.Lq), Q.sl, 1, p.D, qrow.data(), unused);
+        const float* q = block_as_float(query_row(b, hk, r), Q.sl, 1, p.D, qrow.data(), unused);
         finish(b, hk, r, M, L, acc.data(), q, rowbuf);
       }
     }
@@ -1579,19 +1576,23 @@ bool tensor_finite(const at::Tensor& t, U expo) {
 // Whether q, k and v hold only finite values: 1 yes, 0 no, -1 when a tensor is not one this reads (not
 // 4-D, its last dimension strided, or a dtype other than float32, bfloat16 and float16), which
 // the caller then checks itself. One thread, but for contiguous tensors of kFiniteParallel values or more.
+// f(t's values as unsigned integers of their width, the exponent field of its dtype) for float32, bfloat16
+// or float16 t.
+template <typename F>
+bool with_bits(const at::Tensor& t, F f) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return f(static_cast<const uint32_t*>(t.data_ptr()), uint32_t(0x7F800000u));
+    case at::kBFloat16: return f(static_cast<const uint16_t*>(t.data_ptr()), uint16_t(0x7F80));
+    default: return f(static_cast<const uint16_t*>(t.data_ptr()), uint16_t(0x7C00));
+  }
+}
+
 int64_t attention_all_finite(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   for (const at::Tensor* t : {&q, &k, &v}) {
     if (t->dim() != 4 || !t->device().is_cpu() || (t->numel() > 0 && t->size(3) > 1 && t->stride(3) != 1)) return -1;
     const auto dt = t->scalar_type();
     if (dt != at::kFloat && dt != at::kBFloat16 && dt != at::kHalf) return -1;
   }
-  auto one = [](const at::Tensor& t) {
-    switch (t.scalar_type()) {
-      case at::kFloat: return tensor_finite<uint32_t>(t, 0x7F800000u);
-      case at::kBFloat16: return tensor_finite<uint16_t>(t, uint16_t(0x7F80));
-      default: return tensor_finite<uint16_t>(t, uint16_t(0x7C00));
-    }
-  };
   const bool same = k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type();
   const bool flat = q.is_contiguous() && k.is_contiguous() && v.is_contiguous();
   const int64_t total = q.numel() + k.numel() + v.numel();
@@ -1605,14 +1606,7 @@ int64_t attention_all_finite(const at::Tensor& q, const at::Tensor& k, const at:
       int64_t lo = total * s / nt, hi = total * (s + 1) / nt;
       for (const at::Tensor* t : ts) {  // this thread's part of each tensor in turn
         const int64_t n = t->numel(), a = std::min(lo, n), b = std::min(hi, n);
-        if (a < b) {
-          const char* base = static_cast<const char*>(t->data_ptr());
-          const bool ok = t->scalar_type() == at::kFloat
-                              ? bits_finite(reinterpret_cast<const uint32_t*>(base) + a, b - a, 0x7F800000u)
-                              : bits_finite(reinterpret_cast<const uint16_t*>(base) + a, b - a,
-                                            uint16_t(t->scalar_type() == at::kBFloat16 ? 0x7F80 : 0x7C00));
-          bad |= ok ? 0 : 1;
-        }
+        if (a < b) bad |= with_bits(*t, [&](auto base, auto expo) { return bits_finite(base + a, b - a, expo); }) ? 0 : 1;
         lo = std::max<int64_t>(0, lo - n);
         hi = std::max<int64_t>(0, hi - n);
       }
@@ -1620,7 +1614,7 @@ int64_t attention_all_finite(const at::Tensor& q, const at::Tensor& k, const at:
     return bad == 0 ? 1 : 0;
   }
   for (const at::Tensor* t : {&q, &k, &v})
-    if (t->numel() > 0 && !one(*t)) return 0;
+    if (t->numel() > 0 && !with_bits(*t, [&](auto, auto expo) { return tensor_finite(*t, expo); })) return 0;
   return 1;
 }
 
