@@ -1,7 +1,9 @@
-"""fused-bf16gemm: the fused C++ attention with bfloat16 products through MKL's gemm_bf16bf16f32, on CPUs
-whose MKL multiplies bfloat16 natively (AMX or AVX512_BF16). Each path it changes (the decode kernel for
-any number of query rows, the prefill tiles) against the float64 reference through the spec's compare
-rule, and its non-finite rules against the reference, on fresh random inputs."""
+"""fused-bf16gemm: the fused C++ attention with bfloat16 products, on CPUs that multiply bfloat16 natively
+(AMX or AVX512_BF16): on the kernels' own AMX tiles where the build, CPU and OS allow it, else through MKL's
+gemm_bf16bf16f32; each test that runs the kernel runs it both ways where both exist. The tile product itself
+against float64 on edge shapes; each path the kernel changes (the decode kernel for any number of query
+rows, the prefill tiles) against the float64 reference through the spec's compare rule, and its non-finite
+rules against the reference, on fresh random inputs."""
 from __future__ import annotations
 
 import math
@@ -31,6 +33,48 @@ def _why_not() -> str | None:
 WHY_NOT = _why_not()
 needs_gemm16 = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
 
+
+@pytest.fixture(params=["amx", "mkl"])
+def products(request):
+    """The products on the AMX tiles, or through MKL's (the tiles switched off), for the test's duration."""
+    if WHY_NOT is not None:
+        pytest.skip(WHY_NOT)
+    mod = _build.module("attention")
+    was = mod.attention_use_amx(request.param == "amx")
+    try:
+        if request.param == "amx" and not mod.attention_gemm16_amx():
+            pytest.skip("no AMX tiles in this build, CPU or process")
+        if request.param == "mkl" and not mod.attention_has_gemm16():
+            pytest.skip("torch's MKL exports no gemm_bf16bf16f32")
+        yield request.param
+    finally:
+        mod.attention_use_amx(was)
+
+
+# (M, N, K): whole tiles, and every kind of edge: rows, columns and the summed dimension short of a tile,
+# odd K (a pair of rows half zero), fewer rows than the tiles take (MKL's then), and several tiles each way
+GEMM_SHAPES = [(8, 16, 32), (16, 16, 32), (64, 64, 64), (9, 1, 1), (8, 5, 3), (17, 33, 65), (40, 90, 40),
+               (100, 70, 130), (33, 48, 97), (1, 64, 64), (5, 300, 128)]
+
+
+@pytest.mark.parametrize("trans_b", [True, False], ids=["b-transposed", "b"])
+def test_gemm16_matches_float64(gen, products, trans_b):
+    """c = alpha * a . op(b) + beta * c against the float64 product of the same bfloat16 values, with a row
+    stride wider than a row, for the four (alpha, beta) kinds the kernels use and a general one."""
+    mod = _build.module("attention")
+    for M, N, K in GEMM_SHAPES:
+        a = torch.randn(M, K + 3, generator=gen).bfloat16()[:, :K]  # rows strided past their end
+        b = torch.randn(*((N, K) if trans_b else (K, N)), generator=gen).bfloat16()
+        bt = b.double().T if trans_b else b.double()
+        for alpha, beta in ((1.0, 0.0), (0.37, 0.0), (1.0, 1.0), (0.5, -2.0)):
+            c0 = torch.randn(M, N, generator=gen)
+            c = c0.clone()
+            mod.attention_gemm16(a, b, trans_b, alpha, beta, c)
+            want = alpha * (a.double() @ bt) + beta * c0.double()
+            tol = 1e-5 * (1 + K) ** 0.5 * (a.double().abs() @ bt.abs() + abs(beta) * c0.double().abs())
+            err = (c.double() - want).abs()
+            assert bool((err <= tol + 1e-6).all()), (M, N, K, alpha, beta, float(err.max()))
+
 # (B, Hq, Hkv, Lq, Lk, D, extra): decode groups of 1-8 rows (which fused serves with its SIMD row loops),
 # of 32 rows, split over the threads, and the prefill tiles, causal, masked, with rows that attend nothing,
 # head dims that are not a multiple of 32, a Dv unlike D, and GQA.
@@ -46,9 +90,8 @@ CASES = {
 }
 
 
-@needs_gemm16
 @pytest.mark.parametrize("name", list(CASES))
-def test_bf16_gemm_meets_the_compare_rule(gen, name):
+def test_bf16_gemm_meets_the_compare_rule(gen, products, name):
     B, Hq, Hkv, Lq, Lk, D, extra = CASES[name]
     mod = _build.module("attention")
     assert mod.attention_path(B, Hq, Hkv, Lq, Lk, D, extra.get("Dv", D)) != 0  # not the small rows: a product path
@@ -61,8 +104,7 @@ def test_bf16_gemm_meets_the_compare_rule(gen, name):
         assert verdict.ok, verdict.reason
 
 
-@needs_gemm16
-def test_bf16_gemm_differs_from_fused_only_by_its_products(gen):
+def test_bf16_gemm_differs_from_fused_only_by_its_products(gen, products):
     """Not the same bits as fused (the weights are rounded to bfloat16 for their product with v), but
     within a few bfloat16 units of it: a wrong product (a transposed operand, a stale block) would be far."""
     q, k, v = make_inputs(gen, "cpu", torch.bfloat16, 2, 8, 2, 8, 300, 64)
@@ -72,10 +114,10 @@ def test_bf16_gemm_differs_from_fused_only_by_its_products(gen):
     assert torch.allclose(got, want, atol=2e-2, rtol=2 ** -6)
 
 
-@needs_gemm16
 @pytest.mark.parametrize("shape", [(1, 4, 2, 8, 200, 64, True), (1, 2, 2, 1, 300, 32, False),
-                                   (1, 2, 1, 40, 40, 32, True)], ids=["decode-gqa", "decode-lq1", "prefill"])
-def test_bf16_gemm_follows_the_reference_on_nonfinite_inputs(gen, shape):
+                                   (1, 2, 1, 40, 40, 32, True), (1, 2, 2, 64, 96, 64, True)],
+                         ids=["decode-gqa", "decode-lq1", "prefill", "prefill-whole-tiles"])
+def test_bf16_gemm_follows_the_reference_on_nonfinite_inputs(gen, products, shape):
     B, Hq, Hkv, Lq, Lk, D, causal = shape
     for kind in KINDS:
         q, k, v = make_inputs(gen, "cpu", torch.bfloat16, B, Hq, Hkv, Lq, Lk, D)
@@ -108,4 +150,12 @@ def test_bf16_gemm_declines_what_it_would_not_change(gen, monkeypatch):
     assert any("amx_bf16" in r for r in fused._bf16_gemm_check(*big, **kw))
     monkeypatch.setattr(_build, "cpu_flags", lambda: frozenset({"amx_bf16"}))
     monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
-    assert any("MKL_ENABLE_INSTRUCTIONS" in r for r in fused._bf16_gemm_check(*big, **kw))
+    mod = _build.module("attention")
+    was = mod.attention_use_amx(False)  # MKL's products, which the variable holds back
+    try:
+        assert any("MKL_ENABLE_INSTRUCTIONS" in r for r in fused._bf16_gemm_check(*big, **kw))
+        mod.attention_use_amx(True)
+        if mod.attention_gemm16_amx():  # the tiles of its own do not depend on MKL's level
+            assert not any("MKL_ENABLE_INSTRUCTIONS" in r for r in fused._bf16_gemm_check(*big, **kw))
+    finally:
+        mod.attention_use_amx(was)

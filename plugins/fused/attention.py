@@ -300,20 +300,25 @@ def _sdpa_cpu_check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     return reasons + [reason] if reason else reasons
 
 
-# -- bfloat16 products through MKL's gemm_bf16bf16f32 -----------------------------------------------------
+# -- bfloat16 products on the AMX tiles, or through MKL's gemm_bf16bf16f32 --------------------------------
 
-# CPU flags under which MKL's bfloat16 product runs natively (AMX tiles, or AVX512_BF16 dot products);
-# elsewhere it widens, and this kernel could not beat the fused one.
+# CPU flags under which the bfloat16 products run natively: the C++ kernels' own AMX tile products, or MKL's
+# (AMX tiles, or AVX512_BF16 dot products); elsewhere MKL widens, and this kernel could not beat the fused one.
 BF16_GEMM_FLAGS = ("amx_bf16", "avx512_bf16")
 _gemm16_ops: dict[str, Any] = {}  # a level -> its attention_fwd_eager_gemm16, as _eager_ops
+# The prefill tiles of the bfloat16 products: 64 query rows (four tiles) against 128 keys. Against fused's
+# (128, 256), 0.80-0.94x SDPA's time where those took 0.82-1.11x (bfloat16 L=128-1024, Xeon with AMX).
+GEMM16_BLOCKS = (64, 128)
 
 
 def bf16_gemm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
               attn_mask: torch.Tensor | None, return_lse: bool) -> Any:
-    """The fused C++ kernels with bfloat16 products through MKL (forward only): q . k^T from the bfloat16
-    operands with float32 sums, the softmax weights rounded to bfloat16 (as SDPA's CPU kernels do) for
-    their product with v, the online softmax and the non-finite rules as in ``fused``."""
-    o, lse = _gemm16_eager()(q, k, v, attn_mask, causal, scale, *CPU_FWD_BLOCKS)
+    """The fused C++ kernels with bfloat16 products (forward only): q . k^T from the bfloat16 operands with
+    float32 sums, the softmax weights rounded to bfloat16 (as SDPA's CPU kernels do) for their product with
+    v, the online softmax and the non-finite rules as in ``fused``. The products run on the AMX tiles
+    where the CPU and the OS allow it (the avx512 build), else, and for fewer than 8 rows, through MKL's
+    gemm_bf16bf16f32."""
+    o, lse = _gemm16_eager()(q, k, v, attn_mask, causal, scale, *GEMM16_BLOCKS)
     return (o, lse) if return_lse else o
 
 
@@ -326,7 +331,7 @@ def bind_bf16_gemm(*, causal: bool, scale: float, attn_mask: torch.Tensor | None
     """``bf16_gemm`` with these attributes bound, for the dispatcher's warm calls."""
 
     def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
-        o, lse = _gemm16_eager()(q, k, v, attn_mask, causal, scale, *CPU_FWD_BLOCKS)
+        o, lse = _gemm16_eager()(q, k, v, attn_mask, causal, scale, *GEMM16_BLOCKS)
         return (o, lse) if return_lse else o
 
     return call
@@ -339,12 +344,13 @@ def _bf16_gemm_check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         return [reason]
     if not any(flag in _build.cpu_flags() for flag in BF16_GEMM_FLAGS):
         return [f"this CPU has none of {list(BF16_GEMM_FLAGS)}: MKL's bfloat16 product would widen its operands"]
-    held = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").strip().upper()
-    if held and not held.startswith("AVX512"):
-        return [f"MKL_ENABLE_INSTRUCTIONS={held} holds MKL below its bfloat16 kernels"]
     mod = _build.module(OP)
+    held = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").strip().upper()
+    if held and not held.startswith("AVX512") and not mod.attention_gemm16_amx():
+        return [f"MKL_ENABLE_INSTRUCTIONS={held} holds MKL below its bfloat16 kernels, and this build or "
+                "process has no AMX tiles of its own"]
     if not mod.attention_has_gemm16():
-        return ["torch's MKL exports no gemm_bf16bf16f32"]
+        return ["this process has neither AMX tiles nor an MKL that exports gemm_bf16bf16f32"]
     (B, Hq, Lq, D), (Hkv, Lk, Dv) = q.shape, (k.shape[1], k.shape[2], v.shape[3])
     if mod.attention_path(B, Hq, Hkv, Lq, Lk, D, Dv) == 0:
         return ["a call this small takes the fused kernel's row path (no products): it would be fused again"]
@@ -362,11 +368,11 @@ KERNELS = [
     Kernel(op=OP, backend="fused-sdpa", fn=_sdpa_behind_finite, devices={"cpu"}, dtypes=set(CPU_DTYPES),
            priority=25, check=_sdpa_cpu_check, differentiable=True, bind=bind_sdpa,
            description="torch-sdpa with its finite check of q, k and v in one C++ pass over their bits"),
-    # bfloat16 on a CPU whose MKL multiplies bfloat16 natively: GQA decode (B=1, Hq=32, Hkv=8, Lq=8,
-    # Lk=128, D=128) in 0.67x SDPA's time where fused takes 1.13x, long-cache decode and long prefill at
-    # 0.94-1.05x (Xeon with AMX). Its products are not the float32 call's bit for bit, as fused's are.
+    # bfloat16 on a CPU that multiplies bfloat16 natively: GQA decode (B=1, Hq=32, Hkv=8, Lq=8, Lk=128,
+    # D=128) in 0.67x SDPA's time where fused takes 1.13x; prefill L=64-512 at 0.9-1.05x SDPA's time on
+    # the AMX tiles (Xeon with AMX). Its products are not the float32 call's bit for bit, as fused's are.
     Kernel(op=OP, backend="fused-bf16gemm", fn=bf16_gemm, devices={"cpu"}, dtypes={torch.bfloat16}, priority=22,
            check=_bf16_gemm_check, bind=bind_bf16_gemm,
-           description="the fused C++ kernels with bfloat16 products through MKL's gemm_bf16bf16f32 (AMX or "
-                       "AVX512_BF16), the weights rounded to bfloat16 for their product with v, as SDPA's"),
+           description="the fused C++ kernels with bfloat16 products on the AMX tiles (else MKL's "
+                       "gemm_bf16bf16f32), the weights rounded to bfloat16 for their product with v, as SDPA's"),
 ]

@@ -103,12 +103,273 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
   }
 }
 
-// gemm's row-major C = alpha * A . op(B) + beta * C on bfloat16 A and B (float32 C), through MKL's bfloat16
-// product; has_gemm16() says whether this process has it.
-bool has_gemm16() { return gemm_bf16bf16f32_ != nullptr; }
+// -- AMX bfloat16 tile products --------------------------------------------------------------------------
+//
+// gemm16 on the AMX tile unit itself, where the CPU and the kernel allow it. MKL's gemm_bf16bf16f32 runs
+// there too, but packs both operands into its own layout and sets up its kernel on every call, which at the
+// attention kernels' sizes ([64, 64] x [64, 64]: 1.1 us, for about 0.2 us of tile arithmetic) is most of
+// the product. Here B is packed straight into the tiles' pair-interleaved ("VNNI") layout, A is read in
+// place where its rows fill whole tiles, and C is loaded and stored by the tiles where its rows and columns
+// fill them. bfloat16 prefill L=64-512 then takes 0.8-1.0x SDPA's time, where MKL's products took 1.0-1.2x
+// (Xeon with AMX). Products are exact and summed in float32 by the tile unit (which takes bfloat16
+// subnormal inputs as zero, as MKL's AMX kernels do).
+#if defined(__AVX512F__) && defined(__linux__)
+#define SWITCHYARD_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <cpuid.h>
+
+std::atomic<bool> amx_wanted{true};  // tests switch it off to check MKL's product on the same CPU
+
+// Whether this process may run AMX bfloat16 tiles: the CPU has them (CPUID.7.0:EDX AMX-BF16 and AMX-TILE),
+// the OS saves their state (XCR0 bits 17 and 18), and Linux has granted this process the tile data
+// (arch_prctl ARCH_REQ_XCOMP_PERM, which torch's oneDNN asks for as well; without it the first tile
+// instruction raises SIGILL).
+bool amx_usable() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!(d & (1u << 22)) || !(d & (1u << 24))) return false;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE, for xgetbv
+    unsigned lo = 0, hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
+  return ok;
+}
+bool amx_on() { return amx_wanted.load(std::memory_order_relaxed) && amx_usable(); }
+constexpr int kAmxMinRows = 8;  // gemm16 takes the tiles from this many rows of A
+
+// Scratch of one thread's products: B packed, A padded, the tile results.
+struct AmxScratch {
+  std::vector<uint32_t> b;
+  std::vector<uint16_t> a;
+  std::vector<float> c;
+};
+thread_local AmxScratch amx_scratch;
+
+// x[i][j] <- x[j][i] for a 16 x 16 block of 32-bit words: pairs of rows interleaved by 32 and then 64 bits,
+// then 128-bit lanes gathered across rows four and eight apart.
+__attribute__((target("avx512f,avx512bw")))
+inline void transpose16(__m512i (&x)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(x[2 * i], x[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(x[2 * i], x[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    x[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    x[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    x[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    x[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  // x[4a + c] now holds, in 128-bit lane L, column 4L + c of rows 4a .. 4a + 3
+  for (int c = 0; c < 4; ++c) {
+    for (int h = 0; h < 2; ++h) {
+      // lanes 0, 2 (h = 0) or 1, 3 (h = 1) of rows-groups (0, 1) and (2, 3)
+      t[c * 4 + h] = _mm512_shuffle_i32x4(x[c], x[4 + c], h == 0 ? 0x88 : 0xDD);
+      t[c * 4 + 2 + h] = _mm512_shuffle_i32x4(x[8 + c], x[12 + c], h == 0 ? 0x88 : 0xDD);
+    }
+  }
+  for (int c = 0; c < 4; ++c) {
+    // t[4c]: [g0 L0, g0 L2, g1 L0, g1 L2]; t[4c + 2]: the same of g2, g3
+    x[c] = _mm512_shuffle_i32x4(t[4 * c], t[4 * c + 2], 0x88);          // lane 0 of g0..g3: column c
+    x[8 + c] = _mm512_shuffle_i32x4(t[4 * c], t[4 * c + 2], 0xDD);      // lane 2: column 8 + c
+    x[4 + c] = _mm512_shuffle_i32x4(t[4 * c + 1], t[4 * c + 3], 0x88);  // lane 1: column 4 + c
+    x[12 + c] = _mm512_shuffle_i32x4(t[4 * c + 1], t[4 * c + 3], 0xDD); // lane 3: column 12 + c
+  }
+}
+
+// op(B) [K, N] packed in pairs of its rows: dst[r][n] = (op(B)[2r][n], op(B)[2r + 1][n]), r < Kp / 2 and
+// n < Np, zero past K and N. trans_b: op(B) = B^T, B [N, K] (the pair is then two adjacent elements of a
+// row of B: a transpose of 32-bit words).
+__attribute__((target("avx512f,avx512bw")))
+void amx_pack_b(bool trans_b, int N, int K, const uint16_t* B, int ldb, int Np, int Kp, uint32_t* dst) {
+  const int K2 = K / 2;  // whole pairs
+  if (trans_b) {
+    // 16 x 16 blocks of 32-bit words (16 rows of B, 16 pairs each), transposed in registers
+    for (int r0 = 0; r0 < Kp / 2; r0 += 16) {
+      const int w = std::max(0, std::min(16, K2 - r0));  // whole pairs in this block
+      const bool half = (K & 1) != 0 && K2 - r0 >= 0 && K2 - r0 < 16;  // and the odd last element
+      const __mmask32 m16 = (__mmask32)((1ull << (2 * w + (half ? 1 : 0))) - 1ull);
+      for (int n0 = 0; n0 < Np; n0 += 16) {
+        __m512i x[16];
+        for (int j = 0; j < 16; ++j)
+          x[j] = n0 + j < N ? _mm512_maskz_loadu_epi16(m16, B + (int64_t)(n0 + j) * ldb + 2 * r0) : _mm512_setzero_si512();
+        transpose16(x);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_si512(dst + (int64_t)(r0 + i) * Np + n0, x[i]);
+      }
+    }
+    return;
+  }
+  // op(B) = B [K, N]: two rows' elements interleaved, 16 columns at a time
+  const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
+                                          6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  for (int r = 0; r < Kp / 2; ++r) {
+    const int k = 2 * r;
+    const uint16_t* b0 = k < K ? B + (int64_t)k * ldb : nullptr;
+    const uint16_t* b1 = k + 1 < K ? B + (int64_t)(k + 1) * ldb : nullptr;
+    uint32_t* d = dst + (int64_t)r * Np;
+    for (int n0 = 0; n0 < Np; n0 += 16) {
+      const int w = std::max(0, std::min(16, N - n0));
+      const __mmask16 m = (__mmask16)((1u << w) - 1u);
+      const __m256i x0 = b0 ? _mm256_maskz_loadu_epi16(m, b0 + n0) : _mm256_setzero_si256();
+      const __m256i x1 = b1 ? _mm256_maskz_loadu_epi16(m, b1 + n0) : _mm256_setzero_si256();
+      const __m512i v = _mm512_permutex2var_epi16(_mm512_castsi256_si512(x0), lo_idx, _mm512_castsi256_si512(x1));
+      _mm512_storeu_si512(d + n0, v);
+    }
+  }
+}
+
+// The tile configuration: every tile 16 rows of 64 bytes (A: 16 x 32 bfloat16; B: 16 pairs of rows x 16
+// columns; C: 16 x 16 float32). Loaded at every product, since oneDNN's kernels (SDPA's, a matmul's) may
+// have loaded their own on this thread since.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// Row-major C = alpha * A . op(B) + beta * C (as gemm16) on the tiles: C[0-3] hold a 32 x 32 block of the
+// result, A[4-5] and B[6-7] its operands, K in steps of 32.
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
+void amx_gemm16(bool trans_b, int M, int N, int K, float alpha, const uint16_t* A, int lda, const uint16_t* B,
+                int ldb, float beta, float* C, int ldc) {
+  const int Mp = (M + 15) / 16 * 16, Np = (N + 15) / 16 * 16, Kp = (K + 31) / 32 * 32;
+  AmxScratch& s = amx_scratch;
+  if (s.b.size() < size_t(Kp / 2) * Np) s.b.resize(size_t(Kp / 2) * Np);
+  if (s.c.size() < size_t(Mp) * Np) s.c.resize(size_t(Mp) * Np);
+  amx_pack_b(trans_b, N, K, B, ldb, Np, Kp, s.b.data());
+  // A in place when its rows fill whole tiles; else copied into zeros (a tile reads all 16 rows and 32
+  // columns, and a garbage column times B's zero pad could be inf * 0)
+  const uint16_t* a = A;
+  int64_t sa = lda;
+  if (M != Mp || K != Kp) {
+    if (s.a.size() < size_t(Mp) * Kp) s.a.resize(size_t(Mp) * Kp);
+    for (int i = 0; i < Mp; ++i) {
+      uint16_t* d = s.a.data() + (int64_t)i * Kp;
+      if (i < M) {
+        std::memcpy(d, A + (int64_t)i * lda, sizeof(uint16_t) * K);
+        std::memset(d + K, 0, sizeof(uint16_t) * (Kp - K));
+      } else {
+        std::memset(d, 0, sizeof(uint16_t) * Kp);
+      }
+    }
+    a = s.a.data();
+    sa = Kp;
+  }
+  static const TileConfig config;
+  _tile_loadconfig(&config);
+  // The result tiles go straight to C where its rows and columns fill them: loaded from C to add to it
+  // (beta 1, alpha 1: the product with the values), or stored over it and scaled after (beta 0); else
+  // through the scratch tiles and an epilogue.
+  const bool direct = M == Mp && N == Np && (beta == 0.0f || (beta == 1.0f && alpha == 1.0f));
+  const bool add = direct && beta != 0.0f;
+  const int64_t la = sa * 2, lb = int64_t(Np) * 4, lc = direct ? int64_t(ldc) * 4 : int64_t(Np) * 4;
+  const uint32_t* bp = s.b.data();
+  float* ct = direct ? C : s.c.data();
+  const int64_t sc = direct ? ldc : Np;
+  for (int i0 = 0; i0 < Mp; i0 += 32) {
+    const bool two_m = i0 + 16 < Mp;
+    for (int j0 = 0; j0 < Np; j0 += 32) {
+      const bool two_n = j0 + 16 < Np;
+      if (add) {
+        _tile_loadd(0, ct + (int64_t)i0 * sc + j0, lc);
+        if (two_n) _tile_loadd(1, ct + (int64_t)i0 * sc + j0 + 16, lc);
+        if (two_m) _tile_loadd(2, ct + (int64_t)(i0 + 16) * sc + j0, lc);
+        if (two_m && two_n) _tile_loadd(3, ct + (int64_t)(i0 + 16) * sc + j0 + 16, lc);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int k0 = 0; k0 < Kp; k0 += 32) {
+        _tile_loadd(4, a + i0 * sa + k0, la);
+        _tile_loadd(6, bp + (int64_t)(k0 / 2) * Np + j0, lb);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two_n) {
+          _tile_loadd(7, bp + (int64_t)(k0 / 2) * Np + j0 + 16, lb);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+        if (two_m) {
+          _tile_loadd(5, a + (i0 + 16) * sa + k0, la);
+          _tile_dpbf16ps(2, 5, 6);
+          if (two_n) _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, ct + (int64_t)i0 * sc + j0, lc);
+      if (two_n) _tile_stored(1, ct + (int64_t)i0 * sc + j0 + 16, lc);
+      if (two_m) _tile_stored(2, ct + (int64_t)(i0 + 16) * sc + j0, lc);
+      if (two_m && two_n) _tile_stored(3, ct + (int64_t)(i0 + 16) * sc + j0 + 16, lc);
+    }
+  }
+  if (direct) {
+    if (alpha != 1.0f) {
+      const __m512 va = _mm512_set1_ps(alpha);
+      for (int i = 0; i < M; ++i)
+        for (int j = 0; j < N; j += 16) _mm512_storeu_ps(C + (int64_t)i * ldc + j, _mm512_mul_ps(va, _mm512_loadu_ps(C + (int64_t)i * ldc + j)));
+    }
+    return;
+  }
+  // C = alpha * tiles + beta * C, whole vectors then a masked tail (C is not read where beta is 0)
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  for (int i = 0; i < M; ++i) {
+    const float* t = ct + (int64_t)i * Np;
+    float* c = C + (int64_t)i * ldc;
+    for (int j = 0; j < N; j += 16) {
+      const __mmask16 m = N - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - j)) - 1u);
+      __m512 r = _mm512_mul_ps(va, _mm512_maskz_loadu_ps(m, t + j));
+      if (beta != 0.0f) r = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(m, c + j), r);
+      _mm512_mask_storeu_ps(c + j, m, r);
+    }
+  }
+}
+#else
+bool amx_on() { return false; }
+#endif
+
+// The softmax weights of gemm16's product with v, rounded to bfloat16 (nearest even): AVX512_BF16's
+// conversion on CPUs that have it (every CPU with AMX), which like the tile unit takes subnormals as zero
+// (weights under 2^-126, whose products the tiles would drop anyway); else bf16_bits.
+#if defined(SWITCHYARD_AMX)
+bool has_avx512_bf16() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5)) != 0;
+  }();
+  return ok;
+}
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+void round_weights_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+  if (i < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+    _mm256_mask_storeu_epi16(dst + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + i)));
+  }
+}
+#endif
+void round_weights(const float* src, c10::BFloat16* dst, int64_t n);
+
+// gemm's row-major C = alpha * A . op(B) + beta * C on bfloat16 A and B (float32 C): on the AMX tiles where
+// amx_on(), else through MKL's bfloat16 product; has_gemm16() says whether this process has either.
+bool has_gemm16() { return amx_on() || gemm_bf16bf16f32_ != nullptr; }
 void gemm16(bool trans_b, int M, int N, int K, float alpha, const c10::BFloat16* A, int lda, const c10::BFloat16* B,
             int ldb, float beta, float* C, int ldc) {
   if (M == 0 || N == 0) return;
+#if defined(SWITCHYARD_AMX)
+  // a few rows (a decode step's queries of one head) fill too little of a tile to repay packing B: MKL
+  // multiplies them as vectors (1 row against 1024 keys, D = 128: 400 against 170 us a call on the tiles)
+  if ((M >= kAmxMinRows || gemm_bf16bf16f32_ == nullptr) && amx_on()) {
+    amx_gemm16(trans_b, M, N, K, alpha, reinterpret_cast<const uint16_t*>(A), lda,
+               reinterpret_cast<const uint16_t*>(B), ldb, beta, C, ldc);
+    return;
+  }
+#endif
   const char ta = trans_b ? 'T' : 'N', tb = 'N';
   gemm_bf16bf16f32_(&ta, &tb, &N, &M, &K, &alpha, reinterpret_cast<const uint16_t*>(B), &ldb,
                     reinterpret_cast<const uint16_t*>(A), &lda, &beta, C, &ldc);
@@ -466,6 +727,20 @@ inline bool all_finite(const float* a, int64_t n) {
   return fine;
 }
 
+// Whether a row of 16-bit values is finite, from its bits (exponent all ones: inf or NaN).
+template <typename T>
+inline bool row_finite(const T* a, int64_t n) {
+  if constexpr (std::is_same<T, float>::value) {
+    return all_finite(a, n);
+  } else {
+    constexpr uint16_t e = std::is_same<T, c10::BFloat16>::value ? 0x7F80 : 0x7C00;
+    const uint16_t* x = reinterpret_cast<const uint16_t*>(a);
+    uint16_t bad = 0;  // bitwise, so that the loop vectorises
+    for (int64_t i = 0; i < n; ++i) bad |= uint16_t((x[i] & e) == e);
+    return bad == 0;
+  }
+}
+
 // A result row the fast path may have got wrong: its query holds inf or NaN, its output is not finite, or
 // its lse is NaN or +inf. Finite inputs never produce one (but for overflow); a non-finite key or value
 // reaches a row only as NaN or inf (0 * NaN at a masked key included), and NaN or inf never turns finite.
@@ -596,6 +871,12 @@ inline void store_row(const float* src, float* dst, int64_t n) {
 inline void store_row(const float* src, c10::BFloat16* dst, int64_t n) {
   uint16_t* d = reinterpret_cast<uint16_t*>(dst);
   for (int64_t i = 0; i < n; ++i) d[i] = bf16_bits(src[i]);
+}
+void round_weights(const float* src, c10::BFloat16* dst, int64_t n) {
+#if defined(SWITCHYARD_AMX)
+  if (has_avx512_bf16()) return round_weights_bf16(src, dst, n);
+#endif
+  store_row(src, dst, n);
 }
 // float16 rounded to nearest even (overflow to inf, NaN kept), as torch's own cast: F16C eight at a time in
 // the vector builds, c10's conversion (the same rounding) for the rest.
@@ -787,6 +1068,92 @@ inline bool softmax_update(float* s, int64_t n, float& m, float& l, float* acc, 
   return true;
 }
 
+// softmax_update of R rows at once (rows s + u * lds, accumulators acc + u * Dv), interleaved so that the
+// rows' dependency chains (max, exponentials, sum, rescale) overlap: each row takes softmax_update's very
+// operations in its order, so the bits are the same. A row that has attended nothing yet gets weights 0.
+template <int R>
+inline void softmax_rows(float* s, int64_t lds, int64_t n, float* m, float* l, float* acc, int64_t Dv) {
+  vec x0[R], x1[R], x2[R], x3[R];
+  for (int u = 0; u < R; ++u) x0[u] = x1[u] = x2[u] = x3[u] = vbcast(kNegInf);
+  int64_t j = 0;
+  for (; j + 4 * W <= n; j += 4 * W) {
+    for (int u = 0; u < R; ++u) {
+      const float* r = s + u * lds + j;
+      x0[u] = vmax(x0[u], vload(r));
+      x1[u] = vmax(x1[u], vload(r + W));
+      x2[u] = vmax(x2[u], vload(r + 2 * W));
+      x3[u] = vmax(x3[u], vload(r + 3 * W));
+    }
+  }
+  for (; j + W <= n; j += W)
+    for (int u = 0; u < R; ++u) x0[u] = vmax(x0[u], vload(s + u * lds + j));
+  float m_new[R];
+  bool live[R];
+  vec mv[R];
+  for (int u = 0; u < R; ++u) {
+    float mx = vhmax(vmax(vmax(x0[u], x1[u]), vmax(x2[u], x3[u])));
+    const float* r = s + u * lds;
+    for (int64_t t = j; t < n; ++t) mx = r[t] > mx ? r[t] : mx;
+    m_new[u] = std::max(m[u], mx);
+    live[u] = m_new[u] != kNegInf;
+    if (!live[u]) {  // as softmax_update: a NaN score makes l NaN
+      for (int64_t t = 0; t < n; ++t)
+        if (r[t] != r[t]) l[u] = r[t];
+    }
+    mv[u] = vbcast(live[u] ? m_new[u] : 0.0f);  // a dead row's weights are zeroed below
+  }
+  vec a0[R], a1[R];
+  for (int u = 0; u < R; ++u) a0[u] = a1[u] = vzero();
+  j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    for (int u = 0; u < R; ++u) {
+      float* r = s + u * lds + j;
+      const vec e0 = vexp2(vsub(vload(r), mv[u])), e1 = vexp2(vsub(vload(r + W), mv[u]));
+      vstore(r, e0);
+      vstore(r + W, e1);
+      a0[u] = vadd(a0[u], e0);
+      a1[u] = vadd(a1[u], e1);
+    }
+  }
+  for (; j + W <= n; j += W) {
+    for (int u = 0; u < R; ++u) {
+      float* r = s + u * lds + j;
+      const vec e0 = vexp2(vsub(vload(r), mv[u]));
+      vstore(r, e0);
+      a0[u] = vadd(a0[u], e0);
+    }
+  }
+  for (int u = 0; u < R; ++u) {
+    float* r = s + u * lds;
+    if (!live[u]) {
+      std::fill(r, r + n, 0.0f);
+      continue;
+    }
+    float sum = vsum(vadd(a0[u], a1[u]));
+    for (int64_t t = j; t < n; ++t) {
+      r[t] = fast_exp2(r[t] - m_new[u]);
+      sum += r[t];
+    }
+    const float alpha = fast_exp2(m[u] - m_new[u]);
+    l[u] = l[u] * alpha + sum;
+    m[u] = m_new[u];
+    if (alpha != 1.0f) {
+      float* a = acc + u * Dv;
+      const vec av = vbcast(alpha);
+      int64_t d = 0;
+      for (; d + W <= Dv; d += W) vstore(a + d, vmul(av, vload(a + d)));
+      for (; d < Dv; ++d) a[d] *= alpha;
+    }
+  }
+}
+
+// softmax_rows over the rows of a [rows, n] score tile, four at a time.
+inline void softmax_tile(float* s, int64_t lds, int64_t rows, int64_t n, float* m, float* l, float* acc, int64_t Dv) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) softmax_rows<4>(s + r * lds, lds, n, m + r, l + r, acc + r * Dv, Dv);
+  for (; r < rows; ++r) softmax_rows<1>(s + r * lds, lds, n, m + r, l + r, acc + r * Dv, Dv);
+}
+
 // Split-K decode (Dao et al., "Flash-Decoding", 2023): one task is (batch, kv head, key split) and takes
 // every query row of the kv head's group at once (G * Lq rows), so each key and value row is read once
 // for the whole group; the splits' partial softmaxes are merged by their log-sum-exp. D and Dv are
@@ -901,11 +1268,10 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
             gemm16(true, R, n, p.D, c, q16.data(), p.D, kb, K.sl, 0.0f, S.data(), KB);
             for (int64_t r = 0; r < R; ++r) {
               const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
-              float* s = S.data() + r * KB;
-              if (p.tile_needs_mask(i, k0, n)) p.mask_tile(s, KB, b, h, i, 1, k0, n);
-              if (!softmax_update(s, n, m[r], l[r], acc.data() + r * p.Dv, p.Dv)) std::fill(s, s + n, 0.0f);
-              store_row(s, p16.data() + r * KB, n);
+              if (p.tile_needs_mask(i, k0, n)) p.mask_tile(S.data() + r * KB, KB, b, h, i, 1, k0, n);
             }
+            softmax_tile(S.data(), KB, R, n, m.data(), l.data(), acc.data(), p.Dv);
+            for (int64_t r = 0; r < R; ++r) round_weights(S.data() + r * KB, p16.data() + r * KB, n);
             gemm16(false, R, p.Dv, n, 1.0f, p16.data(), KB, vb, V.sl, 1.0f, acc.data(), p.Dv);
             continue;
           }
@@ -916,10 +1282,9 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
         gemm(false, true, R, n, p.D, c, qs_all.data(), p.D, kf, ldk, 0.0f, S.data(), KB);
         for (int64_t r = 0; r < R; ++r) {
           const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
-          float* s = S.data() + r * KB;
-          if (p.tile_needs_mask(i, k0, n)) p.mask_tile(s, KB, b, h, i, 1, k0, n);
-          if (!softmax_update(s, n, m[r], l[r], acc.data() + r * p.Dv, p.Dv)) std::fill(s, s + n, 0.0f);
+          if (p.tile_needs_mask(i, k0, n)) p.mask_tile(S.data() + r * KB, KB, b, h, i, 1, k0, n);
         }
+        softmax_tile(S.data(), KB, R, n, m.data(), l.data(), acc.data(), p.Dv);
         gemm(false, false, R, p.Dv, n, 1.0f, S.data(), KB, vf, ldv, 1.0f, acc.data(), p.Dv);
       }
       for (int64_t r = 0; r < R; ++r) {
@@ -1253,8 +1618,8 @@ bool prefill_fwd(const Problem& p, const Rows<T>& Qr, const Rows<T>& Kr, const R
       const int64_t qb = nqb - 1 - t / heads, bh = t % heads;
       const int64_t b = bh / p.Hq, h = bh % p.Hq, hk = h / p.group;
       const int64_t q0 = qb * BQ, rows = std::min(BQ, p.Lq - q0);
-      int64_t ldq = 0;
-      const float* Qb = block_as_float(Qr.at(b, h, q0), Qr.sl, rows, p.D, qbuf.data(), ldq);
+      int64_t ldq = 0;  // gemm16 reads the queries as they are: a row is widened only for the exact path
+      const float* Qb = g16 ? nullptr : block_as_float(Qr.at(b, h, q0), Qr.sl, rows, p.D, qbuf.data(), ldq);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
@@ -1267,11 +1632,8 @@ bool prefill_fwd(const Problem& p, const Rows<T>& Qr, const Rows<T>& Kr, const R
           if (g16) {
             gemm16(true, rows, n, p.D, p.scale * kLog2e, Qr.at(b, h, q0), Qr.sl, Kr.at(b, hk, k0), Kr.sl, 0.0f, s0, SK);
             if (p.tile_needs_mask(q0, k0, n)) p.mask_tile(s0, SK, b, h, q0, rows, k0, n);
-            for (int64_t r = 0; r < rows; ++r) {
-              float* s = s0 + r * SK;
-              if (!softmax_update(s, n, m[r], l[r], acc.data() + r * p.Dv, p.Dv)) std::fill(s, s + n, 0.0f);
-              store_row(s, p16.data() + r * SK, n);
-            }
+            softmax_tile(s0, SK, rows, n, m.data(), l.data(), acc.data(), p.Dv);
+            for (int64_t r = 0; r < rows; ++r) round_weights(s0 + r * SK, p16.data() + r * SK, n);
             gemm16(false, rows, p.Dv, n, 1.0f, p16.data(), SK, Vr.at(b, hk, k0), Vr.sl, 1.0f, acc.data(), p.Dv);
             continue;
           }
@@ -1291,10 +1653,7 @@ bool prefill_fwd(const Problem& p, const Rows<T>& Qr, const Rows<T>& Kr, const R
           gemm(false, true, rows, n, p.D, p.scale * kLog2e, Qb, ldq, kb, ldk, 0.0f, s0, SK);
           if (p.tile_needs_mask(q0, k0, n)) p.mask_tile(s0, SK, b, h, q0, rows, k0, n);
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          float* s = s0 + r * SK;
-          if (!softmax_update(s, width, m[r], l[r], acc.data() + r * p.Dv, p.Dv)) std::fill(s, s + width, 0.0f);
-        }
+        softmax_tile(s0, SK, rows, width, m.data(), l.data(), acc.data(), p.Dv);
         const float* vb = block_as_float(Vr.at(b, hk, k0), Vr.sl, n, p.Dv, vbuf.data(), ldv);
         if (own) value_tile(s0, SK, vb, ldv, rows, n, acc.data(), p.Dv);
         else gemm(false, false, rows, p.Dv, n, 1.0f, s0, SK, vb, ldv, 1.0f, acc.data(), p.Dv);
@@ -1307,8 +1666,9 @@ bool prefill_fwd(const Problem& p, const Rows<T>& Qr, const Rows<T>& Kr, const R
         const float inv = alive ? 1.0f / l[r] : 0.0f;
         for (int64_t d = 0; d < p.Dv; ++d) out[d] = a[d] * inv;
         LSE[row] = alive ? (m[r] + std::log2(l[r])) * kLn2 : (l[r] == 0.0f ? kNegInf : l[r]);
-        const float* qr = Qb + r * ldq;
-        if (suspect(!all_finite(qr, p.D), out, p.Dv, LSE[row])) {
+        const bool q_bad = Qb != nullptr ? !all_finite(Qb + r * ldq, p.D) : !row_finite(Qr.at(b, h, q0 + r), p.D);
+        if (suspect(q_bad, out, p.Dv, LSE[row])) {
+          const float* qr = Qb != nullptr ? Qb + r * ldq : (widen_row(Qr.at(b, h, q0 + r), qbuf.data(), p.D), qbuf.data());
           exact_row(p, qr, Kr, Vr, b, h, q0 + r, out, LSE + row);
           rare.store(true, std::memory_order_relaxed);
         }
@@ -1418,6 +1778,31 @@ int64_t attention_path(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t L
 
 // Whether this process can run attention_fwd_eager_gemm16.
 bool attention_has_gemm16() { return has_gemm16(); }
+
+// gemm16 itself on tensors, for the tests: c = alpha * a . op(b) + beta * c (a [M, K] and b [N, K] with
+// trans_b, else [K, N], bfloat16 with contiguous rows; c [M, N] float32, contiguous), in place.
+void attention_gemm16(const at::Tensor& a, const at::Tensor& b, bool trans_b, double alpha, double beta, at::Tensor& c) {
+  TORCH_CHECK(has_gemm16(), "attention: this process has no bfloat16 product");
+  TORCH_CHECK(a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && c.scalar_type() == at::kFloat &&
+                  a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.stride(1) == 1 && b.stride(1) == 1 && c.is_contiguous(),
+              "attention_gemm16: bfloat16 a and b with contiguous rows, contiguous float32 c");
+  const int M = a.size(0), K = a.size(1), N = trans_b ? b.size(0) : b.size(1);
+  TORCH_CHECK((trans_b ? b.size(1) : b.size(0)) == K && c.size(0) == M && c.size(1) == N, "attention_gemm16: shapes");
+  SerialBlas serial;
+  gemm16(trans_b, M, N, K, float(alpha), a.data_ptr<c10::BFloat16>(), a.stride(0), b.data_ptr<c10::BFloat16>(),
+         b.stride(0), float(beta), c.data_ptr<float>(), N);
+}
+
+// Whether gemm16 runs on the AMX tiles (this build, CPU and process allow it, and it is switched on); `on`
+// switches it (tests take MKL's product on the same CPU with it off). Returns the previous switch.
+bool attention_gemm16_amx() { return amx_on(); }
+bool attention_use_amx(bool on) {
+#if defined(SWITCHYARD_AMX)
+  return amx_wanted.exchange(on);
+#else
+  return false;
+#endif
+}
 
 // Whether shapes with Lq query rows, Lk keys, head dims D, Dv and `group` query heads per kv head take the
 // decode kernel.
@@ -1648,5 +2033,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_fwd_eager_gemm16", &attention_fwd_eager_gemm16, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("attention_path", &attention_path);
   m.def("attention_has_gemm16", &attention_has_gemm16);
+  m.def("attention_gemm16_amx", &attention_gemm16_amx);
+  m.def("attention_use_amx", &attention_use_amx);
+  m.def("attention_gemm16", &attention_gemm16, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("attention_all_finite", &attention_all_finite, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
