@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -1162,6 +1163,19 @@ inline void softmax_tile(float* s, int64_t lds, int64_t rows, int64_t n, float* 
   }
 }
 
+// A thread's scratch array, left uninitialised (a std::vector zeroes it as it is made: the prefill tiles'
+// score, accumulator and weight blocks, and the decode kernel's, are written before they are read, and
+// zeroing them cost a short bfloat16 call a few percent).
+template <typename T>
+struct Buffer {
+  std::unique_ptr<T[]> p;
+  int64_t n;
+  explicit Buffer(int64_t size) : p(size > 0 ? new T[size] : nullptr), n(size) {}
+  T* data() { return p.get(); }
+  T* begin() { return p.get(); }
+  T* end() { return p.get() + n; }
+};
+
 // Split-K decode (Dao et al., "Flash-Decoding", 2023): one task is (batch, kv head, key split) and takes
 // every query row of the kv head's group at once (G * Lq rows), so each key and value row is read once
 // for the whole group; the splits' partial softmaxes are merged by their log-sum-exp. D and Dv are
@@ -1208,12 +1222,13 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
 
 #pragma omp parallel num_threads(std::min(nt, base * splits)) if (nt > 1 && base * splits > 1)
   {
-    std::vector<float> S(R * KB), acc(R * p.Dv), m(R), l(R), qs_all(R * p.D), rowbuf(p.Dv);
+    Buffer<float> S(R * KB), acc(R * p.Dv), qs_all(R * p.D);  // written before they are read
+    std::vector<float> m(R), l(R), rowbuf(p.Dv);
     // the tiles' key and value blocks as float32 (16-bit ones widened into these, once for all the rows)
-    std::vector<float> kbuf(tiles && !g16 && !std::is_same<T, float>::value ? KB * p.D : 0);
-    std::vector<float> vbuf(tiles && !g16 && !std::is_same<T, float>::value ? KB * p.Dv : 0);
+    Buffer<float> kbuf(tiles && !g16 && !std::is_same<T, float>::value ? KB * p.D : 0);
+    Buffer<float> vbuf(tiles && !g16 && !std::is_same<T, float>::value ? KB * p.Dv : 0);
     // gemm16's operands: the rows' queries as they are, and the weights rounded to bfloat16
-    std::vector<T> q16(g16 ? R * p.D : 0), p16(g16 ? R * KB : 0);
+    Buffer<T> q16(g16 ? R * p.D : 0), p16(g16 ? R * KB : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < base * splits; ++t) {
       const int64_t bk = t / splits, sp = t % splits, b = bk / p.Hkv, hk = bk % p.Hkv;
@@ -1612,14 +1627,18 @@ bool prefill_fwd(const Problem& p, const Rows<T>& Qr, const Rows<T>& Kr, const R
 
 #pragma omp parallel num_threads(nt) if (nt > 1 && tasks > 1)
   {
-    std::vector<float> S(BQ * SK), acc(BQ * p.Dv), m(BQ), l(BQ), KT(own ? p.D * SK : 0);
-    std::vector<int64_t> end(own ? BQ : 0);
-    constexpr bool widen = !std::is_same<T, float>::value;
-    std::vector<float> qbuf(widen ? BQ * p.D : 0), kbuf(widen ? BK * p.D : 0), vbuf(widen ? BK * p.Dv : 0);
-    std::vector<float> orow(std::is_same<TO, float>::value ? 0 : p.Dv);
     constexpr bool bf16 = std::is_same<T, c10::BFloat16>::value;
     const bool g16 = bf16 && p.gemm16 && !own;  // both products through gemm16 (the weights rounded into p16)
-    std::vector<T> p16(g16 ? BQ * SK : 0);
+    Buffer<float> S(BQ * SK), acc(BQ * p.Dv);  // written before they are read (acc zeroed per task)
+    std::vector<float> m(BQ), l(BQ), KT(own ? p.D * SK : 0);
+    std::vector<int64_t> end(own ? BQ : 0);
+    // 16-bit blocks widened for the float32 products; gemm16 reads them as they are, and widens only a query
+    // row that takes the exact path (these buffers are zeroed as they are made: 80 KB of them took several
+    // microseconds of a 30 us bfloat16 call)
+    const bool widen = !std::is_same<T, float>::value && !g16;
+    std::vector<float> qbuf(widen ? BQ * p.D : g16 ? p.D : 0), kbuf(widen ? BK * p.D : 0), vbuf(widen ? BK * p.Dv : 0);
+    std::vector<float> orow(std::is_same<TO, float>::value ? 0 : p.Dv);
+    Buffer<T> p16(g16 ? BQ * SK : 0);
     // The last query blocks attend the most keys under causal: hand them out first.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
