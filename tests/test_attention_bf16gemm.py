@@ -159,3 +159,16 @@ def test_bf16_gemm_declines_what_it_would_not_change(gen, monkeypatch):
             assert not any("MKL_ENABLE_INSTRUCTIONS" in r for r in fused._bf16_gemm_check(*big, **kw))
     finally:
         mod.attention_use_amx(was)
+
+
+def test_bf16_gemm_reads_keys_changed_in_place(gen, products):
+    """The query heads of a GQA group share their packed key and value blocks within a call: a second call
+    on the same tensors, changed in place (a cache written between steps), must see the new values."""
+    kw = {"causal": True, "scale": 0.125, "attn_mask": None, "return_lse": False}
+    for Hkv in (1, 2):  # with one kv head, every task of the next call starts on the blocks a thread packed last
+        q, k, v = make_inputs(gen, "cpu", torch.bfloat16, 1 if Hkv == 1 else 2, 8, Hkv, 64, 64, 64)
+        for _ in range(3):
+            got = fused.bf16_gemm(q, k, v, **kw)
+            assert torch.allclose(got.double(), _ref(q, k, v, True), atol=2e-2, rtol=2 ** -6)
+            k.copy_(torch.randn(k.shape, generator=gen).bfloat16())
+            v.copy_(torch.randn(v.shape, generator=gen).bfloat16())
