@@ -60,7 +60,8 @@ GEMM_SHAPES = [(8, 16, 32), (16, 16, 32), (64, 64, 64), (9, 1, 1), (8, 5, 3), (1
 @pytest.mark.parametrize("trans_b", [True, False], ids=["b-transposed", "b"])
 def test_gemm16_matches_float64(gen, products, trans_b):
     """c = alpha * a . op(b) + beta * c against the float64 product of the same bfloat16 values, with a row
-    stride wider than a row, for the four (alpha, beta) kinds the kernels use and a general one."""
+    stride wider than a row, for the (alpha, beta) the kernels use (1 or a scale with 0; 1 with 1) and a
+    general pair."""
     mod = _build.module("attention")
     for M, N, K in GEMM_SHAPES:
         a = torch.randn(M, K + 3, generator=gen).bfloat16()[:, :K]  # rows strided past their end
@@ -74,6 +75,7 @@ def test_gemm16_matches_float64(gen, products, trans_b):
             tol = 1e-5 * (1 + K) ** 0.5 * (a.double().abs() @ bt.abs() + abs(beta) * c0.double().abs())
             err = (c.double() - want).abs()
             assert bool((err <= tol + 1e-6).all()), (M, N, K, alpha, beta, float(err.max()))
+
 
 # (B, Hq, Hkv, Lq, Lk, D, extra): decode groups of 1-8 rows (which fused serves with its SIMD row loops),
 # of 32 rows, split over the threads, and the prefill tiles, causal, masked, with rows that attend nothing,

@@ -370,7 +370,7 @@ KERNELS = [
            priority=25, check=_sdpa_cpu_check, differentiable=True, bind=bind_sdpa,
            description="torch-sdpa with its finite check of q, k and v in one C++ pass over their bits"),
     # bfloat16 on a CPU that multiplies bfloat16 natively: GQA decode (B=1, Hq=32, Hkv=8, Lq=8, Lk=128,
-    # D=128) in 0.67x SDPA's time where fused takes 1.13x; prefill L=64-512 at 0.9-1.05x SDPA's time on
+    # D=128) in 0.67x SDPA's time where fused takes 1.13x; prefill L=64-512 at 0.76-1.05x SDPA's time on
     # the AMX tiles (Xeon with AMX). Its products are not the float32 call's bit for bit, as fused's are.
     Kernel(op=OP, backend="fused-bf16gemm", fn=bf16_gemm, devices={"cpu"}, dtypes={torch.bfloat16}, priority=22,
            check=_bf16_gemm_check, bind=bind_bf16_gemm,
