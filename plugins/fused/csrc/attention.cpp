@@ -742,17 +742,53 @@ inline bool all_finite(const float* a, int64_t n) {
   return fine;
 }
 
-// Whether a row of 16-bit values is finite, from its bits (exponent all ones: inf or NaN).
+// A dtype's values as unsigned integers of their width, and its exponent field (all ones: inf or NaN).
+template <typename T>
+struct Bits;
+template <>
+struct Bits<float> {
+  using U = uint32_t;
+  static constexpr U expo = 0x7F800000u;
+};
+template <>
+struct Bits<c10::BFloat16> {
+  using U = uint16_t;
+  static constexpr U expo = 0x7F80;
+};
+template <>
+struct Bits<c10::Half> {
+  using U = uint16_t;
+  static constexpr U expo = 0x7C00;
+};
+
+// Whether the n values at p are all finite, read as their bits: inf and NaN have every bit of the exponent
+// field `expo` set, so the minimum of (bits & expo) ^ expo is 0 exactly where one of them is. One pass that
+// vectorises as an integer min (no float arithmetic, so no subnormal ever costs an assist), in blocks so
+// that a non-finite value ends the scan early.
+template <typename U>
+bool bits_finite(const U* p, int64_t n, U expo) {
+  constexpr int64_t kBlock = int64_t(1) << 12;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    U low = expo;
+#pragma omp simd reduction(min : low)
+    for (int64_t i = b; i < e; ++i) {
+      const U f = static_cast<U>((p[i] & expo) ^ expo);
+      low = f < low ? f : low;
+    }
+    if (low == 0) return false;
+  }
+  return true;
+}
+
+// Whether a row of q is finite: float32 by all_finite, 16-bit rows from their bits.
 template <typename T>
 inline bool row_finite(const T* a, int64_t n) {
   if constexpr (std::is_same<T, float>::value) {
     return all_finite(a, n);
   } else {
-    constexpr uint16_t e = std::is_same<T, c10::BFloat16>::value ? 0x7F80 : 0x7C00;
-    const uint16_t* x = reinterpret_cast<const uint16_t*>(a);
-    uint16_t bad = 0;  // bitwise, so that the loop vectorises
-    for (int64_t i = 0; i < n; ++i) bad |= uint16_t((x[i] & e) == e);
-    return bad == 0;
+    using U = typename Bits<T>::U;
+    return bits_finite(reinterpret_cast<const U*>(a), n, Bits<T>::expo);
   }
 }
 
@@ -1958,26 +1994,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
 // -- the finite check in front of a library call ------------------------------------------------------
 
-// Whether the n values at p are all finite, read as their bits: inf and NaN have every bit of the exponent
-// field `expo` set, so the minimum of (bits & expo) ^ expo is 0 exactly where one of them is. One pass that
-// vectorises as an integer min (no float arithmetic, so no subnormal ever costs an assist), in blocks so
-// that a non-finite value ends the scan early.
-template <typename U>
-bool bits_finite(const U* p, int64_t n, U expo) {
-  constexpr int64_t kBlock = int64_t(1) << 12;
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t e = std::min(n, b + kBlock);
-    U low = expo;
-#pragma omp simd reduction(min : low)
-    for (int64_t i = b; i < e; ++i) {
-      const U f = static_cast<U>((p[i] & expo) ^ expo);
-      low = f < low ? f : low;
-    }
-    if (low == 0) return false;
-  }
-  return true;
-}
-
 // t (4-D, its last dimension contiguous) holds only finite values; contiguous tensors in one run (split
 // over the threads from 2^18 values: a [2, 8, 512, 64] bfloat16 q, k and v took about 40 us on one).
 constexpr int64_t kFiniteParallel = int64_t(1) << 18;
@@ -2016,9 +2032,9 @@ bool tensor_finite(const at::Tensor& t, U expo) {
 template <typename F>
 bool with_bits(const at::Tensor& t, F f) {
   switch (t.scalar_type()) {
-    case at::kFloat: return f(static_cast<const uint32_t*>(t.data_ptr()), uint32_t(0x7F800000u));
-    case at::kBFloat16: return f(static_cast<const uint16_t*>(t.data_ptr()), uint16_t(0x7F80));
-    default: return f(static_cast<const uint16_t*>(t.data_ptr()), uint16_t(0x7C00));
+    case at::kFloat: return f(static_cast<const uint32_t*>(t.data_ptr()), Bits<float>::expo);
+    case at::kBFloat16: return f(static_cast<const uint16_t*>(t.data_ptr()), Bits<c10::BFloat16>::expo);
+    default: return f(static_cast<const uint16_t*>(t.data_ptr()), Bits<c10::Half>::expo);
   }
 }
 
