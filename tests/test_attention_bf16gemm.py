@@ -77,6 +77,31 @@ def test_gemm16_matches_float64(gen, products, trans_b):
             assert bool((err <= tol + 1e-6).all()), (M, N, K, alpha, beta, float(err.max()))
 
 
+# (R, n, D): the fewest and the most query rows, rows short of a tile, D of one and of several 32-column steps,
+# one and several pairs of key tiles, and an odd 16-key tile at the end
+SCORES_T_SHAPES = [(2, 16, 32), (7, 48, 64), (16, 128, 128), (5, 32, 160), (11, 80, 96)]
+
+
+def test_decode_scores_on_the_tiles_match_float64(gen):
+    """The decode tasks' scores for 2-16 query rows, computed as k . q^T with the key block read in place
+    through its row stride (k^T is never packed) and transposed back: against the float64 product."""
+    if WHY_NOT is not None:
+        pytest.skip(WHY_NOT)
+    mod = _build.module("attention")
+    if not mod.attention_gemm16_amx():
+        pytest.skip("no AMX tiles in this build, CPU or process")
+    for R, n, D in SCORES_T_SHAPES:
+        q = torch.randn(R, D, generator=gen).bfloat16()
+        k = torch.randn(n, D + 24, generator=gen).bfloat16()[:, :D]  # rows strided past their end
+        for alpha in (1.0, 0.37):
+            s = torch.full((R, n), float("nan"))
+            mod.attention_scores_t(q, k, alpha, s)
+            want = alpha * (q.double() @ k.double().T)
+            tol = 1e-5 * (1 + D) ** 0.5 * alpha * (q.double().abs() @ k.double().abs().T)
+            err = (s.double() - want).abs()
+            assert bool((err <= tol + 1e-6).all()), (R, n, D, alpha, float(err.max()))
+
+
 # (B, Hq, Hkv, Lq, Lk, D, extra): decode groups of 1-8 rows (which fused serves with its SIMD row loops),
 # of 32 rows, split over the threads, and the prefill tiles, causal, masked, with rows that attend nothing,
 # head dims that are not a multiple of 32, a Dv unlike D, and GQA.
@@ -104,6 +129,22 @@ def test_bf16_gemm_meets_the_compare_rule(gen, products, name):
         bound = fused.bind_bf16_gemm(**sample.attrs)
         verdict = check(SPEC, lambda q, k, v, **_: bound(q, k, v), expected(SPEC, _reference(), sample, False, gen))
         assert verdict.ok, verdict.reason
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 4, 3, 300, 64), (1, 16, 2, 2, 200, 128), (2, 4, 4, 8, 130, 96)],
+                         ids=["gqa2-lq3", "gqa8-lq2", "mha-lq8"])
+def test_bf16_gemm_decode_reads_strided_keys_and_values(gen, products, shape):
+    """Decode groups of 2-16 rows, whose scores read each key block in place, on k and v laid out
+    [B, L, H, D] and seen as [B, H, L, D] (as a model's projections give them): row strides of H * D,
+    whole key tiles and a short last block, against the float64 reference through the compare rule."""
+    B, Hq, Hkv, Lq, Lk, D = shape
+    sample = _sample(gen, torch.bfloat16, B, Hq, Hkv, Lq, Lk, D, causal=True)
+    q, k, v = sample.args
+    k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    assert k.stride(2) == Hkv * D
+    strided = type(sample)(args=(q, k, v), attrs=sample.attrs)
+    verdict = check(SPEC, fused.bf16_gemm, expected(SPEC, _reference(), strided, False, gen))
+    assert verdict.ok, verdict.reason
 
 
 def test_bf16_gemm_differs_from_fused_only_by_its_products(gen, products):

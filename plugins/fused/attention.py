@@ -317,8 +317,9 @@ def bf16_gemm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """The fused C++ kernels with bfloat16 products (forward only): q . k^T from the bfloat16 operands with
     float32 sums, the softmax weights rounded to bfloat16 (as SDPA's CPU kernels do) for their product with
     v, the online softmax and the non-finite rules as in ``fused``. The products run on the AMX tiles
-    where the CPU and the OS allow it (the avx512 build), else, and for fewer than 8 rows, through MKL's
-    gemm_bf16bf16f32."""
+    where the CPU and the OS allow it (the avx512 build), else through MKL's gemm_bf16bf16f32. On the
+    tiles, a decode task of 2-16 query rows takes its scores as k . q^T (each key block read in place);
+    one query row's products, and other scores of fewer than 8 rows, still go through MKL."""
     o, lse = _gemm16_eager()(q, k, v, attn_mask, causal, scale, *GEMM16_BLOCKS)
     return (o, lse) if return_lse else o
 

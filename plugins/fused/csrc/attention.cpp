@@ -342,6 +342,44 @@ void amx_gemm16(bool trans_b, int M, int N, int K, float alpha, const uint16_t* 
     }
   }
 }
+
+// A decode task's scores, S[R, n] = alpha * Q[R, D] . K[n, D]^T for R <= 16 query rows, as S^T = K . Q^T:
+// the key block is the tiles' A operand in place (16 keys by 32 of D a tile, through K's row stride), and
+// Q^T, packed once per task (qpack: amx_pack_b's layout of Q as B^T, D / 2 pair-rows of 16 columns, zero
+// past R), the B operand. Where the product Q . K^T packs each key block transposed (a 16 x 16 word
+// transpose per 32 of D and 16 keys), this transposes the [16 keys, 16 rows] results once, into S: for
+// D = 128, a quarter of the shuffles. n % 16 = 0 and D % 32 = 0.
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
+void amx_scores_t(int R, int n, int D, float alpha, const uint32_t* qpack, const uint16_t* K, int64_t ldk, float* S,
+                  int64_t lds) {
+  static const TileConfig config;
+  _tile_loadconfig(&config);
+  alignas(64) float st[2][16 * 16];
+  const __m512 va = _mm512_set1_ps(alpha);
+  const int64_t la = ldk * 2;
+  for (int j0 = 0; j0 < n; j0 += 32) {
+    const bool two = j0 + 16 < n;
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int k0 = 0; k0 < D; k0 += 32) {
+      _tile_loadd(6, qpack + (k0 / 2) * 16, 64);
+      _tile_loadd(4, K + j0 * ldk + k0, la);
+      _tile_dpbf16ps(0, 4, 6);
+      if (two) {
+        _tile_loadd(5, K + (j0 + 16) * ldk + k0, la);
+        _tile_dpbf16ps(1, 5, 6);
+      }
+    }
+    _tile_stored(0, st[0], 64);
+    if (two) _tile_stored(1, st[1], 64);
+    for (int h = 0; h < (two ? 2 : 1); ++h) {
+      __m512i x[16];  // row i: key j0 + 16h + i against the 16 query rows
+      for (int i = 0; i < 16; ++i) x[i] = _mm512_load_si512(st[h] + 16 * i);
+      transpose16(x);  // row r: query row r against the 16 keys
+      for (int r = 0; r < R; ++r) _mm512_storeu_ps(S + r * lds + j0 + 16 * h, _mm512_mul_ps(va, _mm512_castsi512_ps(x[r])));
+    }
+  }
+}
 #else
 bool amx_on() { return false; }
 #endif
@@ -377,9 +415,13 @@ void gemm16(bool trans_b, int M, int N, int K, float alpha, const c10::BFloat16*
             int ldb, float beta, float* C, int ldc, uint64_t reuse = 0) {
   if (M == 0 || N == 0) return;
 #if defined(SWITCHYARD_AMX)
-  // a few rows (a decode step's queries of one head) fill too little of a tile to repay packing B: MKL
-  // multiplies them as vectors (1 row against 1024 keys, D = 128: 400 against 170 us a call on the tiles)
-  if ((M >= kAmxMinRows || gemm_bf16bf16f32_ == nullptr) && amx_on()) {
+  // A few rows (a decode step's queries of one kv head) fill too little of a tile to repay packing B as B^T
+  // (a 16 x 16 word transpose per tile): MKL multiplies them as vectors (1 row against 1024 keys, D = 128:
+  // 400 against 170 us a call on the tiles; decode takes 2-16 rows' scores through amx_scores_t instead).
+  // B itself (the values) packs by interleaving pairs of rows, which 2 rows repay: MHA decode at Lq = 2-8
+  // took 0.7-0.8x SDPA's time with the weights' product on the tiles, 1.0-1.1x through MKL (Xeon with
+  // AMX; at 1 row, 1.7x against 1.0x).
+  if ((M >= (trans_b ? kAmxMinRows : 2) || gemm_bf16bf16f32_ == nullptr) && amx_on()) {
     amx_gemm16(trans_b, M, N, K, alpha, reinterpret_cast<const uint16_t*>(A), lda,
                reinterpret_cast<const uint16_t*>(B), ldb, beta, C, ldc, reuse);
     return;
@@ -866,6 +908,7 @@ constexpr int64_t kDecodeMinSplit = 256;  // keys per split at least, so that th
 // float32 buffer for the rows instead, as this did from 8 rows on, took 1.06-1.6x the time of the paired
 // loads at 8 rows, D = 128, Zen 4, both levels.)
 constexpr int64_t kDecodeGemmRows = 16;
+constexpr int64_t kScoresTRows = 16;  // fused-bf16gemm's scores as K . Q^T (amx_scores_t) up to this many rows
 constexpr int64_t kDecodeGemmBlock = 128;
 // Query rows the decode loops take at a time below kDecodeGemmRows: four on AVX-512 (4 x 4 score and 4 x 4
 // value accumulators fit its 32 registers), two on AVX2 (16 registers). On a Xeon with AVX512_FP16 and AMX,
@@ -1268,6 +1311,11 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
   constexpr bool bf16 = std::is_same<T, c10::BFloat16>::value;
   const bool g16 = bf16 && p.gemm16;  // every block through gemm16, whatever R
   const bool tiles = R >= kDecodeGemmRows || g16;  // the group's rows are one contiguous [R, D] block of q
+  // gemm16's scores as S^T = K . Q^T on the tiles (amx_scores_t) for whole blocks of 16 keys, from 2 rows:
+  // MHA decode at Lq = 8, Lk = 128 (B = 1-4, H = 16) then took 0.75-0.82x SDPA's time, against 1.0-1.1x
+  // with each key block packed transposed; GQA at 16 rows (Hq = 32, Hkv = 8, Lq = 4) 0.27x against 0.37x
+  // (Xeon with AMX, with the values' product on the tiles in both). One row did better through MKL.
+  const bool st = g16 && R >= 2 && R <= kScoresTRows && p.D % 32 == 0 && amx_on();
   const int64_t KB = tiles ? kDecodeGemmBlock : decode_block(p.D);
   int64_t splits = 1;
   while (base * splits < 4 * nt && kend >= 2 * splits * kDecodeMinSplit) splits *= 2;
@@ -1310,6 +1358,7 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
     Buffer<float> vbuf(tiles && !g16 && !std::is_same<T, float>::value ? KB * p.Dv : 0);
     // gemm16's operands: the rows' queries as they are, and the weights rounded to bfloat16
     Buffer<T> q16(g16 ? R * p.D : 0), p16(g16 ? R * KB : 0);
+    Buffer<uint32_t> qpack(st ? p.D / 2 * 16 : 0);  // q16 packed as amx_scores_t's B operand
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < base * splits; ++t) {
       const int64_t bk = t / splits, sp = t % splits, b = bk / p.Hkv, hk = bk % p.Hkv;
@@ -1320,6 +1369,9 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
       pack_queries(b, hk, qs_all.data());
       if (g16)
         for (int64_t r = 0; r < R; ++r) std::copy(query_row(b, hk, r), query_row(b, hk, r) + p.D, q16.data() + r * p.D);
+#if defined(SWITCHYARD_AMX)
+      if (st) amx_pack_b(true, R, p.D, reinterpret_cast<const uint16_t*>(q16.data()), p.D, 16, p.D, qpack.data());
+#endif
       // the rows against n keys at kb and values at vb (float32, bfloat16 or float16), kDecodeRows at a time
       // (then two, then one); a row that has attended nothing yet adds no values
       auto each_row = [&](int64_t k0, int64_t n, const T* kb, int64_t skn, const T* vb, int64_t svn) {
@@ -1371,7 +1423,12 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
         }
         if constexpr (bf16) {
           if (g16) {
-            gemm16(true, R, n, p.D, c, q16.data(), p.D, kb, K.sl, 0.0f, S.data(), KB);
+#if defined(SWITCHYARD_AMX)
+            if (st && n % 16 == 0)
+              amx_scores_t(R, n, p.D, c, qpack.data(), reinterpret_cast<const uint16_t*>(kb), K.sl, S.data(), KB);
+            else
+#endif
+              gemm16(true, R, n, p.D, c, q16.data(), p.D, kb, K.sl, 0.0f, S.data(), KB);
             for (int64_t r = 0; r < R; ++r) {
               const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
               if (p.tile_needs_mask(i, k0, n)) p.mask_tile(S.data() + r * KB, KB, b, h, i, 1, k0, n);
@@ -1912,6 +1969,29 @@ void attention_gemm16(const at::Tensor& a, const at::Tensor& b, bool trans_b, do
          b.stride(0), float(beta), c.data_ptr<float>(), N);
 }
 
+// s = alpha * q . k^T through amx_scores_t, the decode tasks' scores on the tiles (tests): q [R, D] with
+// 2 <= R <= 16, k [n, D] with rows strided as the caller's, n % 16 = 0, D % 32 = 0; s [R, n] contiguous.
+void attention_scores_t(const at::Tensor& q, const at::Tensor& k, double alpha, at::Tensor& s) {
+#if defined(SWITCHYARD_AMX)
+  TORCH_CHECK(amx_on(), "attention_scores_t: no AMX tiles in this build, CPU or process");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && s.scalar_type() == at::kFloat &&
+                  q.dim() == 2 && k.dim() == 2 && s.dim() == 2 && q.is_contiguous() && k.stride(1) == 1 &&
+                  s.is_contiguous(),
+              "attention_scores_t: contiguous bfloat16 q, bfloat16 k with contiguous rows, contiguous float32 s");
+  const int R = q.size(0), D = q.size(1), n = k.size(0);
+  TORCH_CHECK(R >= 2 && R <= kScoresTRows && n % 16 == 0 && D % 32 == 0 && k.size(1) == D && s.size(0) == R &&
+                  s.size(1) == n,
+              "attention_scores_t: shapes");
+  std::vector<uint32_t> qpack(D / 2 * 16);
+  const uint16_t* q16 = reinterpret_cast<const uint16_t*>(q.data_ptr<c10::BFloat16>());
+  amx_pack_b(true, R, D, q16, D, 16, D, qpack.data());
+  amx_scores_t(R, n, D, float(alpha), qpack.data(), reinterpret_cast<const uint16_t*>(k.data_ptr<c10::BFloat16>()),
+               k.stride(0), s.data_ptr<float>(), n);
+#else
+  TORCH_CHECK(false, "attention_scores_t: no AMX tiles in this build");
+#endif
+}
+
 // Whether gemm16 runs on the AMX tiles (this build, CPU and process allow it, and it is switched on); `on`
 // switches it (tests take MKL's product on the same CPU with it off). Returns the previous switch.
 bool attention_gemm16_amx() { return amx_on(); }
@@ -2134,6 +2214,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_has_gemm16", &attention_has_gemm16);
   m.def("attention_gemm16_amx", &attention_gemm16_amx);
   m.def("attention_use_amx", &attention_use_amx);
+  m.def("attention_scores_t", &attention_scores_t, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("attention_gemm16", &attention_gemm16, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("attention_all_finite", &attention_all_finite, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
