@@ -242,6 +242,11 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
   uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
 };
+__attribute__((target("amx-tile")))
+inline void load_tile_config() {
+  static const TileConfig config;
+  _tile_loadconfig(&config);
+}
 
 // Row-major C = alpha * A . op(B) + beta * C (as gemm16) on the tiles: C[0-3] hold a 32 x 32 block of the
 // result, A[4-5] and B[6-7] its operands, K in steps of 32.
@@ -275,8 +280,7 @@ void amx_gemm16(bool trans_b, int M, int N, int K, float alpha, const uint16_t* 
     a = s.a.data();
     sa = Kp;
   }
-  static const TileConfig config;
-  _tile_loadconfig(&config);
+  load_tile_config();
   // The result tiles go straight to C where its rows and columns fill them: loaded from C to add to it
   // (beta 1, alpha 1: the product with the values), or stored over it and scaled after (beta 0); else
   // through the scratch tiles and an epilogue.
@@ -352,8 +356,7 @@ void amx_gemm16(bool trans_b, int M, int N, int K, float alpha, const uint16_t* 
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
 void amx_scores_t(int R, int n, int D, float alpha, const uint32_t* qpack, const uint16_t* K, int64_t ldk, float* S,
                   int64_t lds) {
-  static const TileConfig config;
-  _tile_loadconfig(&config);
+  load_tile_config();
   alignas(64) float st[2][16 * 16];
   const __m512 va = _mm512_set1_ps(alpha);
   const int64_t la = ldk * 2;
@@ -1414,6 +1417,13 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
           r += nr;
         }
       };
+      // the causal diagonal and the caller's mask on the R rows' scores of the n keys from k0, in S
+      auto mask_block = [&](int64_t k0, int64_t n) {
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
+          if (p.tile_needs_mask(i, k0, n)) p.mask_tile(S.data() + r * KB, KB, b, h, i, 1, k0, n);
+        }
+      };
       for (int64_t k0 = lo; k0 < hi; k0 += KB) {
         const int64_t n = std::min(KB, hi - k0);
         const T* kb = K.at(b, hk, k0);
@@ -1430,10 +1440,7 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
             else
 #endif
               gemm16(true, R, n, p.D, c, q16.data(), p.D, kb, K.sl, 0.0f, S.data(), KB);
-            for (int64_t r = 0; r < R; ++r) {
-              const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
-              if (p.tile_needs_mask(i, k0, n)) p.mask_tile(S.data() + r * KB, KB, b, h, i, 1, k0, n);
-            }
+            mask_block(k0, n);
             softmax_tile<4>(S.data(), KB, R, n, m.data(), l.data(), acc.data(), p.Dv);
             for (int64_t r = 0; r < R; ++r) round_weights(S.data() + r * KB, p16.data() + r * KB, n);
             gemm16(false, R, p.Dv, n, 1.0f, p16.data(), KB, vb, V.sl, 1.0f, acc.data(), p.Dv);
@@ -1444,10 +1451,7 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
         const float* kf = block_as_float(kb, K.sl, n, p.D, kbuf.data(), ldk);
         const float* vf = block_as_float(vb, V.sl, n, p.Dv, vbuf.data(), ldv);
         gemm(false, true, R, n, p.D, c, qs_all.data(), p.D, kf, ldk, 0.0f, S.data(), KB);
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t h = hk * p.group + r / p.Lq, i = r % p.Lq;
-          if (p.tile_needs_mask(i, k0, n)) p.mask_tile(S.data() + r * KB, KB, b, h, i, 1, k0, n);
-        }
+        mask_block(k0, n);
         softmax_tile<1>(S.data(), KB, R, n, m.data(), l.data(), acc.data(), p.Dv);
         gemm(false, false, R, p.Dv, n, 1.0f, S.data(), KB, vf, ldv, 1.0f, acc.data(), p.Dv);
       }
