@@ -9,6 +9,8 @@ by paired log-ratios within rounds. After each
 round a candidate confidently slower than the leader leaves (a one-sided t bound on its mean paired
 log-ratio, at a strict level because the test is repeated). The race stops when one candidate is
 left, when the pick is confidently within epsilon of every other candidate left, or at the budget.
+A candidate over 3x the best run in both of its first two rounds leaves then (the hopeless rule),
+unless that second round was contended for the others too: then it is raced once more, from scratch.
 
 The pick is never worse than the default (the highest-priority candidate): another candidate wins
 only when it is confidently faster than the default. Candidates whose estimates are within epsilon
@@ -86,6 +88,8 @@ class Entrant:
     out: str = ""  # why it left the race ("" while in it)
     failed: bool = False  # it raised while timed (on some rank)
     frozen: bool = False  # a long first run, or hopeless after one: not repeated
+    hopeless: bool = False  # left by the hopeless rule after two runs
+    reprieved: bool = False  # brought back once: those two runs fell in a round that slowed the others too
 
     def floor(self) -> float:
         return min(self.times.values()) if self.times else math.inf
@@ -198,7 +202,21 @@ def _hopeless(ran: Sequence[Entrant], default: Entrant, rounds: int) -> None:
         if rounds == 2 or (rounds == 1 and len(e.times) == 1 and e.times[0] > LONG_HOPELESS * best):
             e.out = (f"left after {len(e.times)} run(s): {min(e.times.values()) * 1e3:.3g} ms, over {HOPELESS:g}x "
                      f"the best run ({best * 1e3:.3g} ms)")
-            e.frozen = True
+            e.frozen, e.hopeless = True, rounds == 2 and not e.reprieved
+
+
+def _reprieve(entrants: Sequence[Entrant], active: Sequence[Entrant]) -> list[Entrant]:
+    """Candidates the hopeless rule dropped on two runs whose second fell in a contended round (a
+    candidate still in the race ran that round over CLEAN times its own fastest) are raced again, once,
+    their two runs forgotten. A burst of load can slow one kernel 40x and the others 2x in the same
+    rounds (seen: 5.8 ms twice for a 0.13 ms kernel, beside another at 2x its time). Round 0 carries
+    warm-up, so round 1 is the evidence. A quiet race pays nothing for the check."""
+    dirty = any(1 in s.times and s.times[1] > CLEAN * s.floor() for s in active)
+    back = [e for e in entrants if e.hopeless and not e.reprieved] if dirty else []
+    for e in back:
+        e.out, e.frozen, e.hopeless, e.reprieved = "", False, False, True
+        e.times.clear()
+    return back
 
 
 def _second_look(active: Sequence[Entrant], default: Entrant, rounds: int) -> bool:
@@ -226,6 +244,7 @@ def race(entrants: Sequence[Entrant], default: Entrant, *, budget_s: float, long
     active = list(entrants)
     start = clock()
     rounds = 0
+    hold = 0  # rounds before which the budget does not end the race (a reprieve's own rounds)
     stop = "budget"
     shuffle = random.Random(ORDER_SEED).shuffle
     while True:
@@ -266,28 +285,37 @@ def race(entrants: Sequence[Entrant], default: Entrant, *, budget_s: float, long
             return Outcome(pick=None, confidence=0.0, rounds=rounds, stop="none", noise=0.0, gap=0.0, contended=False)
         if default not in active:
             default = min(active, key=lambda e: (-e.priority, e.name))
+        ended = None
         if len(active) == 1:
-            stop = "alone"
-            break
-        if rounds >= MIN_ROUNDS or all(e.frozen for e in active):
+            ended = "alone"
+        elif rounds >= MIN_ROUNDS or all(e.frozen for e in active):
             leader = min(active, key=lambda e: pair(e, default).mean if e is not default else 0.0)
             for e in active:
                 p = pair(e, leader)
-                if e is not leader and e is not default and p.cdf(0.0) <= 1 - LEVEL:
+                if e is leader or e is default:
+                    continue
+                if p.cdf(0.0) <= 1 - LEVEL:
                     e.out = f"left the race after {p.n} rounds: confidently slower than {leader.name} (x{math.exp(p.mean):.3f})"
+                elif e.reprieved and dominates(leader, e):
+                    e.out = f"left after a second chance: over {HOPELESS:g}x {leader.name}'s time in {p.n} rounds"
             active = [e for e in active if not e.out]
             pick = choose(active, default, eps)
             if len(active) == 1:
-                stop = "alone"
-                break
-            if all(dominates(pick, c) or pair(pick, c).cdf(math.log1p(eps)) >= LEVEL for c in active if c is not pick):
+                ended = "alone"
+            elif all(dominates(pick, c) or pair(pick, c).cdf(math.log1p(eps)) >= LEVEL for c in active if c is not pick):
                 tie = all(abs(pair(pick, c).mean) <= math.log1p(eps) for c in active if c is not pick)
-                stop = "tie" if tie else "confident"
+                ended = "tie" if tie else "confident"
+        if ended is None and (all(e.frozen for e in active) or rounds >= MAX_ROUNDS or (
+                rounds >= hold and (clock() - start if combine is None else elapsed) >= budget_s
+                and not _second_look(active, default, rounds))):
+            ended = "budget"
+        if ended is not None:
+            back = _reprieve(entrants, active) if rounds < MAX_ROUNDS else []
+            if not back:
+                stop = ended
                 break
-        if all(e.frozen for e in active) or rounds >= MAX_ROUNDS:
-            break
-        if (clock() - start if combine is None else elapsed) >= budget_s and not _second_look(active, default, rounds):
-            break
+            active = [*active, *back]
+            hold = rounds + MIN_ROUNDS
     # the final pick: another beats the default at the stated confidence (one look, so not the race's
     # stricter level)
     pick = choose(active, default, eps, STATED) if len(active) > 1 else active[0]
