@@ -257,19 +257,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = _Progress(rank0)
     started = time.perf_counter()
     if args.build or (args.device == "cpu" and (options["backends"] is None or "fused" in options["backends"])):
+        from core import hotpath
         from plugins.fused import _build
 
+        hot = hotpath.start_build()  # the dispatcher's C++ memo keys, beside the kernels' compilers
         missing = [op for op in ops if (_build.CSRC / f"{op}.cpp").exists() and not _build.is_built(op)]
+        failed_builds = {}
         if missing:
             progress(f"compiling the fused C++ kernels of {', '.join(missing)} (first run only)")
             failed_builds = {op: why for op, why in _build.prebuild(missing).items() if why}
-            if args.build and failed_builds:
-                print(f"build failed: {failed_builds}", file=sys.stderr)
-                return 1
+        if hot is not None:
+            hot.join()
+            if hotpath.unavailable_reason():
+                failed_builds["hotpath"] = hotpath.unavailable_reason()
+        if args.build and failed_builds:
+            print(f"build failed: {failed_builds}", file=sys.stderr)
+            return 1
         if args.build:
             progress.done()
             print(f"fused C++ kernels built in {time.perf_counter() - started:.1f} s "
-                  f"({len(missing)} compiled, the rest already built)")
+                  f"({len(missing)} compiled, the rest already built)"
+                  + ("; the dispatcher's C++ memo keys too" if hot is not None else ""))
             return 0
     if args.replay:
         return _main_replay(args, options, progress, started)

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from core import record, tuning
+from core import hotpath as _hotpath, record, tuning
 from core.errors import InvalidInput, Unsupported, ValidationError
 from core.ops import all_specs, get_spec
 from core.spec import REQUIRED, OpSpec, Sample, describe_call
@@ -150,18 +150,46 @@ def _dispatch(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any
 WARM_CALLS = 1024  # fast keys remembered per op; past that the op's memo starts over
 
 
+def _python_memo_key(spec: OpSpec) -> Any:
+    """The memo key from the spec's Python ``fast_key``, with the grad mark of a differentiable op."""
+    fast_key = spec.fast_key
+    if fast_key is None or not spec.grad_inputs:
+        return fast_key
+
+    def memo_key(args: tuple[Any, ...], attrs: Mapping[str, Any]) -> Any:
+        fast = fast_key(args, attrs)
+        return None if fast is None else (fast, _needs_grad(spec, args))  # the grad mark reads the grad mode
+
+    return memo_key
+
+
+# op -> (args, attrs) -> its memo key, or None where the call has none: the C++ keys of core.hotpath
+# where that module is built (the same distinctions, read from the tensors' TensorImpl), else the spec's
+# Python fast_key. A process that finds the module missing builds it at its first miss.
+_memo_key: dict[str, Any] = {}
+_hot_built = False
+
+
+def _use_memo_keys(build: bool = False) -> None:
+    global _hot_built
+    _hot_built = _hot_built or build
+    native = _hotpath.keys(build)
+    for name, spec in _SPECS.items():
+        _memo_key[name] = native.get(name) if spec.fast_key is not None and name in native else _python_memo_key(spec)
+
+
 def _bound(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any:
     """The call of bound inputs (``spec.inputs`` in order) and attributes (every one, defaults filled).
 
     A spec with a ``fast_key`` lets a repeated call skip verify, the key and the kernel's own argument
-    handling: its fast key (equal only for calls that pass verify alike, to one dispatch key) finds
-    the choice it was served last time, with the kernel already bound to those attributes."""
+    handling: its memo key (the fast key and grad mark; equal only for calls that pass verify alike, to
+    one dispatch key) finds the choice it was served last time, with the kernel already bound to those
+    attributes."""
     state = _state
     if _slow_env() or _forced.get() is not None:
         return _call_special(spec, _key(spec, args, attrs, spec.verify(args, attrs)), args, attrs)
-    fast = spec.fast_key(args, attrs) if spec.fast_key is not None else None
-    if fast is not None and spec.grad_inputs:
-        fast = (fast, _needs_grad(spec, args))  # the key's grad mark, which reads the grad mode
+    memo_key = _memo_key[spec.name]
+    fast = memo_key(args, attrs) if memo_key is not None else None
     if fast is not None:
         try:
             hit = state.warm[spec.name][fast]
@@ -185,6 +213,8 @@ def _bound(spec: OpSpec, args: tuple[Any, ...], attrs: dict[str, Any]) -> Any:
         if spec.verify_data is not None:
             spec.verify_data(args, attrs)
         choice = _resolve(state, spec, key, args, attrs)
+        if not _hot_built:  # the first miss of the process: the miss path's time, once
+            _use_memo_keys(build=True)
     elif choice.check is not None:
         choice.check(args, attrs)
     call = None
@@ -298,6 +328,7 @@ def _make_entry(spec: OpSpec) -> Any:
     return entry
 
 
+_use_memo_keys()
 _ENTRIES: dict[str, Any] = {}  # op -> dispatcher.<op>, which call() goes through
 for _name, _spec in _SPECS.items():
     globals()[_name] = _ENTRIES[_name] = _make_entry(_spec)

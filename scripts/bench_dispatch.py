@@ -106,13 +106,14 @@ def main() -> None:
 
 @contextlib.contextmanager
 def _memo_off(spec):
-    """The spec's fast_key set aside for the block: every call takes verify, the key and the choice."""
-    fast_key = spec.fast_key
-    object.__setattr__(spec, "fast_key", None)
+    """The memo key set aside for the block (the C++ one or the spec's fast_key): every call takes
+    verify, the key and the choice."""
+    memo_key = dispatcher._memo_key[spec.name]
+    dispatcher._memo_key[spec.name] = None
     try:
         yield
     finally:
-        object.__setattr__(spec, "fast_key", fast_key)
+        dispatcher._memo_key[spec.name] = memo_key
 
 
 def warm_calls() -> None:

@@ -22,13 +22,20 @@ import torch  # noqa: E402
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Compile the fused C++ kernels that have no cached build yet, all at once (one compiler per core),
     instead of one after another at first use inside the tests: the machine's level, and the AVX2 level
-    too where the machine has a better one (the suite checks the AVX2 paths on AVX-512 machines)."""
+    too where the machine has a better one (the suite checks the AVX2 paths on AVX-512 machines); and
+    the dispatcher's C++ memo keys beside them."""
+    from core import hotpath
     from plugins.fused import _build
 
+    hot = hotpath.start_build()  # the dispatcher's C++ memo keys
     levels = tuple(isa for isa in _build.supported_isas() if isa != "scalar")
     for op, reason in _build.prebuild(isas=levels).items():
         if reason:
             print(f"fused {op}: not built: {reason}")
+    if hot is not None:
+        hot.join()
+    if hotpath.unavailable_reason():
+        print(f"the dispatcher's C++ memo keys: not built: {hotpath.unavailable_reason()}")
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from core import cpp
 from plugins.fused import _build
 
 ZEN3 = {"sse2", "avx", "avx2", "fma", "f16c", "bmi2"}  # an AMD EPYC Zen 3: AVX2, no AVX-512
@@ -120,7 +121,7 @@ def test_a_loaded_library_needs_no_tool_look_up(monkeypatch):
     def no_search(*args, **kwargs):
         raise AssertionError("a PATH search for a loaded library")
 
-    monkeypatch.setattr(_build.shutil, "which", no_search)
+    monkeypatch.setattr(cpp.shutil, "which", no_search)
     assert _build.unavailable_reason("split_finding") is None
     monkeypatch.setenv(_build.ENV_DISABLE, "1")  # the off switch still holds
     assert _build.ENV_DISABLE in _build.unavailable_reason("split_finding")

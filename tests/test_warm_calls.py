@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from core import dispatcher
+from core import dispatcher, hotpath
 from core.errors import InvalidInput
 from core.ops.attention import SPEC as ATTENTION
 from core.ops.precision_cast import SPEC, TARGETS
@@ -361,3 +361,92 @@ def _attention64(q, k, v, causal):
     if causal:
         s = s.masked_fill(~torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq), float("-inf"))
     return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
+
+
+# -- the C++ memo keys (core.hotpath) ----------------------------------------------------------------------
+
+def _with_grad_variants(calls):
+    """Each call as given, and again with q requiring gradients, under grad mode on and off."""
+    out = []
+    for args, given in calls:
+        out.append((args, given, True))
+        if isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            out.append(((args[0].detach().requires_grad_(), *args[1:]), given, True))
+            out.append(((args[0].detach().requires_grad_(), *args[1:]), given, False))
+    return out
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+@pytest.mark.skipif(not hotpath.keys(), reason=f"the C++ memo keys are not built: {hotpath.unavailable_reason()}")
+@pytest.mark.parametrize("op", sorted(hotpath.OPS))
+def test_the_cpp_memo_keys_draw_exactly_the_python_keys_distinctions(op, gen):
+    """Over every kind of call the Python keys' own tests use (and, for attention, gradients on and off):
+    two calls share a C++ key exactly when they share the Python key and grad mark, and every plain-tensor
+    call with a Python key has a C++ key; a tensor subclass gets none (its full path reads its Python
+    attributes). The dispatcher uses the C++ keys once they are built."""
+    spec = dispatcher._SPECS[op]
+    native, python = hotpath.keys()[op], dispatcher._python_memo_key(spec)
+    if op == "attention":
+        calls = [(args, given, grad) for args, given, grad in _with_grad_variants(_attention_calls(gen) + _attention_calls(gen))]
+        sub = ((torch.randn(1, 2, 1, 8).as_subclass(_Sub), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)), {}, True)
+        param = ((torch.nn.Parameter(torch.randn(1, 2, 1, 8)), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8)), {}, True)
+    else:
+        calls = [((x,), given, True) for x, given in _calls(gen) + _calls(gen)]
+        sub = ((torch.randn(8).as_subclass(_Sub),), {"dtype": torch.float16}, True)
+        param = ((torch.nn.Parameter(torch.randn(8)),), {"dtype": torch.float16}, True)
+    by_native: dict = {}
+    by_python: dict = {}
+    keyed = 0
+    for args, given, grad in calls + [param]:
+        bound, attrs = spec.bind(args, given)
+        with torch.set_grad_enabled(grad):
+            n, p = native(bound, attrs), python(bound, attrs)
+        plain = all(type(a) in (torch.Tensor, torch.nn.Parameter) for a in bound)
+        if p is not None and plain:
+            assert n is not None, (args, given)
+        if n is None or p is None:
+            assert n is None or p is not None
+            continue
+        try:
+            by_native.setdefault(n, set()).add(p)
+            by_python.setdefault(p, set()).add(n)
+        except TypeError:  # an unhashable attribute: both lookups raise, and the dispatcher goes the full way
+            continue
+        keyed += 1
+    assert keyed > 300 and len(by_native) > 50
+    assert all(len(ps) == 1 for ps in by_native.values())
+    assert all(len(ns) == 1 for ns in by_python.values())
+    args, given, _ = sub
+    assert native(*spec.bind(args, given)) is None and python(*spec.bind(args, given)) is not None
+    dispatcher.call(op, *param[0], **param[1])  # a miss: the dispatcher then takes the C++ keys
+    assert dispatcher._memo_key[op] is native
+
+
+@pytest.mark.parametrize("env", [{"SWITCHYARD_DISABLE_CPP": "1"}, {"PATH": "/nonexistent", "CXX": "no-such-compiler"}],
+                         ids=["switched-off", "no-compiler"])
+def test_without_a_compiler_the_python_keys_serve_and_the_reason_is_said(env, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from core import dispatcher, hotpath
+q, k, v = (torch.randn(1, 2, 3, 8) for _ in range(3))
+for _ in range(3):
+    out = dispatcher.attention(q, k, v, causal=True)
+torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+assert dispatcher._memo_key["attention"].__module__ == "core.dispatcher"
+assert len(dispatcher._state.warm["attention"]) == 1
+print("REASON", hotpath.unavailable_reason())
+"""
+    full = dict(os.environ, SWITCHYARD_BUILD_DIR=str(tmp_path / "build"), SWITCHYARD_CACHE_DIR=str(tmp_path / "cache"), **env)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=240,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr
+    reason = done.stdout.split("REASON", 1)[1]
+    assert ("SWITCHYARD_DISABLE_CPP" in reason) if "SWITCHYARD_DISABLE_CPP" in env else ("no C++ compiler" in reason)
+    assert not (tmp_path / "build").exists() or not any((tmp_path / "build").glob("hotpath-*/*.so"))

@@ -24,16 +24,17 @@ import contextlib
 import hashlib
 import os
 import platform
-import shutil
 import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterator
 
+from core import cpp
+
 CSRC = Path(__file__).resolve().parent / "csrc"
 CFLAGS = ["-O3", "-fopenmp", "-std=c++17"]
 LDFLAGS = ["-fopenmp"]
-ENV_DISABLE = "SWITCHYARD_DISABLE_CPP"
+ENV_DISABLE = cpp.ENV_DISABLE
 ENV_ISA = "SWITCHYARD_CPU_ISA"
 
 ISA_LEVELS = ("avx512", "avx2", "scalar")  # best first
@@ -127,24 +128,15 @@ def isa_flags(isa: str) -> list[str]:
     return _ISA_FLAGS_X86[isa] if platform.machine() in ("x86_64", "AMD64") else []
 
 
-def _compiler() -> str | None:
-    cxx = os.environ.get("CXX", "c++")
-    return shutil.which(cxx) or shutil.which("g++") or shutil.which("clang++")
-
-
 def unavailable_reason(op: str | None = None) -> str | None:
     """Why the C++ kernels (of ``op``) cannot be built here, or None when they can. Cheap."""
     if os.environ.get(ENV_DISABLE, "") in ("1", "true"):
         return f"C++ kernels are disabled by {ENV_DISABLE}=1"
     if op is not None and (op, default_isa()) in _loaded:
         return None  # built and loaded: no tool is needed any more (their look-ups cost ~70 us a call)
-    if _compiler() is None:
-        return "no C++ compiler found (looked for $CXX, c++, g++ and clang++ on PATH); install g++ to enable it"
-    if shutil.which("ninja") is None:
-        try:
-            import ninja  # noqa: F401  (the pip package puts the binary beside Python)
-        except ImportError:
-            return "the ninja build tool is not installed (pip install ninja)"
+    reason = cpp.tools_reason()
+    if reason:
+        return reason
     if op is not None:
         failed = _failed.get((op, default_isa()))
         if failed is not None:
@@ -152,12 +144,7 @@ def unavailable_reason(op: str | None = None) -> str | None:
     return None
 
 
-def build_root() -> Path:
-    """``SWITCHYARD_BUILD_DIR``, else ``build/`` in the cache directory."""
-    from core.cache import cache_dir
-
-    env = os.environ.get("SWITCHYARD_BUILD_DIR")
-    return Path(env).expanduser() if env else cache_dir() / "build"
+build_root = cpp.build_root
 
 
 def _flags(isa: str) -> list[str]:
@@ -226,10 +213,7 @@ def library(op: str, isa: str | None = None) -> Any:
         import torch
         from torch.utils.cpp_extension import load
 
-        if shutil.which("ninja") is None:  # the pip package's binary, when the system has none
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        cpp.put_ninja_on_path()
         sources = [CSRC / f"{op}.cpp"]
         build = _build_dir(op, sources, isa)
         build.mkdir(parents=True, exist_ok=True)
