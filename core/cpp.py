@@ -21,10 +21,18 @@ def compiler() -> str | None:
     return shutil.which(cxx) or shutil.which("g++") or shutil.which("clang++")
 
 
-def tools_reason() -> str | None:
-    """Why nothing can be compiled here (switched off, no compiler, no ninja), or None. Cheap."""
+def disabled_reason() -> str | None:
+    """``SWITCHYARD_DISABLE_CPP=1``'s reason, or None: switched off, nothing compiled is used, built or not."""
     if os.environ.get(ENV_DISABLE, "") in ("1", "true"):
         return f"C++ kernels are disabled by {ENV_DISABLE}=1"
+    return None
+
+
+def tools_reason() -> str | None:
+    """Why nothing can be compiled here (switched off, no compiler, no ninja), or None. Cheap."""
+    reason = disabled_reason()
+    if reason:
+        return reason
     if compiler() is None:
         return "no C++ compiler found (looked for $CXX, c++, g++ and clang++ on PATH); install g++ to enable it"
     if shutil.which("ninja") is None:

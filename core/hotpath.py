@@ -69,16 +69,16 @@ def load(build: bool = False) -> Any:
     if _module is not None or _failed is not None:
         return _module
     with _lock:
-        if _module is not None or cpp.tools_reason() is not None:
+        if _module is not None or cpp.disabled_reason() is not None:
             return _module
         try:
             path = _library_path()
-            if path.exists():
+            if path.exists():  # a built module needs no compiler or ninja: no PATH look-ups at import
                 spec = importlib.util.spec_from_file_location(NAME, path)
                 module = importlib.util.module_from_spec(spec)
                 spec.loader.exec_module(module)
                 _module = module
-            elif build:
+            elif build and cpp.tools_reason() is None:
                 _module = _compile(path.parent)
         except Exception as e:  # the dispatcher goes on with the Python keys
             _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"

@@ -130,8 +130,9 @@ def isa_flags(isa: str) -> list[str]:
 
 def unavailable_reason(op: str | None = None) -> str | None:
     """Why the C++ kernels (of ``op``) cannot be built here, or None when they can. Cheap."""
-    if os.environ.get(ENV_DISABLE, "") in ("1", "true"):
-        return f"C++ kernels are disabled by {ENV_DISABLE}=1"
+    reason = cpp.disabled_reason()
+    if reason:
+        return reason
     if op is not None and (op, default_isa()) in _loaded:
         return None  # built and loaded: no tool is needed any more (their look-ups cost ~70 us a call)
     reason = cpp.tools_reason()

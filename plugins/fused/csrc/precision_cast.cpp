@@ -20,6 +20,11 @@
 #include <torch/csrc/utils/pybind.h>
 #include <omp.h>
 #include <sys/mman.h>
+
+// Asks for the cache lines of [p, p + bytes) into L2 ahead of their loads (a large source's prefetch).
+inline void fetch_lines(const char* p, int64_t bytes) {
+  for (int64_t j = 0; j < bytes; j += 64) __builtin_prefetch(p + j, 0, 2);
+}
 #if defined(__SSE2__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -679,8 +684,7 @@ int64_t bf16_by_instruction(const float* __restrict x, uint16_t* __restrict y, i
   __m512i vmax = _mm512_setzero_si512();
   int64_t i = 0;
   for (; i + 64 <= n; i += 64) {
-    if (fetch != nullptr)
-      for (int l = 0; l < 256; l += 64) __builtin_prefetch(fetch + i * 4 + l, 0, 2);
+    if (fetch != nullptr) fetch_lines(fetch + i * 4, 256);
     for (int k = 0; k < 4; ++k) {
       __m512 v = _mm512_loadu_ps(x + i + 16 * k);
       if constexpr (Scaled) v = _mm512_mul_ps(v, vscale);
@@ -778,8 +782,7 @@ __attribute__((noinline)) int64_t simd_cast(const float* __restrict x, typename 
   if constexpr (std::is_same_v<T, F16>) {
     const VF hi = V::set1f(T::max_finite()), lo = V::set1f(-T::max_finite());
     for (; i + B <= n; i += B) {
-      if (fetch != nullptr)  // the source's lines kFetchAhead bytes on, one block's worth an iteration
-        for (int l = 0; l < B * 4; l += 64) __builtin_prefetch(fetch + i * 4 + l, 0, 2);
+      if (fetch != nullptr) fetch_lines(fetch + i * 4, B * 4);  // kFetchAhead bytes on, a block's worth
       for (int k = 0; k < 4; ++k) {
         VF v = V::load(x + i + k * L);
         if constexpr (Scaled) v = V::mul(v, vscale);
@@ -794,8 +797,7 @@ __attribute__((noinline)) int64_t simd_cast(const float* __restrict x, typename 
     // made quiet, so that rounding cannot carry it into inf.
     const VI half = V::set1(0x7FFFu), one = V::set1(1u), quiet = V::set1(0x40u), inf = V::set1(Wide<float>::inf);
     for (; i + B <= n; i += B) {
-      if (fetch != nullptr)  // the source's lines kFetchAhead bytes on, one block's worth an iteration
-        for (int l = 0; l < B * 4; l += 64) __builtin_prefetch(fetch + i * 4 + l, 0, 2);
+      if (fetch != nullptr) fetch_lines(fetch + i * 4, B * 4);  // kFetchAhead bytes on, a block's worth
       VI r[4];
       for (int k = 0; k < 4; ++k) {
         VF v = V::load(x + i + k * L);
@@ -821,8 +823,7 @@ __attribute__((noinline)) int64_t simd_cast(const float* __restrict x, typename 
     const VI over = V::set1(Saturate ? T::max_bits : T::overflow_bits);
     const VI inf = V::set1(W::inf), nan = V::set1(T::nan_bits);
     for (; i + B <= n; i += B) {
-      if (fetch != nullptr)  // the source's lines kFetchAhead bytes on, one block's worth an iteration
-        for (int l = 0; l < B * 4; l += 64) __builtin_prefetch(fetch + i * 4 + l, 0, 2);
+      if (fetch != nullptr) fetch_lines(fetch + i * 4, B * 4);  // kFetchAhead bytes on, a block's worth
       VI r[4];
       for (int k = 0; k < 4; ++k) {
         VF v = V::load(x + i + k * L);
@@ -996,9 +997,7 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
       // the next chunk's source lines, on their way while this chunk is read or rounded (a float32 source
       // being rounded fetches them inside the vector loops instead: a burst of 128 lines a chunk did less)
       if (fetch_ahead && (P == Phase::Stats || !std::is_same_v<S, float>)) {
-        const char* ahead = reinterpret_cast<const char*>(x + b + kChunk);
-        const int64_t bytes = std::min(kChunk, end - b - kChunk) * int64_t(sizeof(S));
-        for (int64_t j = 0; j < bytes; j += 64) __builtin_prefetch(ahead + j, 0, 2);
+        fetch_lines(reinterpret_cast<const char*>(x + b + kChunk), std::min(kChunk, end - b - kChunk) * int64_t(sizeof(S)));
       }
       if constexpr (std::is_same_v<S, at::Half> || std::is_same_v<S, at::BFloat16>) {
         alignas(64) float wide[kChunk];
