@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,6 +135,83 @@ def test_every_level_parallel_and_chunk_edges(isa, gen):
             for field in ("scale", "amax", "nonfinite"):
                 assert float(getattr(out, field)) == float(getattr(want, field)), (source, dtype, field)
         assert_same_bits(run(isa, x, dtype=dtype).y, peer_bits(wide, dtype), wide)
+
+
+def splitmix_draws(seed, n):
+    """The fused kernel's stochastic draws for elements 0..n-1: SplitMix64's output for (seed, index),
+    its top 32 bits (csrc/precision_cast.cpp, draw32), computed here in wrapping uint64 arithmetic."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + (np.arange(n, dtype=np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return (z ^ (z >> np.uint64(31))) >> np.uint64(32)
+
+
+def lane_edges(n, itemsize, threads):
+    """Where the kernel's walk of a source of 16 MiB or more changes stream: each thread's share (whole
+    64-element blocks) is walked as four lanes of equal length side by side, 512 bytes of each in turn, then
+    the rest in chunks (csrc/precision_cast.cpp, pass)."""
+    piece = 512 // itemsize
+    blocks = (n + 63) // 64
+    edges = []
+    for t in range(threads):
+        begin, end = min(n, blocks * t // threads * 64), min(n, blocks * (t + 1) // threads * 64)
+        span = (end - begin) // (4 * piece) * piece
+        edges += [begin + lane * span for lane in range(5)] + [begin + span + piece, end]
+    return edges
+
+
+@pytest.mark.parametrize("isa", LEVELS)
+def test_every_level_lanes_of_a_large_source(isa, gen):
+    """Sources of 16 MiB or more take the lanes walk: bit-exact there (ml_dtypes for scaling none, the
+    float32 product x * scale through ml_dtypes for amax; the reference for float64, which rounds once),
+    with specials at every lane's, piece's and share's edge and scattered, NaN among them (the vector loops
+    redo a piece holding one), for float32, float16 (widened a piece at a time) and float64 sources; stochastic
+    rounding the same on one thread as on two, each element's draw the one of its index."""
+    for source, n in ((torch.float32, (1 << 22) + 1000 + int(torch.randint(0, 64, (), generator=gen))),
+                      (torch.float16, (1 << 23) + 77), (torch.float64, (1 << 21) + 3)):
+        dtype = torch.float8_e4m3fn if source != torch.float16 else torch.float8_e5m2
+        values = torch.randn(n, generator=gen) * 2.0 ** torch.randint(-6, 6, (n,), generator=gen)
+        special = special_values(dtype).float()
+        k = special.numel()
+        for at in lane_edges(n, source.itemsize, torch.get_num_threads()):
+            at = min(max(at - k // 2, 0), n - k)
+            values[at:at + k] = special
+        values[torch.randint(0, n, (64,), generator=gen)] = special[torch.randint(0, k, (64,), generator=gen)]
+        x = values.to(source)
+        wide = x.double() if source == torch.float64 else x.float()
+        finite = wide.isfinite()
+        for scaling in ("none", "amax"):
+            out = run(isa, x, dtype=dtype, scaling=scaling)
+            assert float(out.amax) == float(wide[finite].abs().max().float())
+            assert int(out.nonfinite) == int((~finite).sum())
+            if source == torch.float64:
+                want = reference(x, **attrs(dtype, scaling=scaling))
+                assert float(out.scale) == float(want.scale)
+                assert_same_bits(out.y, bits(want.y).reshape(-1), wide)
+                continue
+            want_scale = torch.tensor(FORMATS[dtype].max_finite, dtype=torch.float32) / out.amax
+            assert float(out.scale) == (1.0 if scaling == "none" else float(want_scale))
+            assert_same_bits(out.y, peer_bits(wide * out.scale if scaling == "amax" else wide, dtype), wide)
+        if source == torch.float32:
+            # stochastic rounding draws by element index: each lane's pieces must pass their own offsets,
+            # so one thread (other shares, other lanes) draws the same; every element a neighbour
+            kw = {"dtype": dtype, "rounding": "stochastic", "scaling": "amax", "seed": 7}
+            out = run(isa, x, **kw)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1 if threads > 1 else 2)
+            try:
+                again = run(isa, x, **kw)
+            finally:
+                torch.set_num_threads(threads)
+            assert torch.equal(bits(again.y), bits(out.y))
+            count, example = neighbour_problem(out.y, scaled_values(x, out.scale), FORMATS[dtype], False)
+            assert count == 0, example
+            # the draw itself: every element halfway between 1 and the next e4m3 value rounds up exactly
+            # when SplitMix64's draw for (seed, its index) is below 2^31
+            half = torch.full((n,), 1.0 + 2.0 ** -(FORMATS[dtype].man_bits + 1))
+            up = run(isa, half, dtype=dtype, rounding="stochastic", seed=7).y.float() > 1
+            assert torch.equal(up, torch.from_numpy(splitmix_draws(7, n) < 2 ** 31))
 
 
 @pytest.mark.parametrize("isa", LEVELS)

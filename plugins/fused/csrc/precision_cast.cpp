@@ -1,6 +1,7 @@
 // precision_cast, fused for the CPU: amax, the non-finite count, scaling, rounding and the store in one
 // read pass per phase (scaling="amax" needs a statistics pass before the cast pass), OpenMP across the
-// cores, each core walking its share in L1-sized chunks.
+// cores, each core walking its share in L1-sized chunks (a source large enough to come from memory: in
+// four lanes side by side, see pass).
 //
 // Rounding is integer arithmetic on the bits of the value (float32, or float64 for a float64 x; one
 // float addition places the target's subnormals), with no branch, so that GCC vectorizes every loop
@@ -858,7 +859,8 @@ enum class Phase { Stats, Cast, CastAndStats };
 // Outputs larger than this are written with non-temporal (streaming) stores: they cannot stay in the
 // caches anyway, and a streaming store skips reading each output line in before overwriting it.
 constexpr int64_t kStreamBytes = int64_t(64) << 20;
-constexpr int64_t kFetchAhead = 4096;  // bytes: how far ahead of its loads a vector loop fetches a large source
+constexpr int64_t kFetchAhead = 2048;  // bytes: how far ahead of its loads a vector loop fetches a large source
+constexpr int64_t kLanesBytes = int64_t(16) << 20;  // a source this large is walked in lanes (see pass)
 
 // Copies `bytes` from src (a chunk in L1) to dst, with streaming stores for dst's 64-byte-aligned
 // middle where the CPU has them; the caller fences once after its last call.
@@ -900,14 +902,21 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
   using Out = typename T::Out;
   constexpr int64_t kChunk = 2048;
   const bool streaming = P != Phase::Stats && n * int64_t(sizeof(Out)) >= kStreamBytes;
-  // A source this large comes from memory, and its loads are asked for ahead of use, so that they overlap
-  // the rounding: a float32 source kFetchAhead bytes on, a block's lines each iteration of the vector
-  // loops; other sources and the statistics pass the next chunk's lines at each chunk's start. With the
-  // hardware prefetchers alone a cast of 2^26 float32 elements to float8 ran at 54% of a copy's
-  // bandwidth on AVX2 on the Xeon (about 80% with this) and 80% on AVX-512 (about 90%). A source the caches
-  // hold ran slower with the prefetches (2^22 elements: 1.3x; 2^24, 64 MiB, in that Xeon's L3:
-  // 1.05-1.1x), so they start past 128 MiB.
-  const bool fetch_ahead = n * int64_t(sizeof(S)) > 2 * kStreamBytes;
+  // A source of kLanesBytes or more comes from memory (or from a last-level cache it fills), and two
+  // things keep more of its lines in flight there:
+  // - Lanes. Each thread walks its share as kLanes equal parts side by side, 512 bytes of each in turn
+  //   (then the rest, in chunks). One core reading one stream is bounded by the misses it keeps in
+  //   flight: a max over 2^26 float32 read about 21 GB/s on the Xeon VM with one stream a core, 31-33 GB/s
+  //   with four streams of 512 bytes each in turn (8 KiB each in turn: no gain).
+  // - Fetches ahead of use, so that the loads overlap the rounding: a float32 source kFetchAhead bytes on
+  //   in its lane, a block's lines each iteration of the vector loops; other sources and the statistics
+  //   pass the next piece's lines at each piece's start.
+  // 2^26 float32 -> float8_e4m3fn, AVX2 build with torch held to AVX2, against the build with neither
+  // (one stream, fetches past 128 MiB): "none" 74% -> 107-114% of a copy's bandwidth, "amax" 45% -> 60-62%;
+  // AVX-512 91% -> 128%, 51% -> 69%. From 16 MiB up the caches of that Xeon hold the source and the
+  // two changed nothing at 2^22 and 2^23 elements; at 2^24 and 2^25 they were 1.2-1.5x faster.
+  const bool lanes = n * int64_t(sizeof(S)) >= kLanesBytes, fetch_ahead = lanes;
+  constexpr int64_t kLanes = 4, kPiece = 512 / int64_t(sizeof(S));
 #if defined(SWITCHYARD_PC_SIMD)
   // float32 values [b, b + m) at src rounded to nearest into dst by the level's vector loop, the rest by
   // the scalar one (`by` multiplies them first when scaled). The rule for NaN took 3 of the bfloat16
@@ -992,12 +1001,12 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
   auto share = [&](int64_t begin, int64_t end) {
     alignas(64) Out staged[kChunk];
     Stats<C> mine;
-    for (int64_t b = begin; b < end; b += kChunk) {
-      const int64_t m = std::min(kChunk, end - b);
-      // the next chunk's source lines, on their way while this chunk is read or rounded (a float32 source
+    // Elements [b, b + m); `next` starts the piece that follows in the walk.
+    auto piece = [&](int64_t b, int64_t m, int64_t next) {
+      // the next piece's source lines, on their way while this one is read or rounded (a float32 source
       // being rounded fetches them inside the vector loops instead: a burst of 128 lines a chunk did less)
       if (fetch_ahead && (P == Phase::Stats || !std::is_same_v<S, float>)) {
-        fetch_lines(reinterpret_cast<const char*>(x + b + kChunk), std::min(kChunk, end - b - kChunk) * int64_t(sizeof(S)));
+        fetch_lines(reinterpret_cast<const char*>(x + next), std::min(m, end - next) * int64_t(sizeof(S)));
       }
       if constexpr (std::is_same_v<S, at::Half> || std::is_same_v<S, at::BFloat16>) {
         alignas(64) float wide[kChunk];
@@ -1034,7 +1043,14 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
       } else {
         chunk(x + b, b, m, mine, staged);
       }
+    };
+    if (lanes) {  // kLanes parts of `span` elements side by side, then the rest
+      const int64_t span = (end - begin) / (kLanes * kPiece) * kPiece;
+      for (int64_t c = 0; c < span; c += kPiece)
+        for (int64_t l = 0; l < kLanes; ++l) piece(begin + l * span + c, kPiece, begin + l * span + c + kPiece);
+      begin += kLanes * span;
     }
+    for (int64_t b = begin; b < end; b += kChunk) piece(b, std::min(kChunk, end - b), b + kChunk);
 #if defined(__SSE2__)
     if (streaming) _mm_sfence();  // the streaming stores are visible before the region ends
 #endif
