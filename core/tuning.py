@@ -345,6 +345,20 @@ class Tuner:
                     outcome = self._race(spec, sample, group, needs_grad, budget, agree, gen, rows, progress)
                     if outcome.pick is not None:
                         break
+            if (guess is not None and len(field_) < len(timed) and outcome is not None and outcome.pick is not None
+                    and outcome.pick not in guess.shortlist and any(v.name == outcome.pick for v in field_)):
+                # The neighbours' winners all lost here, to the default kept beside them as a fallback: their
+                # prediction is contradicted (a boundary between keys, or the favourite's runs slowed by
+                # something passing), so the whole field is raced, the shortlisted ones again. Without this,
+                # one full sweep on the Xeon served the fallback `fused` at 2.46x SDPA's time (bfloat16 prefill
+                # B=2 Hq=8 Hkv=2 L=128 D=64; shortlist `fused-bf16gemm`, 0.16-0.20 ms when raced alone), and the
+                # SDPA-based candidates, off the shortlist, were never timed.
+                for v in timed:
+                    rows[v.name] = replace(rows[v.name], reason="", median_ms=None, spread_ms=None)
+                progress(f"the shortlist ({', '.join(guess.shortlist)}) lost to {outcome.pick}: racing every candidate")
+                first, outcome = outcome, self._race(spec, sample, timed, needs_grad, budget, agree, gen, rows, progress)
+                if outcome.pick is None:  # every one raised this time: the first race's pick stands
+                    outcome = first
             if outcome is not None and outcome.pick is not None:
                 name = outcome.pick
                 if agree is not None:

@@ -198,3 +198,51 @@ def test_the_dispatcher_serves_the_decided_winner_even_when_another_has_a_lower_
     spec = __import__("core.ops", fromlist=["get_spec"]).get_spec("attention")
     key = spec.key(*spec.prepare((q, k, v), {}))
     assert dispatcher._state.choices[("attention", key)].name == exp.chosen
+
+
+def test_a_shortlist_that_loses_to_its_fallback_sends_the_whole_field_to_the_race(gen, monkeypatch):
+    """A neighbour-predicted shortlist races only its favourites beside the default (a fallback). When the
+    favourites lose there, the prediction is contradicted: every validated candidate is raced, so a kernel
+    off the shortlist can still win, and none stays marked untimed."""
+    q, k, v = _attention(gen, 48)
+    monkeypatch.setattr(tuning.Tuner, "_predict",
+                        lambda self, spec, key: racing.Prediction(winner="torch", shortlist=("torch",), neighbours=2,
+                                                                  distance=1.0))
+    real, fields = racing.race, []
+
+    def favourite_loses_first(entrants, default, **kw):
+        fields.append(sorted(e.name for e in entrants))
+        out = real(entrants, default, **kw)
+        return replace(out, pick=default.name) if len(fields) == 1 else out
+
+    monkeypatch.setattr(racing, "race", favourite_loses_first)
+    out = dispatcher.attention(q, k, v)
+    assert float((out.double() - _ref(q, k, v)).abs().max()) < 1e-5
+    exp = dispatcher.explain("attention", q, k, v)
+    timed = sorted(r.backend for r in exp.rows if r.status in ("ok", "chosen") and r.backend != "reference")
+    assert len(fields) == 2 and len(timed) > 2
+    default = min((r for r in exp.rows if r.backend in timed), key=lambda r: (-r.priority, r.backend)).backend
+    assert fields[0] == sorted({"torch", default})
+    assert fields[1] == timed
+    assert all(r.median_ms is not None for r in exp.rows if r.backend in timed)
+    assert not any("off the shortlist" in r.reason for r in exp.rows)
+
+
+def test_a_shortlist_whose_favourite_wins_races_nothing_more(gen, monkeypatch):
+    """Where the shortlist's favourite wins, the decision stands after the one short race (the cost the
+    shortlist saves), and the candidates off it are reported as not timed."""
+    q, k, v = _attention(gen, 48)
+    monkeypatch.setattr(tuning.Tuner, "_predict",
+                        lambda self, spec, key: racing.Prediction(winner="torch", shortlist=("torch",), neighbours=2,
+                                                                  distance=1.0))
+    real, fields = racing.race, []
+
+    def favourite_wins(entrants, default, **kw):
+        fields.append(sorted(e.name for e in entrants))
+        return replace(real(entrants, default, **kw), pick="torch")
+
+    monkeypatch.setattr(racing, "race", favourite_wins)
+    dispatcher.attention(q, k, v)
+    exp = dispatcher.explain("attention", q, k, v)
+    assert len(fields) == 1 and exp.chosen == "torch" and len(fields[0]) == 2
+    assert any("off the shortlist" in r.reason for r in exp.rows)
