@@ -241,6 +241,16 @@ def cpu_model() -> str:
         return "unknown CPU"
 
 
+def _decision(key: tuple[str, tuple[object, ...]]) -> dict[str, object] | None:
+    """How the tuner decided a new key (for the JSON: why a row's kernel won, and each candidate's median
+    and reason), so that a mis-pick in a long sweep can be read afterwards without reproducing it."""
+    decision = dispatcher._state.tuner.decisions.get(key)
+    if decision is None:  # served from the tuning cache file
+        return None
+    return {"why": decision.why, "rows": [{"backend": row.backend, "status": row.status, "median_ms": row.median_ms,
+                                          "reason": row.reason} for row in decision.rows]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ops", default=",".join(OPS))
@@ -265,12 +275,12 @@ def main() -> None:
             ours()  # tunes the key
             tune_s = time.perf_counter() - t0
             # the kernel the dispatcher chose for this row's key (a key an earlier row tuned: as it chose then)
-            new = [c.name for k, c in dispatcher._state.choices.items() if known.get(k) is not c]
-            kernel = new[0] if new else "(an earlier row's key)"
+            new = [(k, c.name) for k, c in dispatcher._state.choices.items() if known.get(k) is not c]
+            kernel = new[0][1] if new else "(an earlier row's key)"
             o, pr, ratio = paired(ours, peer, budget)
             ok = ratio <= RATIO or o - pr <= SLACK_US
             r = {"row": name, "peer": what, "ours_us": o, "peer_us": pr, "ratio": ratio, "extra_us": o - pr,
-                 "pass": ok, "tune_s": tune_s, "kernel": kernel}
+                 "pass": ok, "tune_s": tune_s, "kernel": kernel, "decision": _decision(new[0][0]) if new else None}
             results.append(r)
             verdict = "PASS" if ok else "MISS"
             print(f"{verdict} {ratio:6.2f}x  ours {o:10.1f} us  peer {pr:10.1f} us  {name}  [{kernel}]", flush=True)
