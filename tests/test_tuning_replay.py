@@ -200,22 +200,29 @@ def test_the_dispatcher_serves_the_decided_winner_even_when_another_has_a_lower_
     assert dispatcher._state.choices[("attention", key)].name == exp.chosen
 
 
-def test_a_shortlist_that_loses_to_its_fallback_sends_the_whole_field_to_the_race(gen, monkeypatch):
-    """A neighbour-predicted shortlist races only its favourites beside the default (a fallback). When the
-    favourites lose there, the prediction is contradicted: every validated candidate is raced, so a kernel
-    off the shortlist can still win, and none stays marked untimed."""
-    q, k, v = _attention(gen, 48)
+def _shortlisted_race(monkeypatch, pick):
+    """Neighbours that predict `torch` alone (shortlist: torch, beside the default), and a race that records
+    each field it is given and returns ``pick(race_number, default_name, outcome)`` as its pick."""
     monkeypatch.setattr(tuning.Tuner, "_predict",
                         lambda self, spec, key: racing.Prediction(winner="torch", shortlist=("torch",), neighbours=2,
                                                                   distance=1.0))
     real, fields = racing.race, []
 
-    def favourite_loses_first(entrants, default, **kw):
+    def race(entrants, default, **kw):
         fields.append(sorted(e.name for e in entrants))
         out = real(entrants, default, **kw)
-        return replace(out, pick=default.name) if len(fields) == 1 else out
+        return replace(out, pick=pick(len(fields), default.name, out))
 
-    monkeypatch.setattr(racing, "race", favourite_loses_first)
+    monkeypatch.setattr(racing, "race", race)
+    return fields
+
+
+def test_a_shortlist_that_loses_to_its_fallback_sends_the_whole_field_to_the_race(gen, monkeypatch):
+    """A neighbour-predicted shortlist races only its favourites beside the default (a fallback). When the
+    favourites lose there, the prediction is contradicted: every validated candidate is raced, so a kernel
+    off the shortlist can still win, and none stays marked untimed."""
+    q, k, v = _attention(gen, 48)
+    fields = _shortlisted_race(monkeypatch, lambda n, default, out: default if n == 1 else out.pick)
     out = dispatcher.attention(q, k, v)
     assert float((out.double() - _ref(q, k, v)).abs().max()) < 1e-5
     exp = dispatcher.explain("attention", q, k, v)
@@ -232,16 +239,7 @@ def test_a_shortlist_whose_favourite_wins_races_nothing_more(gen, monkeypatch):
     """Where the shortlist's favourite wins, the decision stands after the one short race (the cost the
     shortlist saves), and the candidates off it are reported as not timed."""
     q, k, v = _attention(gen, 48)
-    monkeypatch.setattr(tuning.Tuner, "_predict",
-                        lambda self, spec, key: racing.Prediction(winner="torch", shortlist=("torch",), neighbours=2,
-                                                                  distance=1.0))
-    real, fields = racing.race, []
-
-    def favourite_wins(entrants, default, **kw):
-        fields.append(sorted(e.name for e in entrants))
-        return replace(real(entrants, default, **kw), pick="torch")
-
-    monkeypatch.setattr(racing, "race", favourite_wins)
+    fields = _shortlisted_race(monkeypatch, lambda n, default, out: "torch")
     dispatcher.attention(q, k, v)
     exp = dispatcher.explain("attention", q, k, v)
     assert len(fields) == 1 and exp.chosen == "torch" and len(fields[0]) == 2
