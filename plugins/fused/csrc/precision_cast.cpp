@@ -911,10 +911,10 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
   // - Fetches ahead of use, so that the loads overlap the rounding: a float32 source kFetchAhead bytes on
   //   in its lane, a block's lines each iteration of the vector loops; other sources and the statistics
   //   pass the next piece's lines at each piece's start.
-  // 2^26 float32 -> float8_e4m3fn, AVX2 build with torch held to AVX2, against the build with neither
-  // (one stream, fetches past 128 MiB): "none" 74% -> 107-114% of a copy's bandwidth, "amax" 45% -> 60-62%;
-  // AVX-512 91% -> 128%, 51% -> 69%. From 16 MiB up the caches of that Xeon hold the source and the
-  // two changed nothing at 2^22 and 2^23 elements; at 2^24 and 2^25 they were 1.2-1.5x faster.
+  // 2^26 float32 -> float8_e4m3fn on that Xeon, against the build with neither (one stream, fetches past
+  // 128 MiB): AVX2 build with torch held to AVX2, "none" 72% -> 113% of a copy's bandwidth, "amax"
+  // 43% -> 65%; AVX-512 91% -> 128%, 51% -> 69%. At 2^22 and 2^23 elements (16 and 32 MiB, which its
+  // caches hold) the two changed nothing; at 2^24 and 2^25 they were 1.2-1.5x faster.
   const bool lanes = n * int64_t(sizeof(S)) >= kLanesBytes, fetch_ahead = lanes;
   constexpr int64_t kLanes = 4, kPiece = 512 / int64_t(sizeof(S));
 #if defined(SWITCHYARD_PC_SIMD)
@@ -1047,7 +1047,8 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
     if (lanes) {  // kLanes parts of `span` elements side by side, then the rest
       const int64_t span = (end - begin) / (kLanes * kPiece) * kPiece;
       for (int64_t c = 0; c < span; c += kPiece)
-        for (int64_t l = 0; l < kLanes; ++l) piece(begin + l * span + c, kPiece, begin + l * span + c + kPiece);
+        for (int64_t l = 0; l < kLanes; ++l)  // a lane's last piece fetches nothing ahead (`next` = end)
+          piece(begin + l * span + c, kPiece, c + kPiece < span ? begin + l * span + c + kPiece : end);
       begin += kLanes * span;
     }
     for (int64_t b = begin; b < end; b += kChunk) piece(b, std::min(kChunk, end - b), b + kChunk);
