@@ -349,10 +349,11 @@ class Tuner:
                     and outcome.pick not in guess.shortlist and any(v.name == outcome.pick for v in field_)):
                 # The neighbours' winners all lost here, to the default kept beside them as a fallback: their
                 # prediction is contradicted (a boundary between keys, or the favourite's runs slowed by
-                # something passing), so the whole field is raced, the shortlisted ones again. Without this,
+                # something passing), so the whole field is raced, the shortlisted ones again. Before this,
                 # one full sweep on the Xeon served the fallback `fused` at 2.46x SDPA's time (bfloat16 prefill
-                # B=2 Hq=8 Hkv=2 L=128 D=64; shortlist `fused-bf16gemm`, 0.16-0.20 ms when raced alone), and the
-                # SDPA-based candidates, off the shortlist, were never timed.
+                # B=2 Hq=8 Hkv=2 L=128 D=64); the next sweep's decision for that key showed the shortlist,
+                # `fused-bf16gemm` (0.16-0.20 ms in every tuning seen), beside `fused`, and the SDPA-based
+                # candidates, off it, never timed.
                 for v in timed:
                     rows[v.name] = replace(rows[v.name], reason="", median_ms=None, spread_ms=None)
                 progress(f"the shortlist ({', '.join(guess.shortlist)}) lost to {outcome.pick}: racing every candidate")
