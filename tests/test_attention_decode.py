@@ -39,6 +39,10 @@ DECODE = {
     "bf16-mha-lq5-mask-split": (torch.bfloat16, 1, 2, 2, 5, 600, 64, {"mask": "random"}),
     "bf16-mha-lq7-mask-split": (torch.bfloat16, 1, 2, 2, 7, 600, 64, {"mask": "random"}),
     "mha-lq7-d32-causal": (torch.float32, 2, 2, 2, 7, 90, 32, {"causal": True}),
+    # three rows a head (AVX-512 takes them as one three-row step), heads of 80 (five AVX-512 vectors),
+    # and heads whose splits finish in any order (the last one merges)
+    "mha-lq3-d80-split": (torch.float32, 1, 4, 4, 3, 600, 80, {}),
+    "bf16-mha-lq3-causal-split": (torch.bfloat16, 2, 3, 3, 3, 1100, 64, {"causal": True}),
     "gqa2-lq7-gt-lk-causal": (torch.float32, 1, 4, 2, 7, 4, 16, {"causal": True}),
     # float16, widened by F16C in the register (the dot/axpy loops) or a block at a time (the tile products)
     "f16-gqa4-lq2-causal-split": (torch.float16, 1, 8, 2, 2, 530, 128, {"causal": True}),
@@ -263,6 +267,7 @@ def _poison(gen, dtype, B, Hq, Hkv, Lq, Lk, D, where, causal=False):
 SHAPES = {  # (B, Hq, Hkv, Lq, Lk, D): decode (split over the keys), prefill (tiles of 16 x 32), and a call
     # small enough for the C++ row-by-row path (D not a multiple of any vector width)
     "decode": (1, 4, 2, 3, 600, 32),
+    "decode-3-rows": (1, 2, 2, 3, 600, 32),  # MHA: each head's three rows in one step on AVX-512
     "prefill": (1, 4, 2, 20, 45, 16),
     "small": (2, 4, 2, 5, 9, 12),
 }
