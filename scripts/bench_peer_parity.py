@@ -7,6 +7,7 @@ most 5 us more. Rows print as they finish; the table, sorted worst row last, at 
 
     python scripts/bench_peer_parity.py [--ops attention,precision_cast,nearest_neighbor,split_finding,decode_step]
                                         [--quick] [--heldout] [--json PATH] [--budget SECONDS] [--match S1,S2]
+    python scripts/bench_peer_parity.py --random N [--seed S] [--ops ...]   # N rows per op of random shapes
 """
 from __future__ import annotations
 
@@ -229,6 +230,86 @@ def heldout_rows(quick: bool) -> Iterator[Row]:
                f"FAISS IndexFlat{'L2' if metric == 'l2' else 'IP'} add + search")
 
 
+def random_rows(count: int, seed: int, ops: set[str]) -> Iterator[Row]:
+    """``count`` rows per op in ``ops`` of seeded random shapes (``--random N --seed S``), drawn afresh rather
+    than chosen: attention of any GQA group, head dim, query and key length, causal or not, in float32,
+    bfloat16 or float16; casts of any length, contiguous or strided, from float32, float16, bfloat16 or
+    float64; k-NN of any M, N, D and k, both metrics. A speed the fixed sweep reaches only on its own
+    shapes shows here."""
+    import random
+
+    import faiss
+    from scipy.spatial import cKDTree
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n = 0
+    while "attention" in ops and n < count:
+        dt = rng.choice((torch.float32, torch.float32, torch.bfloat16, torch.bfloat16, torch.float16))
+        Hkv = rng.choice((1, 2, 4, 8, 16))
+        Hq = Hkv * rng.choice((1, 1, 2, 4, 8))
+        D = rng.choice((32, 48, 64, 64, 80, 96, 128, 128))
+        B = rng.choice((1, 1, 2, 3, 4, 8, 16))
+        causal = rng.random() < 0.6
+        if rng.random() < 0.5:  # decode: a few queries against a long cache
+            Lq, Lk = rng.choice((1, 1, 1, 2, 3, 4, 5, 8)), rng.randint(16, 8192)
+        else:
+            Lq = rng.randint(2, 768)
+            Lk = Lq if rng.random() < 0.7 else rng.randint(Lq, 2 * Lq)
+        if B * Hkv * Lk * D > 1 << 25 or B * Hq * Lq * Lk * D > 1 << 33 or Hq > 64:
+            continue
+        n += 1
+        q = torch.randn(B, Hq, Lq, D, generator=gen).to(dt)
+        k, v = (torch.randn(B, Hkv, Lk, D, generator=gen).to(dt) for _ in range(2))
+        mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq) if causal and Lq not in (1, Lk) else None
+        name = str(dt).removeprefix("torch.")
+        yield (f"attention B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} Lk={Lk} D={D} causal={causal} {name}",
+               lambda q=q, k=k, v=v, c=causal: dispatcher.attention(q, k, v, causal=c),
+               lambda q=q, k=k, v=v, m=mask, c=causal and Lq == Lk > 1: F.scaled_dot_product_attention(
+                   q, k, v, attn_mask=m, is_causal=c, enable_gqa=True), "SDPA (enable_gqa)")
+    targets = (torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+    for _ in range(count if "precision_cast" in ops else 0):
+        src = rng.choice((torch.float32, torch.float32, torch.float32, torch.float16, torch.bfloat16, torch.float64))
+        dt = rng.choice([t for t in targets if t != src])
+        numel = rng.randint(1 << 8, 1 << rng.randint(9, 25))
+        if rng.random() < 0.25:  # a transposed 2-D view
+            cols = rng.choice((64, 256, 1000, 4096))
+            x = torch.randn(max(1, numel // cols), cols, generator=gen).to(src).t()
+            what = f"[{x.shape[0]},{x.shape[1]}] (transposed)"
+        else:
+            x = torch.randn(numel, generator=gen).to(src)
+            what = str(numel)
+        fmax = float(torch.finfo(dt).max)
+        label = f"{what} {str(src).removeprefix('torch.')} -> {str(dt).removeprefix('torch.')}"
+        if rng.random() < 0.5:
+            yield (f"precision_cast {label} none", lambda x=x, dt=dt: dispatcher.precision_cast(x, dtype=dt),
+                   lambda x=x, dt=dt: x.to(dt), "x.to(dtype)")
+        else:
+            yield (f"precision_cast {label} amax", lambda x=x, dt=dt: dispatcher.precision_cast(x, dtype=dt, scaling="amax"),
+                   lambda x=x, dt=dt, m=fmax: (x.float() * (m / x.abs().amax().float())).to(dt),
+                   "(x.float() * max/amax).to(dtype)")
+    for _ in range(count if "nearest_neighbor" in ops else 0):
+        D = rng.choice((2, 3, 8, 16, 24, 32, 64, 100, 128, 256))
+        N = rng.randint(500, 300_000 if D <= 32 else 100_000)
+        M = rng.choice((1, 2, 5, 10, 32, 100, 500))
+        k = min(N, rng.choice((1, 5, 10, 10, 16, 32, 64, 100)))
+        metric = "l2" if D <= 3 else rng.choice(("l2", "l2", "ip"))
+        q, x = torch.randn(M, D, generator=gen), torch.randn(N, D, generator=gen)
+        qn, xn = q.numpy(), x.numpy()
+        if D <= 3:
+            def peer(qn=qn, xn=xn, k=k) -> Any:
+                return cKDTree(xn).query(qn, k, workers=torch.get_num_threads())
+            what = "cKDTree build + query"
+        else:
+            def peer(qn=qn, xn=xn, D=D, k=k, metric=metric) -> Any:
+                index = faiss.IndexFlatL2(D) if metric == "l2" else faiss.IndexFlatIP(D)
+                index.add(xn)
+                return index.search(qn, k)
+            what = f"FAISS IndexFlat{'L2' if metric == 'l2' else 'IP'} add + search"
+        yield (f"nearest_neighbor M={M} N={N} D={D} k={k} {metric}",
+               lambda q=q, x=x, k=k, m=metric: dispatcher.nearest_neighbor(q, x, k=k, metric=m), peer, what)
+
+
 OPS = {"attention": attention_rows, "precision_cast": precision_cast_rows, "nearest_neighbor": nearest_neighbor_rows,
        "split_finding": split_finding_rows, "decode_step": decode_step_rows}
 
@@ -256,6 +337,9 @@ def main() -> None:
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--quick", action="store_true", help="a subset of rows (about 1-2 minutes)")
     p.add_argument("--heldout", action="store_true", help="other shapes, layouts and source dtypes instead")
+    p.add_argument("--random", type=int, default=0, metavar="N",
+                   help="N rows per op of seeded random shapes instead (attention, precision_cast, nearest_neighbor)")
+    p.add_argument("--seed", type=int, default=0, help="the seed of --random's shapes")
     p.add_argument("--json", default=None, help="write the rows to this file")
     p.add_argument("--budget", type=float, default=None, help="timing seconds per row (default 0.4, quick 0.25)")
     p.add_argument("--match", default=None, help="only the rows whose name holds one of these comma-separated strings")
@@ -265,7 +349,11 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.2f} at start")
     print("each key is warmed first (its first call tunes it); then ours and the peer alternate, paired")
     results = []
-    sources = [heldout_rows] if a.heldout else [OPS[op] for op in a.ops.split(",")]
+    if a.random:
+        print(f"random shapes: --random {a.random} --seed {a.seed}")
+        sources = [lambda quick: random_rows(a.random, a.seed, set(a.ops.split(",")))]
+    else:
+        sources = [heldout_rows] if a.heldout else [OPS[op] for op in a.ops.split(",")]
     for rows in sources:
         for name, ours, peer, what in rows(a.quick):
             if a.match and not any(m in name for m in a.match.split(",")):
