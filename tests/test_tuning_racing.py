@@ -244,6 +244,13 @@ def test_the_stretch_is_capped_and_needs_a_lead_in_every_round():
     out, es, spent = race({"default": 2.0, "challenger": 1.5}, {"default": 9, "challenger": 1}, sigma=0.01,
                           budget=1.0, long_run_s=100.0)
     assert len(es["default"].times) == 2 and spent < racing.EXTEND * 1.0 + 3.5
+    # a third-party kernel's one long run (frozen: its own measure) spends the budget, not the stretch:
+    # B=8 Hq=32 Hkv=4 L=560 D=96 float32 on the Xeon kept fused at 163 ms beside fused-sdpa's 134 ms
+    truth = {"fused": 0.163, "fused-sdpa": 0.134, "torch-sdpa": 0.139, "torch": 0.308, "acme": 1.32}
+    prio = {"fused": 30, "fused-sdpa": 25, "torch-sdpa": 20, "torch": 10, "acme": 5}
+    out, es, spent = race(truth, prio, sigma=0.02, budget=0.5, long_run_s=1.0)
+    assert es["acme"].frozen and len(es["acme"].times) == 1
+    assert out.pick == "fused-sdpa" and out.rounds == racing.MIN_ROUNDS
 
 
 def scripted(plan: dict[str, tuple[float, dict[int, float]]], priority: dict[str, int], clock: Clock,
