@@ -248,13 +248,13 @@ def random_rows(count: int, seed: int, ops: set[str]) -> Iterator[Row]:
         dt = rng.choice((torch.float32, torch.float32, torch.bfloat16, torch.bfloat16, torch.float16))
         Hkv = rng.choice((1, 2, 4, 8, 16))
         Hq = Hkv * rng.choice((1, 1, 2, 4, 8))
-        D = rng.choice((32, 48, 64, 64, 80, 96, 128, 128))
+        D = rng.choice((16, 32, 48, 64, 64, 72, 80, 96, 112, 128, 128, 256))
         B = rng.choice((1, 1, 2, 3, 4, 8, 16))
         causal = rng.random() < 0.6
         if rng.random() < 0.5:  # decode: a few queries against a long cache
             Lq, Lk = rng.choice((1, 1, 1, 2, 3, 4, 5, 8)), rng.randint(16, 8192)
         else:
-            Lq = rng.randint(2, 768)
+            Lq = rng.randint(2, 1024)
             Lk = Lq if rng.random() < 0.7 else rng.randint(Lq, 2 * Lq)
         if B * Hkv * Lk * D > 1 << 25 or B * Hq * Lq * Lk * D > 1 << 33 or Hq > 64:
             continue
