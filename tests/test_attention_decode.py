@@ -43,6 +43,13 @@ DECODE = {
     # and heads whose splits finish in any order (the last one merges)
     "mha-lq3-d80-split": (torch.float32, 1, 4, 4, 3, 600, 80, {}),
     "bf16-mha-lq3-causal-split": (torch.bfloat16, 2, 3, 3, 3, 1100, 64, {"causal": True}),
+    # head widths that are no multiple of the vector (a masked last vector; AVX2 copies a 16-bit one), in
+    # the row loops and in the tile products (32 rows), the last key of the tensors among them
+    "d72-mha-lq1-split": (torch.float32, 1, 2, 2, 1, 600, 72, {}),
+    "bf16-d59-dv33-gqa2-lq3-causal-split": (torch.bfloat16, 1, 4, 2, 3, 600, 59, {"Dv": 33, "causal": True}),
+    "f16-d24-mha-lq2-mask": (torch.float16, 2, 2, 2, 2, 300, 24, {"mask": "random"}),
+    "d40-gqa8-lq4-tiles": (torch.float32, 1, 8, 1, 4, 300, 40, {"causal": True}),
+    "bf16-d20-gqa4-lq5": (torch.bfloat16, 1, 4, 1, 5, 70, 20, {}),
     "gqa2-lq7-gt-lk-causal": (torch.float32, 1, 4, 2, 7, 4, 16, {"causal": True}),
     # float16, widened by F16C in the register (the dot/axpy loops) or a block at a time (the tile products)
     "f16-gqa4-lq2-causal-split": (torch.float16, 1, 8, 2, 2, 530, 128, {"causal": True}),
@@ -268,6 +275,7 @@ SHAPES = {  # (B, Hq, Hkv, Lq, Lk, D): decode (split over the keys), prefill (ti
     # small enough for the C++ row-by-row path (D not a multiple of any vector width)
     "decode": (1, 4, 2, 3, 600, 32),
     "decode-3-rows": (1, 2, 2, 3, 600, 32),  # MHA: each head's three rows in one step on AVX-512
+    "decode-d40": (1, 4, 2, 2, 600, 40),  # a partial last vector
     "prefill": (1, 4, 2, 20, 45, 16),
     "small": (2, 4, 2, 5, 9, 12),
 }

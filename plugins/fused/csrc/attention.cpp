@@ -606,6 +606,15 @@ inline vec vload(const c10::BFloat16* p) {
 inline vec vload(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+// lanes [0, n) from p and zeros above (n < W): the decode loops' last, partial vector of a row whose width
+// is no multiple of W (the masked-off lanes are never read, so a row that ends a tensor is safe)
+inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+inline vec vload_part(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first_lanes(n), p); }
+inline vec vload_part(const c10::BFloat16* p, int64_t n) {
+  const __m256i h = _mm256_maskz_loadu_epi16(first_lanes(n), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline vec vload_part(const c10::Half* p, int64_t n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(n), p)); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vec a) { _mm512_storeu_ps(p, a); }
 // c times the four sums of a0..a3, in one reduction tree (a horizontal sum each would cost twice the
@@ -682,6 +691,18 @@ inline vec vload(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 inline vec vload(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+// lanes [0, n) from p and zeros above (n < W), as on AVX-512: float32 by a masked load, 16-bit through a
+// zeroed copy (AVX2 has no 16-bit masked load)
+inline vec vload_part(const float* p, int64_t n) {
+  const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_maskload_ps(p, m);
+}
+template <typename T>
+inline vec vload_part(const T* p, int64_t n) {
+  uint16_t tmp[8] = {};
+  std::memcpy(tmp, p, n * sizeof(uint16_t));
+  return vload(reinterpret_cast<const T*>(tmp));
+}
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vec a) { _mm256_storeu_ps(p, a); }
 inline void vsum4(vec a0, vec a1, vec a2, vec a3, float c, float* out) {
@@ -732,6 +753,8 @@ inline vec vbcast(float x) { return x; }
 inline vec vload(const float* p) { return *p; }
 inline vec vload(const c10::BFloat16* p) { return static_cast<float>(*p); }
 inline vec vload(const c10::Half* p) { return static_cast<float>(*p); }
+template <typename T>
+inline vec vload_part(const T* p, int64_t) { return vload(p); }  // never called: W = 1 leaves no part
 inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
 inline void vstore(float* p, vec a) { *p = a; }
 inline void vsum4(vec a0, vec a1, vec a2, vec a3, float c, float* out) {
@@ -931,7 +954,6 @@ constexpr int64_t kDecodeRows = W >= 16 ? 4 : 2;
 // and there the tiles took 0.78-0.80x its time (Xeon with AVX512_FP16 and AMX, float32, B = 1-2, causal).
 constexpr int64_t kDecodeWideKeys = 4;
 inline bool takes_decode(int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, int64_t group) {
-  if (D % W != 0 || Dv % W != 0) return false;
   return Lq <= kDecodeMaxLq || (Lq <= kDecodeWideLq && Lk >= kDecodeWideKeys * Lq &&
                                 (group > 1 || (W >= 16 && Lq < kDecodeGemmRows)));
 }
@@ -1041,15 +1063,26 @@ inline void prefetch_ahead(const T* p, int64_t stride, int64_t j, int64_t n, con
 
 // a[r][t] = q[r] . k_t over [0, D) for the NR rows and the four keys at kr (lane-wise partial sums; four
 // keys share each load of a row of q).
+// A width D that is no multiple of W ends in a partial vector: the keys' lanes past D load as zeros, and
+// the queries are packed with zeros there (decode_fwd), so those lanes add 0.
 template <int NR, typename T>
 inline void dot4(const float* const* q, const T* const* kr, int64_t D, vec (&a)[NR][4]) {
   for (int r = 0; r < NR; ++r)
     for (int t = 0; t < 4; ++t) a[r][t] = vzero();
-  for (int64_t d = 0; d < D; d += W) {
+  const int64_t whole = D - D % W;
+  for (int64_t d = 0; d < whole; d += W) {
     vec kv[4];
     for (int t = 0; t < 4; ++t) kv[t] = vload(kr[t] + d);
     for (int r = 0; r < NR; ++r) {
       const vec qv = vload(q[r] + d);
+      for (int t = 0; t < 4; ++t) a[r][t] = vfma(qv, kv[t], a[r][t]);
+    }
+  }
+  if (whole < D) {
+    vec kv[4];
+    for (int t = 0; t < 4; ++t) kv[t] = vload_part(kr[t] + whole, D - whole);
+    for (int r = 0; r < NR; ++r) {
+      const vec qv = vload(q[r] + whole);
       for (int t = 0; t < 4; ++t) a[r][t] = vfma(qv, kv[t], a[r][t]);
     }
   }
@@ -1100,9 +1133,11 @@ inline void score_rows(const float* const* q, const T* k, int64_t skn, int64_t n
   }
   for (; j < n; ++j) {
     const T* kj = k + j * skn;
+    const int64_t whole = D - D % W;
     for (int r = 0; r < NR; ++r) {
       vec a = vzero();
-      for (int64_t d = 0; d < D; d += W) a = vfma(vload(q[r] + d), vload(kj + d), a);
+      for (int64_t d = 0; d < whole; d += W) a = vfma(vload(q[r] + d), vload(kj + d), a);
+      if (whole < D) a = vfma(vload(q[r] + whole), vload_part(kj + whole, D - whole), a);
       s[r][j] = c * vsum(a);
     }
   }
@@ -1130,6 +1165,20 @@ inline void axpy_block(float* const* acc, const float* const* p, const T* v, int
     for (int t = 0; t < NV; ++t) vstore(acc[r] + d0 + t * W, a[r][t]);
 }
 
+// axpy_block<NR, 1> on the last, partial vector of the values (lanes [d0, Dv), Dv - d0 < W): the lanes
+// past Dv add 0 to the accumulators' padding (decode_fwd pads each row to a whole number of vectors).
+template <int NR, typename T>
+inline void axpy_part(float* const* acc, const float* const* p, const T* v, int64_t svn, int64_t n, int64_t d0,
+                      int64_t Dv) {
+  vec a[NR];
+  for (int r = 0; r < NR; ++r) a[r] = vload(acc[r] + d0);
+  for (int64_t j = 0; j < n; ++j) {
+    const vec vv = vload_part(v + j * svn + d0, Dv - d0);
+    for (int r = 0; r < NR; ++r) a[r] = vfma(vbcast(p[r][j]), vv, a[r]);
+  }
+  for (int r = 0; r < NR; ++r) vstore(acc[r] + d0, a[r]);
+}
+
 template <int NR, typename T>
 inline void axpy_rows(float* const* acc, const float* const* p, const T* v, int64_t svn, int64_t n, int64_t Dv,
                       const Ahead& ahead) {
@@ -1139,7 +1188,8 @@ inline void axpy_rows(float* const* acc, const float* const* p, const T* v, int6
   int64_t d0 = 0;
   for (; d0 + kWide * W <= Dv; d0 += kWide * W) axpy_block<NR, kWide>(acc, p, v, svn, n, d0, ahead);
   for (; d0 + 4 * W <= Dv; d0 += 4 * W) axpy_block<NR, 4>(acc, p, v, svn, n, d0, ahead);
-  for (; d0 < Dv; d0 += W) axpy_block<NR, 1>(acc, p, v, svn, n, d0, ahead);
+  for (; d0 + W <= Dv; d0 += W) axpy_block<NR, 1>(acc, p, v, svn, n, d0, ahead);
+  if (d0 < Dv) axpy_part<NR>(acc, p, v, svn, n, d0, Dv);
 }
 
 // Online-softmax update of one row with its block of base-2 scores s[0..n) (overwritten by the weights);
@@ -1306,8 +1356,9 @@ struct Buffer {
 
 // Split-K decode (Dao et al., "Flash-Decoding", 2023): one task is (batch, kv head, key split) and takes
 // every query row of the kv head's group at once (G * Lq rows), so each key and value row is read once
-// for the whole group; the splits' partial softmaxes are merged by their log-sum-exp. D and Dv are
-// multiples of W. Returns whether some row took the exact path.
+// for the whole group; the splits' partial softmaxes are merged by their log-sum-exp. D and Dv may be any
+// width: a row's last, partial vector loads masked (heads of 72 took the prefill tiles before, 2x SDPA's
+// time at MHA decode on AVX-512). Returns whether some row took the exact path.
 template <typename T, typename TO>
 bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows<T>& V, TO* O, float* LSE) {
   const int64_t R = p.group * p.Lq, base = p.B * p.Hkv, nt = threads_for(p.B * p.Hq * p.Lq * p.Lk * (p.D + p.Dv));
@@ -1326,6 +1377,8 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
   const int64_t chunk = ((kend + splits - 1) / splits + KB - 1) / KB * KB;
   splits = chunk == 0 ? 1 : (kend + chunk - 1) / chunk;
   const int64_t stride = p.Dv + 2;  // a partial row: acc[Dv], m, l
+  // the rows' packed queries and accumulators, each padded to whole vectors (zeros past D: see dot4)
+  const int64_t Dp = (p.D + W - 1) / W * W, Dvp = (p.Dv + W - 1) / W * W;
   std::vector<float> part(splits > 1 ? base * splits * R * stride : 0);
   const float c = p.scale * kLog2e;
   std::atomic<bool> rare{false};
@@ -1350,7 +1403,10 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
   // q, copied for float32: q may be strided), so that no pass over q precedes the kernel.
   auto query_row = [&](int64_t b, int64_t hk, int64_t r) { return Q.at(b, hk * p.group + r / p.Lq, r % p.Lq); };
   auto pack_queries = [&](int64_t b, int64_t hk, float* dst) {
-    for (int64_t r = 0; r < R; ++r) widen_row(query_row(b, hk, r), dst + r * p.D, p.D);
+    for (int64_t r = 0; r < R; ++r) {
+      widen_row(query_row(b, hk, r), dst + r * Dp, p.D);
+      std::fill(dst + r * Dp + p.D, dst + (r + 1) * Dp, 0.0f);
+    }
   };
 
   // Row r of kv head bk (b * Hkv + hk) from its splits' partial rows, merged by their log-sum-exp; run by
@@ -1383,7 +1439,7 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
 
 #pragma omp parallel num_threads(std::min(nt, base * splits)) if (nt > 1 && base * splits > 1)
   {
-    Buffer<float> S(R * KB), acc(R * p.Dv), qs_all(R * p.D);  // written before they are read
+    Buffer<float> S(R * KB), acc(R * Dvp), qs_all(R * Dp);  // written before they are read
     std::vector<float> m(R), l(R), rowbuf(p.Dv);
     // the tiles' key and value blocks as float32 (16-bit ones widened into these, once for all the rows)
     Buffer<float> kbuf(tiles && !g16 && !std::is_same<T, float>::value ? KB * p.D : 0);
@@ -1417,9 +1473,9 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
           float* as[kDecodeRows];
           bool all_live = true;
           for (int u = 0; u < nr; ++u) {
-            qs[u] = qs_all.data() + (r + u) * p.D;
+            qs[u] = qs_all.data() + (r + u) * Dp;
             ss[u] = S.data() + (r + u) * KB;
-            as[u] = acc.data() + (r + u) * p.Dv;
+            as[u] = acc.data() + (r + u) * Dvp;
           }
           if (nr == 4) {
             score_rows<4>(qs, kb, skn, n, p.D, c, ss, r == 0 ? kahead : none);
@@ -1474,28 +1530,28 @@ bool decode_fwd(const Problem& p, const Rows<T>& Q, const Rows<T>& K, const Rows
 #endif
               gemm16(true, R, n, p.D, c, q16.data(), p.D, kb, K.sl, 0.0f, S.data(), KB);
             mask_block(k0, n);
-            softmax_tile<4>(S.data(), KB, R, n, m.data(), l.data(), acc.data(), p.Dv);
+            softmax_tile<4>(S.data(), KB, R, n, m.data(), l.data(), acc.data(), Dvp);
             for (int64_t r = 0; r < R; ++r) round_weights(S.data() + r * KB, p16.data() + r * KB, n);
-            gemm16(false, R, p.Dv, n, 1.0f, p16.data(), KB, vb, V.sl, 1.0f, acc.data(), p.Dv);
+            gemm16(false, R, p.Dv, n, 1.0f, p16.data(), KB, vb, V.sl, 1.0f, acc.data(), Dvp);
             continue;
           }
         }
         int64_t ldk = 0, ldv = 0;
         const float* kf = block_as_float(kb, K.sl, n, p.D, kbuf.data(), ldk);
         const float* vf = block_as_float(vb, V.sl, n, p.Dv, vbuf.data(), ldv);
-        gemm(false, true, R, n, p.D, c, qs_all.data(), p.D, kf, ldk, 0.0f, S.data(), KB);
+        gemm(false, true, R, n, p.D, c, qs_all.data(), Dp, kf, ldk, 0.0f, S.data(), KB);
         mask_block(k0, n);
-        softmax_tile<1>(S.data(), KB, R, n, m.data(), l.data(), acc.data(), p.Dv);
-        gemm(false, false, R, p.Dv, n, 1.0f, S.data(), KB, vf, ldv, 1.0f, acc.data(), p.Dv);
+        softmax_tile<1>(S.data(), KB, R, n, m.data(), l.data(), acc.data(), Dvp);
+        gemm(false, false, R, p.Dv, n, 1.0f, S.data(), KB, vf, ldv, 1.0f, acc.data(), Dvp);
       }
       if (splits == 1) {
         for (int64_t r = 0; r < R; ++r)
-          finish(b, hk, r, m[r], l[r], acc.data() + r * p.Dv, qs_all.data() + r * p.D, rowbuf);
+          finish(b, hk, r, m[r], l[r], acc.data() + r * Dvp, qs_all.data() + r * Dp, rowbuf);
         continue;
       }
       for (int64_t r = 0; r < R; ++r) {
         float* dst = part.data() + ((bk * splits + sp) * R + r) * stride;
-        std::copy(acc.data() + r * p.Dv, acc.data() + (r + 1) * p.Dv, dst);
+        std::copy(acc.data() + r * Dvp, acc.data() + r * Dvp + p.Dv, dst);
         dst[p.Dv] = m[r];
         dst[p.Dv + 1] = l[r];
       }
