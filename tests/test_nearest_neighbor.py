@@ -252,6 +252,38 @@ def test_a_heap_seeded_from_a_sample_cut_loses_nothing(gen, isa):
         assert torch.equal(out.indices, want.indices) and torch.equal(out.distances, want.distances)
 
 
+@needs_cpp
+@pytest.mark.parametrize("isa", _build.supported_isas())
+def test_one_l2_query_in_low_dimension_reads_the_rows_in_place(gen, isa):
+    """A single l2 query of D <= 8 takes the rows in place, with no pass over the database before it (no
+    norms, so every value is scanned as one that may have overflowed): random points, integer points with
+    ties (lower index first), subnormal distances, float64, points far out whose distances overflow but the
+    query's own, and k up to N, each against a float64 brute force."""
+    cases = [(torch.float32, 70_000, 8, 1, {}), (torch.float32, 3000, 3, 10, {"grid": 3}),
+             (torch.float32, 2000, 1, 40, {"grid": 5}), (torch.float64, 2500, 5, 7, {}),
+             (torch.float32, 50, 2, 50, {})]
+    with _build.forced_isa(isa):
+        assert _build.module("nearest_neighbor").nearest_neighbor_path(1, 8, False) == 2  # by rows
+        for dtype, N, D, k, extra in cases:
+            q, x = make_inputs(gen, "cpu", dtype, 1, N, D, **extra)
+            want = brute(q, x, k, "l2")
+            out = fused(q, x, k=k, metric="l2")
+            assert torch.equal(out.indices, want.indices), (dtype, N, D, k, extra)
+            assert _judge(out, q, x, k, "l2", want).ok, (dtype, N, D, k, extra)
+            if dtype == torch.float32:  # a float64 sum rounded once to float32 is the same whatever its order
+                assert torch.equal(out.distances, want.distances), (dtype, N, D, k, extra)
+        x = torch.randn(3000, 4, generator=gen) * 3e-23  # subnormal distances: nearly all tie
+        q = torch.randn(1, 4, generator=gen) * 3e-23
+        want = brute(q, x, 8, "l2")
+        out = fused(q, x, k=8, metric="l2")
+        assert torch.equal(out.indices, want.indices) and _judge(out, q, x, 8, "l2", want).ok
+        x = torch.randn(3000, 4, generator=gen) * 1e24 + 1e25  # every distance but the query's own is inf
+        q = x[[1234]].clone()
+        want = brute(q, x, 4, "l2")
+        out = fused(q, x, k=4, metric="l2")
+        assert torch.equal(out.indices, want.indices) and torch.equal(out.distances, want.distances)
+
+
 def test_kernels_return_plain_tensors_when_the_queries_require_grad(gen):
     q, x = make_inputs(gen, "cpu", torch.float32, 5, 300, 6)
     q.requires_grad_(True)

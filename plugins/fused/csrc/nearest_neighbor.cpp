@@ -475,12 +475,17 @@ struct Brute {
     if (ip) return M >= 2 && M <= kTransposedMaxQueries && D <= kTransposedMaxD;
     return M <= (D <= kTransposedMaxD ? kTransposedMaxQueries : kRowsMaxQueries);
   }
-  bool by_rows() const { return direct() && D > kDirectMaxD && (M == 1 || D > kTransposedMaxD); }
+  // A single l2 query of D <= kDirectMaxD reads the rows in place too: the transposing copy and the norms
+  // pass cost it two more passes over the database (M = 1, N = 69832, D = 8 on the Xeon: 0.86x FAISS's
+  // time with AVX-512, 1.12x with AVX2, against 0.53x and 0.32x by rows).
+  bool by_rows() const {
+    return direct() && (D > kDirectMaxD ? M == 1 || D > kTransposedMaxD : M == 1 && !ip);
+  }
   bool transposed() const { return direct() && !by_rows(); }  // the direct tile, transposed
   // l2 above kDirectMaxD: no pass over the database before the search; no overflow bound either, so
   // every value is taken as one that may have overflowed (the guarded scan). ("ip" needs the database's
   // largest norm for its margin: one pass over the database.)
-  bool unprepared() const { return direct() && D > kDirectMaxD && !ip; }
+  bool unprepared() const { return direct() && !ip && (D > kDirectMaxD || by_rows()); }
 
   void prepare() {
     mean.assign(D, 0.0);
@@ -986,6 +991,13 @@ std::tuple<at::Tensor, at::Tensor, bool> nearest_neighbor_kdtree(const at::Tenso
   return {dist, idx, finite};
 }
 
+// Which brute-force path M queries of dimension D take (tests): 0 the product tiles, 1 the direct formula
+// on transposed tiles, 2 the direct formula along each database row read in place.
+int64_t nearest_neighbor_path(int64_t M, int64_t D, bool ip) {
+  const Brute<float> b{nullptr, nullptr, M, 0, D, 1, ip};
+  return b.by_rows() ? 2 : b.transposed() ? 1 : 0;
+}
+
 TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m) {
   m.def("nearest_neighbor_brute", &nearest_neighbor_brute);
   m.def("nearest_neighbor_kdtree", &nearest_neighbor_kdtree);
@@ -996,4 +1008,5 @@ TORCH_LIBRARY_FRAGMENT(SWITCHYARD_NS, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nearest_neighbor_brute", &nearest_neighbor_brute, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("nearest_neighbor_kdtree", &nearest_neighbor_kdtree, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("nearest_neighbor_path", &nearest_neighbor_path);
 }
