@@ -284,6 +284,31 @@ def test_one_l2_query_in_low_dimension_reads_the_rows_in_place(gen, isa):
         assert torch.equal(out.indices, want.indices) and torch.equal(out.distances, want.distances)
 
 
+@needs_cpp
+@pytest.mark.parametrize("isa", _build.supported_isas())
+def test_one_ip_query_in_low_dimension_selects_by_exact_values(gen, isa):
+    """A single "ip" query of D <= 8 reads the rows in place and selects by each value computed in double
+    and rounded once (no norms pass for a margin): random points, integer points with ties, float64,
+    products that overflow float32 (+-inf, ties by index), each against a float64 brute force."""
+    cases = [(torch.float32, 20_000, 8, 16, {}), (torch.float32, 3000, 2, 25, {"grid": 3}),
+             (torch.float64, 2500, 5, 7, {}), (torch.float32, 40, 3, 40, {})]
+    with _build.forced_isa(isa):
+        assert _build.module("nearest_neighbor").nearest_neighbor_path(1, 8, True) == 2  # by rows
+        for dtype, N, D, k, extra in cases:
+            q, x = make_inputs(gen, "cpu", dtype, 1, N, D, **extra)
+            want = brute(q, x, k, "ip")
+            out = fused(q, x, k=k, metric="ip")
+            assert torch.equal(out.indices, want.indices), (dtype, N, D, k, extra)
+            assert _judge(out, q, x, k, "ip", want).ok, (dtype, N, D, k, extra)
+            if dtype == torch.float32:
+                assert torch.equal(out.distances, want.distances), (dtype, N, D, k, extra)
+        x = torch.randn(3000, 4, generator=gen) * 1e19  # q.x overflows float32 for most points
+        q = x[[77]].clone()
+        want = brute(q, x, 6, "ip")
+        out = fused(q, x, k=6, metric="ip")
+        assert torch.equal(out.indices, want.indices) and torch.equal(out.distances, want.distances)
+
+
 def test_kernels_return_plain_tensors_when_the_queries_require_grad(gen):
     q, x = make_inputs(gen, "cpu", torch.float32, 5, 300, 6)
     q.requires_grad_(True)
