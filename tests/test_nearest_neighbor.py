@@ -252,26 +252,32 @@ def test_a_heap_seeded_from_a_sample_cut_loses_nothing(gen, isa):
         assert torch.equal(out.indices, want.indices) and torch.equal(out.distances, want.distances)
 
 
+def _one_query_matches_brute_force(gen, metric, cases):
+    """One query, each case (dtype, N, D, k, make_inputs extras) against a float64 brute force: the same
+    indices, a passing compare rule, and (float32) the same distances, since a float64 sum rounded once
+    to float32 is the same whatever its order."""
+    for dtype, N, D, k, extra in cases:
+        q, x = make_inputs(gen, "cpu", dtype, 1, N, D, **extra)
+        want = brute(q, x, k, metric)
+        out = fused(q, x, k=k, metric=metric)
+        assert torch.equal(out.indices, want.indices), (metric, dtype, N, D, k, extra)
+        assert _judge(out, q, x, k, metric, want).ok, (metric, dtype, N, D, k, extra)
+        if dtype == torch.float32:
+            assert torch.equal(out.distances, want.distances), (metric, dtype, N, D, k, extra)
+
+
 @needs_cpp
 @pytest.mark.parametrize("isa", _build.supported_isas())
 def test_one_l2_query_in_low_dimension_reads_the_rows_in_place(gen, isa):
     """A single l2 query of D <= 8 takes the rows in place, with no pass over the database before it (no
     norms, so every value is scanned as one that may have overflowed): random points, integer points with
     ties (lower index first), subnormal distances, float64, points far out whose distances overflow but the
-    query's own, and k up to N, each against a float64 brute force."""
-    cases = [(torch.float32, 70_000, 8, 1, {}), (torch.float32, 3000, 3, 10, {"grid": 3}),
-             (torch.float32, 2000, 1, 40, {"grid": 5}), (torch.float64, 2500, 5, 7, {}),
-             (torch.float32, 50, 2, 50, {})]
+    query's own, and k up to N."""
     with _build.forced_isa(isa):
         assert _build.module("nearest_neighbor").nearest_neighbor_path(1, 8, False) == 2  # by rows
-        for dtype, N, D, k, extra in cases:
-            q, x = make_inputs(gen, "cpu", dtype, 1, N, D, **extra)
-            want = brute(q, x, k, "l2")
-            out = fused(q, x, k=k, metric="l2")
-            assert torch.equal(out.indices, want.indices), (dtype, N, D, k, extra)
-            assert _judge(out, q, x, k, "l2", want).ok, (dtype, N, D, k, extra)
-            if dtype == torch.float32:  # a float64 sum rounded once to float32 is the same whatever its order
-                assert torch.equal(out.distances, want.distances), (dtype, N, D, k, extra)
+        _one_query_matches_brute_force(gen, "l2", [
+            (torch.float32, 70_000, 8, 1, {}), (torch.float32, 3000, 3, 10, {"grid": 3}),
+            (torch.float32, 2000, 1, 40, {"grid": 5}), (torch.float64, 2500, 5, 7, {}), (torch.float32, 50, 2, 50, {})])
         x = torch.randn(3000, 4, generator=gen) * 3e-23  # subnormal distances: nearly all tie
         q = torch.randn(1, 4, generator=gen) * 3e-23
         want = brute(q, x, 8, "l2")
@@ -289,19 +295,12 @@ def test_one_l2_query_in_low_dimension_reads_the_rows_in_place(gen, isa):
 def test_one_ip_query_in_low_dimension_selects_by_exact_values(gen, isa):
     """A single "ip" query of D <= 8 reads the rows in place and selects by each value computed in double
     and rounded once (no norms pass for a margin): random points, integer points with ties, float64,
-    products that overflow float32 (+-inf, ties by index), each against a float64 brute force."""
-    cases = [(torch.float32, 20_000, 8, 16, {}), (torch.float32, 3000, 2, 25, {"grid": 3}),
-             (torch.float64, 2500, 5, 7, {}), (torch.float32, 40, 3, 40, {})]
+    products that overflow float32 (+-inf, ties by index)."""
     with _build.forced_isa(isa):
         assert _build.module("nearest_neighbor").nearest_neighbor_path(1, 8, True) == 2  # by rows
-        for dtype, N, D, k, extra in cases:
-            q, x = make_inputs(gen, "cpu", dtype, 1, N, D, **extra)
-            want = brute(q, x, k, "ip")
-            out = fused(q, x, k=k, metric="ip")
-            assert torch.equal(out.indices, want.indices), (dtype, N, D, k, extra)
-            assert _judge(out, q, x, k, "ip", want).ok, (dtype, N, D, k, extra)
-            if dtype == torch.float32:
-                assert torch.equal(out.distances, want.distances), (dtype, N, D, k, extra)
+        _one_query_matches_brute_force(gen, "ip", [
+            (torch.float32, 20_000, 8, 16, {}), (torch.float32, 3000, 2, 25, {"grid": 3}),
+            (torch.float64, 2500, 5, 7, {}), (torch.float32, 40, 3, 40, {})])
         x = torch.randn(3000, 4, generator=gen) * 1e19  # q.x overflows float32 for most points
         q = x[[77]].clone()
         want = brute(q, x, 6, "ip")
