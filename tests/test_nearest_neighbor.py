@@ -292,12 +292,11 @@ def test_one_l2_query_in_low_dimension_reads_the_rows_in_place(gen, isa):
 
 @needs_cpp
 @pytest.mark.parametrize("isa", _build.supported_isas())
-def test_one_ip_query_in_low_dimension_selects_by_exact_values(gen, isa):
-    """A single "ip" query of D <= 8 reads the rows in place and selects by each value computed in double
-    and rounded once (no norms pass for a margin): random points, integer points with ties, float64,
-    products that overflow float32 (+-inf, ties by index)."""
+def test_one_ip_query_in_low_dimension_matches_brute_force(gen, isa):
+    """A single "ip" query of D <= 8 (the transposed tiles, after the norms pass its margin needs): random
+    points, integer points with ties, float64, products that overflow float32 (+-inf, ties by index)."""
     with _build.forced_isa(isa):
-        assert _build.module("nearest_neighbor").nearest_neighbor_path(1, 8, True) == 2  # by rows
+        assert _build.module("nearest_neighbor").nearest_neighbor_path(1, 8, True) == 1  # transposed tiles
         _one_query_matches_brute_force(gen, "ip", [
             (torch.float32, 20_000, 8, 16, {}), (torch.float32, 3000, 2, 25, {"grid": 3}),
             (torch.float64, 2500, 5, 7, {}), (torch.float32, 40, 3, 40, {})])

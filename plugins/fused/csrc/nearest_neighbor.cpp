@@ -338,43 +338,29 @@ void direct_rows(const T* __restrict q, const T* __restrict x, int64_t D, T* __r
   }
 }
 
-// a[j] = -(q . x_j) for one query against rows read in place, each in double and rounded once to T: the
-// value a re-ranked point gets (direct_neg_ip), to within a unit of T where the two sums' orders differ,
-// so no norm is needed for a margin (one "ip" query of D <= kDirectMaxD, see Brute::by_rows).
-template <typename T>
-void direct_rows_ip(const T* __restrict q, const T* __restrict x, int64_t D, T* __restrict a, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) a[j] = static_cast<T>(direct_neg_ip(q, x + j * D, D));
-}
-
-// direct_rows and direct_rows_ip for a dimension fixed at compile time (D <= kDirectMaxD): the loop runs
-// across the points, DD values each, so that a vector holds several points' sums instead of a few values
-// of one row (with AVX-512, a row of 3 or 8 float32 values filled a fraction of a vector, and its own
-// horizontal sum cost more than the row: M = 1, N = 50000, D = 3 "ip" took 1.6x FAISS's time).
-template <typename T, int DD, bool IP>
+// direct_rows for a dimension fixed at compile time (D <= kDirectMaxD): the loop runs across the points,
+// DD values each, so that a vector holds several points' sums instead of a few values of one row (with
+// AVX-512, a row of 8 float32 values filled half a vector, and its own horizontal sum cost more than the
+// row: M = 1, N = 69832, D = 8 took 0.53x FAISS's time that way, 0.14-0.24x this way).
+template <typename T, int DD>
 void direct_rows_fixed(const T* __restrict q, const T* __restrict x, T* __restrict a, int64_t n) {
   T qq[DD];
   for (int d = 0; d < DD; ++d) qq[d] = q[d];
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    if constexpr (IP) {
-      double s = 0;
-      for (int d = 0; d < DD; ++d) s += static_cast<double>(qq[d]) * static_cast<double>(x[j * DD + d]);
-      a[j] = static_cast<T>(-s);
-    } else {
-      T s = 0;
-      for (int d = 0; d < DD; ++d) {
-        const T t = qq[d] - x[j * DD + d];
-        s += t * t;
-      }
-      a[j] = s;
+    T s = 0;
+    for (int d = 0; d < DD; ++d) {
+      const T t = qq[d] - x[j * DD + d];
+      s += t * t;
     }
+    a[j] = s;
   }
 }
 
 template <typename T, int... Ds>
-void (*pick_rows(int64_t D, bool ip, std::integer_sequence<int, Ds...>))(const T*, const T*, T*, int64_t) {
+void (*pick_rows(int64_t D, std::integer_sequence<int, Ds...>))(const T*, const T*, T*, int64_t) {
   void (*fn)(const T*, const T*, T*, int64_t) = nullptr;
-  ((D == Ds + 1 ? (fn = ip ? &direct_rows_fixed<T, Ds + 1, true> : &direct_rows_fixed<T, Ds + 1, false>) : fn), ...);
+  ((D == Ds + 1 ? (fn = &direct_rows_fixed<T, Ds + 1>) : fn), ...);
   return fn;
 }
 
@@ -515,16 +501,18 @@ struct Brute {
     if (ip) return M >= 2 && M <= kTransposedMaxQueries && D <= kTransposedMaxD;
     return M <= (D <= kTransposedMaxD ? kTransposedMaxQueries : kRowsMaxQueries);
   }
-  // A single query of D <= kDirectMaxD reads the rows in place too: the transposing copy and the norms
-  // pass cost it two more passes over the database (M = 1, N = 69832, D = 8 l2 on the Xeon: 0.86x FAISS's
-  // time with AVX-512, 1.12x with AVX2, against 0.53x and 0.32x by rows; N = 128476 "ip": 1.33x). An
-  // "ip" one selects by its exact values (direct_rows_ip), so it needs no norms for a margin either.
-  bool by_rows() const { return direct() && (D > kDirectMaxD ? M == 1 || D > kTransposedMaxD : M == 1); }
+  // A single l2 query of D <= kDirectMaxD reads the rows in place too: the transposing copy and the norms
+  // pass cost it two more passes over the database (M = 1, N = 69832, D = 8 on the Xeon: 0.86x FAISS's
+  // time with AVX-512, 1.12x with AVX2, against 0.14-0.24x and 0.27-0.37x by rows, direct_rows_fixed).
+  // ("ip" keeps the tiles and their norms pass: its margin needs the norms. Selecting by rows on lower
+  // bounds of each value, 2 gamma_D sum |q_d x_d| under it, ran 0.4x FAISS's time with AVX-512 but
+  // 1.3-1.9x with AVX2.)
+  bool by_rows() const { return direct() && (D > kDirectMaxD ? M == 1 || D > kTransposedMaxD : M == 1 && !ip); }
   bool transposed() const { return direct() && !by_rows(); }  // the direct tile, transposed
-  // l2 above kDirectMaxD: no pass over the database before the search; no overflow bound either, so
-  // every value is taken as one that may have overflowed (the guarded scan). ("ip" needs the database's
-  // largest norm for its margin: one pass over the database.)
-  bool unprepared() const { return direct() && ((D > kDirectMaxD && !ip) || by_rows()); }
+  // l2 above kDirectMaxD, and a single query by rows: no pass over the database before the search; no
+  // overflow bound either, so every value is taken as one that may have overflowed (the guarded scan).
+  // (Other "ip" calls need the database's largest norm for their margin: one pass over the database.)
+  bool unprepared() const { return direct() && !ip && (D > kDirectMaxD || by_rows()); }
 
   void prepare() {
     mean.assign(D, 0.0);
@@ -610,8 +598,6 @@ struct Brute {
   T threshold(double worst, double qn, double qnorm) const {
     if (!(worst < kInf)) return std::numeric_limits<T>::infinity();
     if (direct()) {
-      if (ip && by_rows())  // exact values, rounded once: a unit of T covers the two sums' orders
-        return std::nextafter(up<T>(worst), std::numeric_limits<T>::infinity());
       if (ip) return up<T>(worst + ip_margin<T>(D, qnorm, xmax));
       return up<T>(worst * (1.0 + direct_slack<T>(D)) + subnormal_floor<T>(D));
     }
@@ -632,8 +618,7 @@ struct Brute {
       else if (ip) direct_tile_any<T, true>(qrow, xc, a, n, D);
       else direct_tile_any<T, false>(qrow, xc, a, n, D);
     } else if (direct()) {
-      if (D <= kDirectMaxD) pick_rows<T>(D, ip, std::make_integer_sequence<int, kDirectMaxD>{})(qrow, X + j0 * D, a, n);
-      else if (ip) direct_rows_ip<T>(qrow, X + j0 * D, D, a, n);
+      if (D <= kDirectMaxD) pick_rows<T>(D, std::make_integer_sequence<int, kDirectMaxD>{})(qrow, X + j0 * D, a, n);
       else direct_rows<T>(qrow, X + j0 * D, D, a, n);
     } else {
 #pragma omp simd
