@@ -113,25 +113,31 @@ def precision_cast_rows(quick: bool) -> Iterator[Row]:
                    lambda x=x, dt=dt, m=fmax: (x * (m / x.abs().amax())).to(dt), "(x * max/amax).to(dtype)")
 
 
-def nearest_neighbor_rows(quick: bool) -> Iterator[Row]:
+def knn_peer(q: torch.Tensor, x: torch.Tensor, k: int, metric: str = "l2") -> tuple[Callable[[], Any], str]:
+    """A k-NN row's peer and its description: cKDTree (build + query) for l2 at D <= 3, else FAISS's exact
+    flat index (add + search)."""
     import faiss
     from scipy.spatial import cKDTree
 
+    qn, xn = q.numpy(), x.numpy()
+    D = xn.shape[1]
+    if D <= 3 and metric == "l2":
+        return (lambda: cKDTree(xn).query(qn, k, workers=torch.get_num_threads())), "cKDTree build + query"
+    flat = faiss.IndexFlatL2 if metric == "l2" else faiss.IndexFlatIP
+
+    def peer() -> Any:
+        index = flat(D)
+        index.add(xn)
+        return index.search(qn, k)
+    return peer, f"FAISS IndexFlat{'L2' if metric == 'l2' else 'IP'} add + search"
+
+
+def nearest_neighbor_rows(quick: bool) -> Iterator[Row]:
     gen = torch.Generator().manual_seed(2)
     sizes = [(10, 1000, 16), (10, 1000, 3)] + ([] if quick else [(1000, 100_000, 128), (10_000, 1_000_000, 3)])
     for M, N, D in sizes:
         q, x = torch.randn(M, D, generator=gen), torch.randn(N, D, generator=gen)
-        qn, xn = q.numpy(), x.numpy()
-        if D > 3:
-            def peer(qn=qn, xn=xn, D=D) -> Any:
-                index = faiss.IndexFlatL2(D)
-                index.add(xn)
-                return index.search(qn, 10)
-            what = "FAISS IndexFlatL2 add + search"
-        else:
-            def peer(qn=qn, xn=xn) -> Any:
-                return cKDTree(xn).query(qn, 10, workers=torch.get_num_threads())
-            what = "cKDTree build + query"
+        peer, what = knn_peer(q, x, 10)
         yield (f"nearest_neighbor M={M} N={N} D={D} k=10", lambda q=q, x=x: dispatcher.nearest_neighbor(q, x, k=10),
                peer, what)
 
@@ -180,8 +186,6 @@ def heldout_rows(quick: bool) -> Iterator[Row]:
     transposed and 16-bit or float64 cast sources, the inner-product metric, other k. Identity casts
     (float16 to float16) are left out: ``x.to`` returns ``x`` itself there, while precision_cast still
     reads every element for its amax and non-finite count."""
-    import faiss
-
     gen = torch.Generator().manual_seed(5)
     for dt in (torch.float32, torch.bfloat16):
         name = str(dt).removeprefix("torch.")
@@ -219,15 +223,9 @@ def heldout_rows(quick: bool) -> Iterator[Row]:
                                (10, 1000, 4, 50, "l2"), (5, 2000, 8, 32, "l2"), (10, 1000, 24, 100, "l2"),
                                (10, 5000, 16, 64, "l2")):
         q, x = torch.randn(M, D, generator=gen), torch.randn(N, D, generator=gen)
-        qn, xn = q.numpy(), x.numpy()
-
-        def peer(qn=qn, xn=xn, D=D, k=k, metric=metric) -> Any:
-            index = faiss.IndexFlatL2(D) if metric == "l2" else faiss.IndexFlatIP(D)
-            index.add(xn)
-            return index.search(qn, k)
+        peer, what = knn_peer(q, x, k, metric)
         yield (f"nearest_neighbor M={M} N={N} D={D} k={k} {metric}",
-               lambda q=q, x=x, k=k, m=metric: dispatcher.nearest_neighbor(q, x, k=k, metric=m), peer,
-               f"FAISS IndexFlat{'L2' if metric == 'l2' else 'IP'} add + search")
+               lambda q=q, x=x, k=k, m=metric: dispatcher.nearest_neighbor(q, x, k=k, metric=m), peer, what)
 
 
 def random_rows(count: int, seed: int, ops: set[str]) -> Iterator[Row]:
@@ -237,9 +235,6 @@ def random_rows(count: int, seed: int, ops: set[str]) -> Iterator[Row]:
     float64; k-NN of any M, N, D and k, both metrics. A speed the fixed sweep reaches only on its own
     shapes shows here."""
     import random
-
-    import faiss
-    from scipy.spatial import cKDTree
 
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -295,17 +290,7 @@ def random_rows(count: int, seed: int, ops: set[str]) -> Iterator[Row]:
         k = min(N, rng.choice((1, 5, 10, 10, 16, 32, 64, 100)))
         metric = "l2" if D <= 3 else rng.choice(("l2", "l2", "ip"))
         q, x = torch.randn(M, D, generator=gen), torch.randn(N, D, generator=gen)
-        qn, xn = q.numpy(), x.numpy()
-        if D <= 3:
-            def peer(qn=qn, xn=xn, k=k) -> Any:
-                return cKDTree(xn).query(qn, k, workers=torch.get_num_threads())
-            what = "cKDTree build + query"
-        else:
-            def peer(qn=qn, xn=xn, D=D, k=k, metric=metric) -> Any:
-                index = faiss.IndexFlatL2(D) if metric == "l2" else faiss.IndexFlatIP(D)
-                index.add(xn)
-                return index.search(qn, k)
-            what = f"FAISS IndexFlat{'L2' if metric == 'l2' else 'IP'} add + search"
+        peer, what = knn_peer(q, x, k, metric)
         yield (f"nearest_neighbor M={M} N={N} D={D} k={k} {metric}",
                lambda q=q, x=x, k=k, m=metric: dispatcher.nearest_neighbor(q, x, k=k, metric=m), peer, what)
 
