@@ -301,20 +301,24 @@ double subnormal_floor(int64_t D) {
   return direct_slack<T>(D) * std::numeric_limits<T>::min();
 }
 
-// a[j] = the direct formula in T for one query against a transposed tile (xt[d * kPitch + j]), with
-// the dimension fixed at compile time so each value stays in a register.
-template <typename T, int DD, bool IP>
-void direct_tile(const T* q, const T* xt, T* a, int64_t n) {
+// a[j] = the direct formula in T for one query against n points, with the dimension fixed at compile
+// time so each value stays in a register, and the loop across the points: a transposed tile (point j's
+// value d at x[d * kPitch + j]), or rows read in place (Rows: at x[j * DD + d]; with AVX-512 a row of 8
+// float32 values summed along itself filled half a vector, and its own horizontal sum cost more than the
+// row: one l2 query, N = 69832, D = 8, took 0.53x FAISS's time that way, 0.14-0.24x across the points).
+template <typename T, int DD, bool IP, bool Rows>
+void direct_fixed(const T* __restrict q, const T* __restrict x, T* __restrict a, int64_t n) {
   T qv[DD];
   for (int d = 0; d < DD; ++d) qv[d] = q[d];
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     T s = 0;
     for (int d = 0; d < DD; ++d) {
+      const T xv = Rows ? x[j * DD + d] : x[d * kPitch + j];
       if constexpr (IP) {
-        s -= qv[d] * xt[d * kPitch + j];
+        s -= qv[d] * xv;
       } else {
-        const T t = qv[d] - xt[d * kPitch + j];
+        const T t = qv[d] - xv;
         s += t * t;
       }
     }
@@ -336,32 +340,6 @@ void direct_rows(const T* __restrict q, const T* __restrict x, int64_t D, T* __r
     }
     a[j] = s;
   }
-}
-
-// direct_rows for a dimension fixed at compile time (D <= kDirectMaxD): the loop runs across the points,
-// DD values each, so that a vector holds several points' sums instead of a few values of one row (with
-// AVX-512, a row of 8 float32 values filled half a vector, and its own horizontal sum cost more than the
-// row: M = 1, N = 69832, D = 8 took 0.53x FAISS's time that way, 0.14-0.24x this way).
-template <typename T, int DD>
-void direct_rows_fixed(const T* __restrict q, const T* __restrict x, T* __restrict a, int64_t n) {
-  T qq[DD];
-  for (int d = 0; d < DD; ++d) qq[d] = q[d];
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    T s = 0;
-    for (int d = 0; d < DD; ++d) {
-      const T t = qq[d] - x[j * DD + d];
-      s += t * t;
-    }
-    a[j] = s;
-  }
-}
-
-template <typename T, int... Ds>
-void (*pick_rows(int64_t D, std::integer_sequence<int, Ds...>))(const T*, const T*, T*, int64_t) {
-  void (*fn)(const T*, const T*, T*, int64_t) = nullptr;
-  ((D == Ds + 1 ? (fn = &direct_rows_fixed<T, Ds + 1>) : fn), ...);
-  return fn;
 }
 
 // The same for any D, J columns at a time with their sums held in registers through the dimension
@@ -422,16 +400,18 @@ void direct_tile_any(const T* __restrict q, const T* __restrict xt, T* __restric
 template <typename T>
 using DirectFn = void (*)(const T*, const T*, T*, int64_t);
 
-template <typename T, int... Ds>
+template <typename T, bool Rows, int... Ds>
 DirectFn<T> pick_direct(int64_t D, bool ip, std::integer_sequence<int, Ds...>) {
   DirectFn<T> fn = nullptr;
-  ((D == Ds + 1 ? (fn = ip ? &direct_tile<T, Ds + 1, true> : &direct_tile<T, Ds + 1, false>) : fn), ...);
+  ((D == Ds + 1 ? (fn = ip ? &direct_fixed<T, Ds + 1, true, Rows> : &direct_fixed<T, Ds + 1, false, Rows>) : fn), ...);
   return fn;
 }
 
+// direct_fixed for D <= kDirectMaxD, over a transposed tile or (rows) the database rows in place
 template <typename T>
-DirectFn<T> direct_values(int64_t D, bool ip) {
-  return pick_direct<T>(D, ip, std::make_integer_sequence<int, kDirectMaxD>{});
+DirectFn<T> direct_values(int64_t D, bool ip, bool rows) {
+  constexpr auto dims = std::make_integer_sequence<int, kDirectMaxD>{};
+  return rows ? pick_direct<T, true>(D, ip, dims) : pick_direct<T, false>(D, ip, dims);
 }
 
 // Bit i set when a[i] may be re-ranked (i < n <= 64): a[i] <= thr, or with Guard also an overflowed a[i]
@@ -503,7 +483,7 @@ struct Brute {
   }
   // A single l2 query of D <= kDirectMaxD reads the rows in place too: the transposing copy and the norms
   // pass cost it two more passes over the database (M = 1, N = 69832, D = 8 on the Xeon: 0.86x FAISS's
-  // time with AVX-512, 1.12x with AVX2, against 0.14-0.24x and 0.27-0.37x by rows, direct_rows_fixed).
+  // time with AVX-512, 1.12x with AVX2, against 0.14-0.24x and 0.27-0.37x by rows, direct_fixed).
   // ("ip" keeps the tiles and their norms pass: its margin needs the norms. Selecting by rows on lower
   // bounds of each value, 2 gamma_D sum |q_d x_d| under it, ran 0.4x FAISS's time with AVX-512 but
   // 1.3-1.9x with AVX2.)
@@ -614,11 +594,11 @@ struct Brute {
   void scan_row(TopK<T>& h, const T* q, const T* qrow, double qn, double qnorm, const T* xc, const T* xn,
                 T* a, int64_t j0, int64_t n) const {
     if (transposed()) {
-      if (D <= kDirectMaxD) direct_values<T>(D, ip)(qrow, xc, a, n);
+      if (D <= kDirectMaxD) direct_values<T>(D, ip, false)(qrow, xc, a, n);
       else if (ip) direct_tile_any<T, true>(qrow, xc, a, n, D);
       else direct_tile_any<T, false>(qrow, xc, a, n, D);
     } else if (direct()) {
-      if (D <= kDirectMaxD) pick_rows<T>(D, std::make_integer_sequence<int, kDirectMaxD>{})(qrow, X + j0 * D, a, n);
+      if (D <= kDirectMaxD) direct_values<T>(D, ip, true)(qrow, X + j0 * D, a, n);
       else direct_rows<T>(qrow, X + j0 * D, D, a, n);
     } else {
 #pragma omp simd
