@@ -915,7 +915,7 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
   // 128 MiB): AVX2 build with torch held to AVX2, "none" 72% -> 113% of a copy's bandwidth, "amax"
   // 43% -> 65%; AVX-512 91% -> 128%, 51% -> 69%. At 2^22 and 2^23 elements (16 and 32 MiB, which its
   // caches hold) the two changed nothing; at 2^24 and 2^25 they were 1.2-1.5x faster.
-  const bool lanes = n * int64_t(sizeof(S)) >= kLanesBytes, fetch_ahead = lanes;
+  const bool from_memory = n * int64_t(sizeof(S)) >= kLanesBytes;  // walked in lanes, fetched ahead
   constexpr int64_t kLanes = 4, kPiece = 512 / int64_t(sizeof(S));
 #if defined(SWITCHYARD_PC_SIMD)
   // float32 values [b, b + m) at src rounded to nearest into dst by the level's vector loop, the rest by
@@ -931,7 +931,7 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
                           float by, int32_t& mx, bool nan) {
     constexpr bool kScaled = decltype(scaled)::value, kStats = decltype(with_stats)::value;
     // a float32 source read in place: its lines ahead are fetched inside the vector loop
-    const char* fetch = fetch_ahead && static_cast<const void*>(src) == static_cast<const void*>(x + b)
+    const char* fetch = from_memory && static_cast<const void*>(src) == static_cast<const void*>(x + b)
                             ? reinterpret_cast<const char*>(src) + kFetchAhead : nullptr;
     auto vector = [&](auto stats, auto nan_rule) {
       constexpr bool kS = decltype(stats)::value, kN = decltype(nan_rule)::value;
@@ -1005,7 +1005,7 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
     auto piece = [&](int64_t b, int64_t m, int64_t next) {
       // the next piece's source lines, on their way while this one is read or rounded (a float32 source
       // being rounded fetches them inside the vector loops instead: a burst of 128 lines a chunk did less)
-      if (fetch_ahead && (P == Phase::Stats || !std::is_same_v<S, float>)) {
+      if (from_memory && (P == Phase::Stats || !std::is_same_v<S, float>)) {
         fetch_lines(reinterpret_cast<const char*>(x + next), std::min(m, end - next) * int64_t(sizeof(S)));
       }
       if constexpr (std::is_same_v<S, at::Half> || std::is_same_v<S, at::BFloat16>) {
@@ -1044,7 +1044,7 @@ Stats<compute_t<S>> pass(const S* x, typename T::Out* y, int64_t n, compute_t<S>
         chunk(x + b, b, m, mine, staged);
       }
     };
-    if (lanes) {  // kLanes parts of `span` elements side by side, then the rest
+    if (from_memory) {  // kLanes parts of `span` elements side by side, then the rest
       const int64_t span = (end - begin) / (kLanes * kPiece) * kPiece;
       for (int64_t c = 0; c < span; c += kPiece)
         for (int64_t l = 0; l < kLanes; ++l)  // a lane's last piece fetches nothing ahead (`next` = end)
