@@ -293,10 +293,11 @@ def test_one_l2_query_in_low_dimension_reads_the_rows_in_place(gen, isa):
 @needs_cpp
 @pytest.mark.parametrize("isa", _build.supported_isas())
 def test_one_ip_query_in_low_dimension_matches_brute_force(gen, isa):
-    """A single "ip" query of D <= 8 (the transposed tiles, after the norms pass its margin needs): random
-    points, integer points with ties, float64, products that overflow float32 (+-inf, ties by index)."""
+    """A single float32 "ip" query of D <= 8 reads the rows in place and selects by its values with no
+    margin (float64 ones keep the transposed tiles): random points, integer points with ties, float64,
+    products that overflow float32 (+-inf, ties by index)."""
     with _build.forced_isa(isa):
-        assert _build.module("nearest_neighbor").nearest_neighbor_path(1, 8, True) == 1  # transposed tiles
+        assert _build.module("nearest_neighbor").nearest_neighbor_path(1, 8, True) == 2  # by rows
         _one_query_matches_brute_force(gen, "ip", [
             (torch.float32, 20_000, 8, 16, {}), (torch.float32, 3000, 2, 25, {"grid": 3}),
             (torch.float64, 2500, 5, 7, {}), (torch.float32, 40, 3, 40, {})])
@@ -305,6 +306,80 @@ def test_one_ip_query_in_low_dimension_matches_brute_force(gen, isa):
         want = brute(q, x, 6, "ip")
         out = fused(q, x, k=6, metric="ip")
         assert torch.equal(out.indices, want.indices) and torch.equal(out.distances, want.distances)
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", _build.supported_isas())
+@pytest.mark.parametrize("D", [4, 8])
+def test_one_ip_query_by_rows_selects_by_the_values_it_returns_where_sums_cancel(gen, isa, D):
+    """Selecting with no margin is safe only if a point's selection value is the very value its re-rank
+    returns. Where q . x cancels to a residue far smaller than its terms, sums of the same exact products
+    in other orders round to other float32 values. The database is built of such points (their sums
+    backwards or pairwise round otherwise), so the k returned must be exactly the k best of the values
+    summed in order d = 0, 1, ... in double (numpy below, column by column) and rounded once: indices and
+    distances alike."""
+    scale = torch.logspace(3, -2, D, dtype=torch.float64)  # terms of very different sizes
+    q = (torch.randn(1, D, generator=gen, dtype=torch.float64) * scale).float()
+    x = (torch.randn(400_000, D, generator=gen, dtype=torch.float64) * scale).float()
+    # the last coordinate cancels the rest of the sum, to within its rounding
+    x[:, -1] = (-(x[:, :-1].double() @ q[0, :-1].double()) / float(q[0, -1])).float()
+    p = q.double().numpy()[0] * x.double().numpy()  # each product exact in float64
+
+    def rounded(s):
+        return torch.from_numpy(-s).float()
+
+    def pairwise(cols):
+        return cols[0] if len(cols) == 1 else pairwise(cols[:len(cols) // 2]) + pairwise(cols[len(cols) // 2:])
+
+    forward, backwards = np.zeros(len(p)), np.zeros(len(p))
+    for d in range(D):
+        forward = forward + p[:, d]
+        backwards = backwards + p[:, D - 1 - d]
+    value = rounded(forward)
+    sensitive = (value != rounded(backwards)) | (value != rounded(pairwise([p[:, d] for d in range(D)])))
+    keep = torch.cat([torch.nonzero(sensitive)[:, 0], torch.arange(3000)])
+    keep = keep[torch.randperm(len(keep), generator=gen)]
+    x, value = x[keep].contiguous(), value[keep]
+    k = len(keep) // 2
+    assert int(sensitive.sum()) >= 50, int(sensitive.sum())
+    order = torch.sort(value.double(), stable=True).indices[:k]
+    with _build.forced_isa(isa):
+        out = fused(q, x, k=k, metric="ip")
+    assert torch.equal(out.indices[0], order)
+    assert torch.equal(out.distances[0], -value[order])
+    assert _judge(out, q, x, k, "ip").ok
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", _build.supported_isas())
+@pytest.mark.parametrize("D", [3, 8])
+def test_one_ip_query_by_rows_where_the_order_of_the_sum_decides_a_point(gen, isa, D):
+    """Where one order absorbs a term that another keeps, the two values of a point differ by far more
+    than a unit: q = 2^30 everywhere, and each row holds s, -s (|s| ~ 2^40) and t 2^-30 (t a small integer)
+    in random places, zeros elsewhere. Summed in order, t survives only where it comes before or after the
+    pair (2^70 + t rounds back to 2^70), so q . x is t or 0 by the row's arrangement. A search that
+    selected by one order and re-ranked by another would lose points worth t > 0 or let in points worth
+    0: the k returned must be the k best of the in-order values, ties by index."""
+    N, k = 4000, 100
+    q = torch.full((1, D), 2.0 ** 30)
+    x = torch.zeros(N, D)
+    s = torch.randint(1 << 23, 1 << 24, (N,), generator=gen).float() * 2.0 ** 17
+    t = torch.randint(-50, 51, (N,), generator=gen).float()
+    for j in range(N):
+        where = torch.randperm(D, generator=gen)[:3]
+        x[j, where] = torch.stack([s[j], -s[j], t[j] * 2.0 ** -30])
+    p = q.double().numpy()[0] * x.double().numpy()  # each product exact in float64
+    total = np.zeros(N)
+    for d in range(D):
+        total = total + p[:, d]
+    value = torch.from_numpy(-total).float()
+    assert 0 < int((value == 0).sum()) < N and bool((value != -t).any())  # both outcomes occur
+    order = torch.sort(value.double(), stable=True).indices[:k]
+    with _build.forced_isa(isa):
+        out = fused(q, x, k=k, metric="ip")
+    assert torch.equal(out.indices[0], order)
+    assert torch.equal(out.distances[0], -value[order])
+    assert _judge(out, q, x, k, "ip").ok
 
 
 def test_kernels_return_plain_tensors_when_the_queries_require_grad(gen):

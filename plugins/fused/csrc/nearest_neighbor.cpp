@@ -165,9 +165,17 @@ double direct_l2(const T* a, const T* b, int64_t D) {
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
+// -(a . b) in double. Up to kDirectMaxD the sum runs in order d = 0, 1, ..., as direct_fixed's rows
+// loop sums it: a single float32 "ip" query by rows selects by the very value its re-rank computes here
+// (each product of two floats is exact in double, so a fused multiply-add rounds as the add alone), and
+// a point can be neither lost nor taken on the two sums' orders where they cancel. Above, any order.
 template <typename T>
 double direct_neg_ip(const T* a, const T* b, int64_t D) {
   double s = 0;
+  if (D <= kDirectMaxD) {
+    for (int64_t d = 0; d < D; ++d) s += static_cast<double>(a[d]) * static_cast<double>(b[d]);
+    return -s;
+  }
 #pragma omp simd reduction(+ : s)
   for (int64_t d = 0; d < D; ++d) s += static_cast<double>(a[d]) * static_cast<double>(b[d]);
   return -s;
@@ -306,10 +314,21 @@ double subnormal_floor(int64_t D) {
 // value d at x[d * kPitch + j]), or rows read in place (Rows: at x[j * DD + d]; with AVX-512 a row of 8
 // float32 values summed along itself filled half a vector, and its own horizontal sum cost more than the
 // row: one l2 query, N = 69832, D = 8, took 0.53x FAISS's time that way, 0.14-0.24x across the points).
+// An "ip" query by rows (one float32 query) sums in double, in order, and rounds once: the value its
+// re-rank gives (direct_neg_ip), so it selects with no margin and needs no norms pass for one.
 template <typename T, int DD, bool IP, bool Rows>
 void direct_fixed(const T* __restrict q, const T* __restrict x, T* __restrict a, int64_t n) {
   T qv[DD];
   for (int d = 0; d < DD; ++d) qv[d] = q[d];
+  if constexpr (IP && Rows) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0;
+      for (int d = 0; d < DD; ++d) s += static_cast<double>(qv[d]) * static_cast<double>(x[j * DD + d]);
+      a[j] = static_cast<T>(-s);
+    }
+    return;
+  }
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     T s = 0;
@@ -481,18 +500,20 @@ struct Brute {
     if (ip) return M >= 2 && M <= kTransposedMaxQueries && D <= kTransposedMaxD;
     return M <= (D <= kTransposedMaxD ? kTransposedMaxQueries : kRowsMaxQueries);
   }
-  // A single l2 query of D <= kDirectMaxD reads the rows in place too: the transposing copy and the norms
-  // pass cost it two more passes over the database (M = 1, N = 69832, D = 8 on the Xeon: 0.86x FAISS's
-  // time with AVX-512, 1.12x with AVX2, against 0.14-0.24x and 0.27-0.37x by rows, direct_fixed).
-  // ("ip" keeps the tiles and their norms pass: its margin needs the norms. Selecting by rows on lower
-  // bounds of each value, 2 gamma_D sum |q_d x_d| under it, ran 0.4x FAISS's time with AVX-512 but
-  // 1.3-1.9x with AVX2.)
-  bool by_rows() const { return direct() && (D > kDirectMaxD ? M == 1 || D > kTransposedMaxD : M == 1 && !ip); }
+  // A single query of D <= kDirectMaxD reads the rows in place too: the transposing copy and the norms
+  // pass cost it two more passes over the database (M = 1, N = 69832, D = 8 l2 on the Xeon: 0.86x FAISS's
+  // time with AVX-512, 1.12x with AVX2, against 0.14-0.24x and 0.27-0.37x by rows, direct_fixed). A float32
+  // "ip" one selects by its exact values (see direct_neg_ip), so it needs no norms for a margin either; a
+  // float64 one keeps the tiles (its products are rounded, and the two loops may contract them apart).
+  bool by_rows() const {
+    if (D > kDirectMaxD) return direct() && (M == 1 || D > kTransposedMaxD);
+    return M == 1 && (!ip || std::is_same_v<T, float>);
+  }
   bool transposed() const { return direct() && !by_rows(); }  // the direct tile, transposed
   // l2 above kDirectMaxD, and a single query by rows: no pass over the database before the search; no
   // overflow bound either, so every value is taken as one that may have overflowed (the guarded scan).
   // (Other "ip" calls need the database's largest norm for their margin: one pass over the database.)
-  bool unprepared() const { return direct() && !ip && (D > kDirectMaxD || by_rows()); }
+  bool unprepared() const { return direct() && ((D > kDirectMaxD && !ip) || by_rows()); }
 
   void prepare() {
     mean.assign(D, 0.0);
@@ -578,6 +599,7 @@ struct Brute {
   T threshold(double worst, double qn, double qnorm) const {
     if (!(worst < kInf)) return std::numeric_limits<T>::infinity();
     if (direct()) {
+      if (ip && by_rows()) return up<T>(worst);  // the re-rank's own value: no margin
       if (ip) return up<T>(worst + ip_margin<T>(D, qnorm, xmax));
       return up<T>(worst * (1.0 + direct_slack<T>(D)) + subnormal_floor<T>(D));
     }
