@@ -195,7 +195,8 @@ def heldout_rows(quick: bool) -> Iterator[Row]:
                                                (1, 32, 8, 16, 512, 128, True), (4, 4, 4, 96, 96, 32, False)):
             q = torch.randn(B, Hq, Lq, D, generator=gen).to(dt)
             k, v = (torch.randn(B, Hkv, Lk, D, generator=gen).to(dt) for _ in range(2))
-            mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq) if causal and Lq != Lk else None
+            # one query attends every key (bottom-right causal): no mask, as a user would call SDPA
+            mask = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq) if causal and Lq not in (1, Lk) else None
             yield (f"attention B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} Lk={Lk} D={D} causal={causal} {name}",
                    lambda q=q, k=k, v=v, c=causal: dispatcher.attention(q, k, v, causal=c),
                    lambda q=q, k=k, v=v, m=mask, c=causal and Lq == Lk: F.scaled_dot_product_attention(
@@ -221,7 +222,8 @@ def heldout_rows(quick: bool) -> Iterator[Row]:
                                (10, 1000, 16, 50, "l2"), (10, 1000, 16, 10, "ip"), (32, 4000, 24, 5, "l2"),
                                (200, 20000, 64, 10, "ip"), (3, 100_000, 128, 10, "l2"), (10, 1000, 16, 20, "l2"),
                                (10, 1000, 4, 50, "l2"), (5, 2000, 8, 32, "l2"), (10, 1000, 24, 100, "l2"),
-                               (10, 5000, 16, 64, "l2")):
+                               (10, 5000, 16, 64, "l2"), (1, 128476, 8, 16, "ip"), (1, 50000, 3, 10, "ip"),
+                               (1, 69832, 8, 1, "l2"), (1, 20000, 5, 4, "ip")):
         q, x = torch.randn(M, D, generator=gen), torch.randn(N, D, generator=gen)
         peer, what = knn_peer(q, x, k, metric)
         yield (f"nearest_neighbor M={M} N={N} D={D} k={k} {metric}",
