@@ -121,7 +121,7 @@ CASES = {
 def test_bf16_gemm_meets_the_compare_rule(gen, products, name):
     B, Hq, Hkv, Lq, Lk, D, extra = CASES[name]
     mod = _build.module("attention")
-    assert mod.attention_path(B, Hq, Hkv, Lq, Lk, D, extra.get("Dv", D)) != 0  # not the small rows: a product path
+    assert mod.attention_path(B, Hq, Hkv, Lq, Lk, D, extra.get("Dv", D), False) != 0  # not the small rows: a product path
     for return_lse in (False, True):
         sample = _sample(gen, torch.bfloat16, B, Hq, Hkv, Lq, Lk, D, return_lse=return_lse, **extra)
         verdict = check(SPEC, fused.bf16_gemm, expected(SPEC, _reference(), sample, False, gen))

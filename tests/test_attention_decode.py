@@ -75,7 +75,8 @@ def test_cpp_decode_forward_and_gradients(gen, isa, name):
     dtype, B, Hq, Hkv, Lq, Lk, D, extra = DECODE[name]
     with _level(isa):
         if Lq <= 8 or Hq > Hkv:  # MHA heads of 9-15 rows take it on AVX-512 only
-            assert _build.library("attention").attention_takes_decode(Lq, Lk, D, extra.get("Dv", D), Hq // Hkv)
+            assert _build.library("attention").attention_takes_decode(Lq, Lk, D, extra.get("Dv", D), Hq // Hkv,
+                                                                      dtype == torch.float32)
         _check(fused.CPP, _sample(gen, dtype, B, Hq, Hkv, Lq, Lk, D, **extra), gen)
 
 
@@ -406,10 +407,29 @@ def test_cpp_calls_leave_the_callers_thread_count_alone():
 
 @needs_cpp
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("Lq,mask", [(5, "causal"), (8, "random"), (4, None)])
+def test_narrow_float32_mha_heads_take_the_prefill_tiles_from_four_rows(gen, isa, Lq, mask):
+    """Float32 MHA heads of up to 16 dims with 4-8 query rows leave the decode rows for the prefill tiles
+    (a score there is one multiply-add vector; the rows' horizontal sums cost more). 16-bit heads, three
+    rows, GQA groups and wider heads keep the decode kernel. The rerouted calls against the float64
+    reference, with the causal diagonal or a random mask on a split-length cache."""
+    with _level(isa):
+        takes = _build.library("attention").attention_takes_decode
+        assert not takes(Lq, 600, 16, 16, 1, True) and not takes(Lq, 600, 12, 12, 1, True)
+        assert takes(Lq, 600, 16, 16, 1, False) and takes(3, 600, 16, 16, 1, True)
+        assert takes(Lq, 600, 16, 16, 2, True) and takes(Lq, 600, 24, 24, 1, True) and takes(Lq, 600, 16, 32, 1, True)
+        extra = {"causal": True} if mask == "causal" else {"mask": mask} if mask else {}
+        _check(fused.CPP, _sample(gen, torch.float32, 2, 3, 3, Lq, 600, 16, **extra), gen)
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
 def test_wide_decode_takes_only_calls_with_many_more_keys_than_rows(isa):
     """Up to 32 query rows under GQA take the decode kernel only where the keys outnumber them four times:
     a short square prefill (L = 16) is one small block per task there, and the tiles beat it."""
     with _level(isa):
         takes = _build.library("attention").attention_takes_decode
-        assert takes(16, 600, 64, 64, 4) and takes(32, 128, 64, 64, 8) and takes(8, 8, 64, 64, 4)
-        assert not takes(16, 16, 64, 64, 4) and not takes(32, 127, 64, 64, 8) and not takes(33, 4096, 64, 64, 8)
+        for f32 in (True, False):
+            assert takes(16, 600, 64, 64, 4, f32) and takes(32, 128, 64, 64, 8, f32) and takes(8, 8, 64, 64, 4, f32)
+            assert not takes(16, 16, 64, 64, 4, f32) and not takes(32, 127, 64, 64, 8, f32)
+            assert not takes(33, 4096, 64, 64, 8, f32)

@@ -354,7 +354,7 @@ def _bf16_gemm_check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     if not mod.attention_has_gemm16():
         return ["this process has neither AMX tiles nor an MKL that exports gemm_bf16bf16f32"]
     (B, Hq, Lq, D), (Hkv, Lk, Dv) = q.shape, (k.shape[1], k.shape[2], v.shape[3])
-    if mod.attention_path(B, Hq, Hkv, Lq, Lk, D, Dv) == 0:
+    if mod.attention_path(B, Hq, Hkv, Lq, Lk, D, Dv, q.dtype == torch.float32) == 0:
         return ["a call this small takes the fused kernel's row path (no products): it would be fused again"]
     return []
 

@@ -952,8 +952,16 @@ constexpr int64_t kDecodeRows = W >= 16 ? 4 : 2;
 // products beat its BLAS ones), so they keep the tiles. Those rows take it where the keys outnumber them
 // kDecodeWideKeys times at least: a short square prefill (GQA L = 16, Lk = Lq) is one small block per task,
 // and there the tiles took 0.78-0.80x its time (Xeon with AVX512_FP16 and AMX, float32, B = 1-2, causal).
+// Float32 MHA heads of up to kNarrowD dims take the prefill tiles from kNarrowMinLq rows on: a score there
+// is a single multiply-add vector, and the row loops' horizontal sums cost more than the product itself.
+// Xeon with AVX512_FP16 and AMX, paired against SDPA, B 1-8, H 1-16, Lk 512-3000, D = 16, Lq 4-8: the rows
+// took 0.90-1.24x SDPA's time on AVX-512 and 1.09-1.38x on AVX2 (each level holding torch to it), the
+// tiles 0.78-1.04x and 0.82-1.02x. At Lq = 3 the tiles lost (1.00-1.28x against 0.79-1.15x). 16-bit heads
+// keep the rows (0.47-0.79x SDPA's time; the tiles 0.58-0.80x), as do D = 24 and 32, where the tiles lost too.
+constexpr int64_t kNarrowD = 16, kNarrowMinLq = 4;
 constexpr int64_t kDecodeWideKeys = 4;
-inline bool takes_decode(int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, int64_t group) {
+inline bool takes_decode(int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, int64_t group, bool f32) {
+  if (f32 && group == 1 && Lq >= kNarrowMinLq && D <= kNarrowD && Dv <= kNarrowD) return false;
   return Lq <= kDecodeMaxLq || (Lq <= kDecodeWideLq && Lk >= kDecodeWideKeys * Lq &&
                                 (group > 1 || (W >= 16 && Lq < kDecodeGemmRows)));
 }
@@ -1947,7 +1955,7 @@ std::tuple<at::Tensor, at::Tensor, bool> forward(const at::Tensor& q, const at::
   // Every path reads q, k and v in place through their strides, float32, bfloat16 or float16.
   const at::Tensor qq = in_place(q), kk = in_place(k), vv = in_place(v);
   const bool small = takes_small(p);
-  const bool decode = !small && takes_decode(p.Lq, p.Lk, p.D, p.Dv, p.group);
+  const bool decode = !small && takes_decode(p.Lq, p.Lk, p.D, p.Dv, p.group, q.scalar_type() == at::kFloat);
   if (!small && !decode) block_q = query_tile(p, block_q);
   // The tiles' products: own_products' choice; MKL on the calling thread where any product may go to it
   // (the small path makes none).
@@ -2012,12 +2020,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_eager_gemm16(const at::Tensor& 
   return {o, lse};
 }
 
-// Which path a call of these sizes takes: 0 the small rows, 1 the decode kernel, 2 the prefill tiles.
-int64_t attention_path(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv) {
+// Which path a call of these sizes (float32 q, or 16-bit) takes: 0 the small rows, 1 the decode kernel, 2
+// the prefill tiles.
+int64_t attention_path(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, bool f32) {
   Problem p{};
   p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.Lq = Lq; p.Lk = Lk; p.D = D; p.Dv = Dv;
   if (takes_small(p)) return 0;
-  return takes_decode(Lq, Lk, D, Dv, Hkv > 0 ? Hq / Hkv : 1) ? 1 : 2;
+  return takes_decode(Lq, Lk, D, Dv, Hkv > 0 ? Hq / Hkv : 1, f32) ? 1 : 2;
 }
 
 // Whether this process can run attention_fwd_eager_gemm16.
@@ -2071,10 +2080,10 @@ bool attention_use_amx(bool on) {
 #endif
 }
 
-// Whether shapes with Lq query rows, Lk keys, head dims D, Dv and `group` query heads per kv head take the
-// decode kernel.
-bool attention_takes_decode(int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, int64_t group) {
-  return takes_decode(Lq, Lk, D, Dv, group);
+// Whether shapes with Lq query rows, Lk keys, head dims D, Dv and `group` query heads per kv head (float32
+// q, or 16-bit) take the decode kernel.
+bool attention_takes_decode(int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, int64_t group, bool f32) {
+  return takes_decode(Lq, Lk, D, Dv, group, f32);
 }
 
 // Backward: (dq, dk, dv), float32. ``delta`` is rowsum(o * do) minus the cotangent of lse (when there
