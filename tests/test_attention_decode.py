@@ -424,6 +424,21 @@ def test_narrow_float32_mha_heads_take_the_prefill_tiles_from_four_rows(gen, isa
 
 @needs_cpp
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype,D,Dv,extra", [
+    (torch.float32, 24, 24, {"causal": True}), (torch.float32, 72, 40, {"mask": "random"}),
+    (torch.bfloat16, 40, 33, {"causal": True}), (torch.float32, 16, 20, {})])
+def test_prefill_tiles_take_the_values_last_partial_vector_masked(gen, monkeypatch, isa, dtype, D, Dv, extra):
+    """The prefill tiles' value product on value widths that are no multiple of the vector (AVX-512: 24,
+    40, 72 end in 8 lanes; AVX2: 33 and 20 end in 1 and 4): the last vector loads and stores only its
+    lanes, so the next row's accumulators are untouched. Small tiles, so rows and key blocks are many."""
+    monkeypatch.setattr(fused, "CPU_FWD_BLOCKS", (16, 32))
+    with _level(isa):
+        assert _build.module("attention").attention_path(2, 4, 2, 70, 90, D, Dv, dtype == torch.float32) == 2
+        _check(fused.CPP, _sample(gen, dtype, 2, 4, 2, 70, 90, D, Dv=Dv, **extra), gen)
+
+
+@needs_cpp
+@pytest.mark.parametrize("isa", ISAS)
 def test_wide_decode_takes_only_calls_with_many_more_keys_than_rows(isa):
     """Up to 32 query rows under GQA take the decode kernel only where the keys outnumber them four times:
     a short square prefill (L = 16) is one small block per task there, and the tiles beat it."""
