@@ -192,7 +192,8 @@ def heldout_rows(quick: bool) -> Iterator[Row]:
         for B, Hq, Hkv, Lq, Lk, D, causal in ((2, 12, 4, 1, 300, 96, True), (1, 8, 1, 2, 2000, 64, True),
                                                (3, 16, 2, 5, 700, 128, True), (1, 12, 12, 200, 200, 64, True),
                                                (2, 8, 8, 333, 333, 80, False), (2, 4, 4, 3, 3, 16, False),
-                                               (1, 32, 8, 16, 512, 128, True), (4, 4, 4, 96, 96, 32, False)):
+                                               (1, 32, 8, 16, 512, 128, True), (4, 4, 4, 96, 96, 32, False),
+                                               (1, 8, 8, 256, 256, 24, True), (1, 12, 12, 300, 300, 72, False)):
             q = torch.randn(B, Hq, Lq, D, generator=gen).to(dt)
             k, v = (torch.randn(B, Hkv, Lk, D, generator=gen).to(dt) for _ in range(2))
             # one query attends every key (bottom-right causal): no mask, as a user would call SDPA
