@@ -962,7 +962,9 @@ constexpr int64_t kDecodeRows = W >= 16 ? 4 : 2;
 // Xeon with AVX512_FP16 and AMX, paired against SDPA, B 1-8, H 1-16, Lk 512-3000, D = 16, Lq 4-8: the rows
 // took 0.90-1.24x SDPA's time on AVX-512 and 1.09-1.38x on AVX2 (each level holding torch to it), the
 // tiles 0.78-1.04x and 0.82-1.02x. At Lq = 3 the tiles lost (1.00-1.28x against 0.79-1.15x). 16-bit heads
-// keep the rows (0.47-0.79x SDPA's time; the tiles 0.58-0.80x), as do D = 24 and 32, where the tiles lost too.
+// keep the rows (0.47-0.79x SDPA's time; the tiles 0.58-0.80x), as do D = 24 and 32, where neither path
+// beats SDPA reliably (AVX-512, Lq 5-8: D = 24 rows 1.17-1.39x, tiles 0.99-1.33x; D = 32 rows 0.89-1.26x,
+// tiles 0.93-1.17x).
 constexpr int64_t kNarrowD = 16, kNarrowMinLq = 4;
 constexpr int64_t kDecodeWideKeys = 4;
 inline bool takes_decode(int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, int64_t group, bool f32) {
