@@ -6,7 +6,8 @@ write the [Lq, Lk] score matrix; the backward pass recomputes the scores from th
 the Triton kernels ``triton/attention.py``; one ``torch.autograd.Function`` serves both.
 
 Few query rows (Lq <= 8, the decode step; in C++ also up to 32 under GQA, and up to 15 of MHA heads on
-AVX-512: chunked prefill, speculative verification) take split-K kernels instead (flash-decoding): the keys are
+AVX-512: chunked prefill, speculative verification; but in C++ float32 MHA heads of up to 16 dims from 4 rows
+on keep the tiles) take split-K kernels instead (flash-decoding): the keys are
 split across threads, each split's partial softmax kept with its log-sum-exp and merged; under GQA one
 task takes all the query heads of a key/value head, so each key and value is read once for the group.
 Both kernels choose by shape themselves; the C++ one reads float32, bfloat16 or float16 q, k and v in
