@@ -694,10 +694,10 @@ inline vec vload(const c10::BFloat16* p) {
 inline vec vload(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 // lanes [0, n) from p and zeros above (n < W), as on AVX-512: float32 by a masked load, 16-bit through a
 // zeroed copy (AVX2 has no 16-bit masked load)
-inline vec vload_part(const float* p, int64_t n) {
-  const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  return _mm256_maskload_ps(p, m);
+inline __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
+inline vec vload_part(const float* p, int64_t n) { return _mm256_maskload_ps(p, first_lanes(n)); }
 template <typename T>
 inline vec vload_part(const T* p, int64_t n) {
   uint16_t tmp[8] = {};
@@ -706,9 +706,7 @@ inline vec vload_part(const T* p, int64_t n) {
 }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline void vstore(float* p, vec a) { _mm256_storeu_ps(p, a); }
-inline void vstore_part(float* p, vec a, int64_t n) {  // lanes [0, n)
-  _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), a);
-}
+inline void vstore_part(float* p, vec a, int64_t n) { _mm256_maskstore_ps(p, first_lanes(n), a); }  // lanes [0, n)
 inline void vsum4(vec a0, vec a1, vec a2, vec a3, float c, float* out) {
   const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
   const __m128 sum = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
@@ -1180,18 +1178,20 @@ inline void axpy_block(float* const* acc, const float* const* p, const T* v, int
     for (int t = 0; t < NV; ++t) vstore(acc[r] + d0 + t * W, a[r][t]);
 }
 
-// axpy_block<NR, 1> on the last, partial vector of the values (lanes [d0, Dv), Dv - d0 < W): the lanes
-// past Dv add 0 to the accumulators' padding (decode_fwd pads each row to a whole number of vectors).
+// axpy_block<NR, 1> on the last, partial vector of the values (lanes [d0, Dv), Dv - d0 < W): the
+// accumulators and values load and store only those lanes, so rows packed at Dv (the prefill tiles) are
+// safe as well as rows padded to whole vectors (decode_fwd).
 template <int NR, typename T>
 inline void axpy_part(float* const* acc, const float* const* p, const T* v, int64_t svn, int64_t n, int64_t d0,
                       int64_t Dv) {
+  const int64_t m = Dv - d0;
   vec a[NR];
-  for (int r = 0; r < NR; ++r) a[r] = vload(acc[r] + d0);
+  for (int r = 0; r < NR; ++r) a[r] = vload_part(acc[r] + d0, m);
   for (int64_t j = 0; j < n; ++j) {
-    const vec vv = vload_part(v + j * svn + d0, Dv - d0);
+    const vec vv = vload_part(v + j * svn + d0, m);
     for (int r = 0; r < NR; ++r) a[r] = vfma(vbcast(p[r][j]), vv, a[r]);
   }
-  for (int r = 0; r < NR; ++r) vstore(acc[r] + d0, a[r]);
+  for (int r = 0; r < NR; ++r) vstore_part(acc[r] + d0, a[r], m);
 }
 
 template <int NR, typename T>
@@ -1803,16 +1803,7 @@ inline void value_tile_block(const float* P, int64_t ldp, const float* V, int64_
   int64_t d0 = 0;
   for (; d0 + 2 * W <= Dv; d0 += 2 * W) axpy_block<R, 2>(accs, ps, V, ldv, n, d0);
   for (; d0 + W <= Dv; d0 += W) axpy_block<R, 1>(accs, ps, V, ldv, n, d0);
-  if (d0 < Dv) {  // the last Dv % W columns (lanes past them are neither read nor written)
-    const int64_t m = Dv - d0;
-    vec a[R];
-    for (int r = 0; r < R; ++r) a[r] = vload_part(accs[r] + d0, m);
-    for (int64_t j = 0; j < n; ++j) {
-      const vec vv = vload_part(V + j * ldv + d0, m);
-      for (int r = 0; r < R; ++r) a[r] = vfma(vbcast(ps[r][j]), vv, a[r]);
-    }
-    for (int r = 0; r < R; ++r) vstore_part(accs[r] + d0, a[r], m);
-  }
+  if (d0 < Dv) axpy_part<R>(accs, ps, V, ldv, n, d0, Dv);  // the last Dv % W columns
 }
 
 // acc[rows, Dv] += P[rows, n] V[n, Dv], four rows at a time.
