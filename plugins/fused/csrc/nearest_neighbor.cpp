@@ -165,12 +165,14 @@ double direct_l2(const T* a, const T* b, int64_t D) {
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
-// -(a . b) in double. Up to kDirectMaxD the sum runs in order d = 0, 1, ..., as direct_fixed's rows
-// loop sums it: a single float32 "ip" query by rows selects by the very value its re-rank computes here
+// -(a . b) in double. Up to kDirectMaxD the sum runs in order d = 0, 1, ...: a single float32 "ip" query by
+// rows (direct_fixed) selects by the very value its re-rank computes here
 // (each product of two floats is exact in double, so a fused multiply-add rounds as the add alone), and
 // a point can be neither lost nor taken on the two sums' orders where they cancel. Above, any order.
+// Forced inline: called in direct_fixed's simd loop, it vectorised across the points only when inlined
+// (as a call, M = 1 N = 128476 D = 8 took 0.52x FAISS's time with AVX-512 against 0.30x).
 template <typename T>
-double direct_neg_ip(const T* a, const T* b, int64_t D) {
+__attribute__((always_inline)) inline double direct_neg_ip(const T* a, const T* b, int64_t D) {
   double s = 0;
   if (D <= kDirectMaxD) {
     for (int64_t d = 0; d < D; ++d) s += static_cast<double>(a[d]) * static_cast<double>(b[d]);
@@ -314,19 +316,15 @@ double subnormal_floor(int64_t D) {
 // value d at x[d * kPitch + j]), or rows read in place (Rows: at x[j * DD + d]; with AVX-512 a row of 8
 // float32 values summed along itself filled half a vector, and its own horizontal sum cost more than the
 // row: one l2 query, N = 69832, D = 8, took 0.53x FAISS's time that way, 0.14-0.24x across the points).
-// An "ip" query by rows (one float32 query) sums in double, in order, and rounds once: the value its
-// re-rank gives (direct_neg_ip), so it selects with no margin and needs no norms pass for one.
+// An "ip" query by rows (one float32 query) takes each value from direct_neg_ip itself, rounded once: the
+// value its re-rank gives, so it selects with no margin and needs no norms pass for one.
 template <typename T, int DD, bool IP, bool Rows>
 void direct_fixed(const T* __restrict q, const T* __restrict x, T* __restrict a, int64_t n) {
   T qv[DD];
   for (int d = 0; d < DD; ++d) qv[d] = q[d];
   if constexpr (IP && Rows) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      double s = 0;
-      for (int d = 0; d < DD; ++d) s += static_cast<double>(qv[d]) * static_cast<double>(x[j * DD + d]);
-      a[j] = static_cast<T>(-s);
-    }
+    for (int64_t j = 0; j < n; ++j) a[j] = static_cast<T>(direct_neg_ip(qv, x + j * DD, DD));
     return;
   }
 #pragma omp simd
